@@ -1,0 +1,68 @@
+"""``dlrm-compile``: compile a DLRM into a deployable artifact directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+
+from ..artifact import ArtifactError
+from ..frontend.checkpoint import CheckpointError
+from ..frontend.source import add_model_args, model_from_args
+from ..targets import TargetError, parse_target
+from .build import BuildError, compile_model
+from .lower import LoweringError
+
+USER_ERRORS = (ArtifactError, CheckpointError, TargetError, LoweringError, BuildError, ValueError,
+               OSError)
+
+
+def check_artifact(model: torch.nn.Module, out_dir: str, batch: int, seed: int = 0) -> float:
+    """Run a synthetic batch through the artifact and PyTorch eager; print both; return max |diff|."""
+    from ..runtime import load
+    from ..runtime.batch import random_batch
+
+    compiled = load(out_dir)
+    dense, offsets, indices = random_batch(compiled.arch, batch, bag_size=2, seed=seed)
+    ours = compiled.predict(dense, offsets, indices)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(dense), torch.from_numpy(offsets),
+                    [torch.from_numpy(i) for i in indices]).numpy()
+    np.set_printoptions(precision=6, threshold=16, edgeitems=4)
+    print(f"predictions (dlrmc)   : {ours[:, 0]}")
+    print(f"predictions (PyTorch) : {ref[:, 0]}")
+    diff = float(np.abs(ours - ref).max())
+    print(f"max |dlrmc - PyTorch| over batch {batch}: {diff:.3g}")
+    return diff
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dlrm-compile", description=__doc__)
+    p.add_argument("--target", default="host",
+                   help='TVM target string, e.g. "llvm -mcpu=skylake-avx512" (default: this CPU)')
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--check", type=int, default=0, metavar="B",
+                   help="afterwards run a synthetic batch of B through the artifact and PyTorch "
+                        "and print the predictions and their max difference")
+    add_model_args(p)
+    args = p.parse_args(argv)
+    try:
+        parse_target(args.target)  # fail before building a large model
+        model, arch = model_from_args(args)
+        compile_model(model, arch, args.target, args.output)
+        print(f"wrote {args.output}")
+        if args.check:
+            diff = check_artifact(model, args.output, args.check, args.seed)
+            if diff > 1e-4:
+                print("dlrm-compile: error: the artifact disagrees with PyTorch", file=sys.stderr)
+                return 1
+    except USER_ERRORS as e:
+        print(f"dlrm-compile: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

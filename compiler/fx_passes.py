@@ -1,0 +1,128 @@
+"""Graph rewrites on the exported (core ATen) FX graph, before it is handed to TVM.
+
+``fuse_dot_interaction`` finds the reference interaction,
+
+    T = view(cat([x, e_1, .., e_n], 1), [B, -1, d]); Z = bmm(T, T^T)
+    Zflat = index(Z, [None, li, lj]); R = cat([x, Zflat], 1)
+
+checks that the constants li/lj are the strictly-lower triangle (or with the diagonal) in
+row-major order, and replaces it with one ``dlrmc::dot_interaction`` node: ``R`` when the
+concat with ``x`` is there, ``Zflat`` alone otherwise. TVM's own importer gets the rank of
+``Z[:, li, lj]`` wrong, so this rewrite is required for correctness, not only for speed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from . import torch_ops
+
+aten = torch.ops.aten
+_PASS_THROUGH = {aten.clone.default, aten.lift_fresh_copy.default, aten.detach_.default,
+                 aten.detach.default, aten._to_copy.default, aten.alias.default}
+
+
+def _source(node):
+    """Look through copies and full slices, which leave values unchanged."""
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        if node.target in _PASS_THROUGH:
+            node = node.args[0]
+        elif node.target == aten.slice.Tensor and _full_slice(node):
+            node = node.args[0]
+        else:
+            break
+    return node
+
+
+def _full_slice(node) -> bool:
+    args = list(node.args) + [None] * (5 - len(node.args))
+    start, end, step = args[2], args[3], args[4] or 1
+    return (start in (None, 0)) and (end is None or (isinstance(end, int) and end >= 2**62)) \
+        and step == 1
+
+
+def _constant(ep: torch.export.ExportedProgram, node) -> torch.Tensor | None:
+    """The value of a constant tensor node (lifted constants, through copies), else None."""
+    node = _source(node)
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        return getattr(ep.graph_module, node.target, None)
+    if node.op == "placeholder":
+        for spec in ep.graph_signature.input_specs:
+            if spec.arg.name == node.name and spec.target in ep.constants:
+                value = ep.constants[spec.target]
+                return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def _is_transpose_of(node, src) -> bool:
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    if node.target == aten.permute.default:
+        return node.args[0] is src and list(node.args[1]) == [0, 2, 1]
+    if node.target == aten.transpose.int:
+        return node.args[0] is src and sorted(d % 3 for d in node.args[1:3]) == [1, 2]
+    return False
+
+
+def _triangle(li: torch.Tensor, lj: torch.Tensor, n: int) -> bool | None:
+    """True/False: li, lj are the triangle with/without the diagonal; None: neither."""
+    for itself in (False, True):
+        want_i, want_j = torch_ops._pairs(n, itself)
+        if li.tolist() == want_i and lj.tolist() == want_j:
+            return itself
+    return None
+
+
+def _first_of_concat(node) -> fx.Node | None:
+    """x, when ``node`` is view(cat([x, ...], 1), [B, -1, d])."""
+    if not (isinstance(node, fx.Node) and node.target in (aten.view.default, aten.reshape.default)):
+        return None
+    cat = node.args[0]
+    if not (isinstance(cat, fx.Node) and cat.target == aten.cat.default):
+        return None
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    return cat.args[0][0] if dim in (1, -1) else None
+
+
+def fuse_dot_interaction(ep: torch.export.ExportedProgram) -> int:
+    """Rewrite every reference interaction in ``ep`` in place; return how many were found."""
+    graph = ep.graph_module.graph
+    found = 0
+    for index in list(graph.nodes):
+        if index.op != "call_function" or index.target != aten.index.Tensor:
+            continue
+        bmm, idx = _source(index.args[0]), index.args[1]
+        if not (isinstance(bmm, fx.Node) and bmm.target == aten.bmm.default and len(idx) == 3
+                and idx[0] is None):
+            continue
+        feats = bmm.args[0]
+        if not _is_transpose_of(bmm.args[1], feats):
+            continue
+        li, lj = _constant(ep, idx[1]), _constant(ep, idx[2])
+        shape = feats.meta.get("val").shape if "val" in feats.meta else None
+        if li is None or lj is None or shape is None or not isinstance(shape[1], int):
+            continue
+        itself = _triangle(li, lj, shape[1])
+        if itself is None:
+            continue
+        target, prepend = index, False
+        users = list(index.users)
+        x = _first_of_concat(feats)
+        if len(users) == 1 and users[0].target == aten.cat.default and x is not None:
+            cat = users[0]
+            dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+            if list(cat.args[0]) == [x, index] and dim in (1, -1):
+                target, prepend = cat, True
+        with graph.inserting_before(target):
+            fused = graph.call_function(torch.ops.dlrmc.dot_interaction.default,
+                                        (feats, itself, prepend))
+        fused.meta = dict(target.meta)
+        target.replace_all_uses_with(fused)
+        found += 1
+    if found:
+        graph.eliminate_dead_code()
+        ep.graph_module.recompile()
+    return found

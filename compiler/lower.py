@@ -1,0 +1,142 @@
+"""ExportedProgram -> TVM Relax, with our lowering for what TVM lacks or gets wrong.
+
+TVM's ``from_exported_program`` imports everything except:
+
+- ``aten._embedding_bag`` / ``aten._embedding_bag_forward_only`` (TVM has no converter): each
+  becomes a ``call_tir`` of our embedding-bag kernel (``dlrmc.schedules.embedding_bag``) with
+  the node's mode, offsets convention, per_sample_weights and padding_idx;
+- the dot interaction, which ``fx_passes.fuse_dot_interaction`` first rewrites into one
+  ``dlrmc::dot_interaction`` node, lowered here to our interaction kernel.
+
+Parameters stay inputs of ``main`` (after the user inputs) so the weights never enter the
+compiled code; ``lower`` returns them, in order, beside the module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import tvm
+from tvm import relax
+from tvm.relax.frontend.torch import from_exported_program
+
+from ..schedules.embedding_bag import MODES, embedding_bag_kernel
+from ..schedules.interaction import dot_interaction_kernel, num_pairs
+from . import torch_ops  # noqa: F401  (registers torch.ops.dlrmc)
+from .fx_passes import fuse_dot_interaction
+
+
+class LoweringError(ValueError):
+    """A graph that dlrmc cannot lower, with the node that stopped it."""
+
+
+_EBAG_ARGS = ("weight", "indices", "offsets", "scale_grad_by_freq", "mode", "sparse",
+              "per_sample_weights", "include_last_offset", "padding_idx")
+_EBAG_DEFAULTS = (None, None, None, False, 0, False, None, False, -1)
+
+
+def _static_dims(var: relax.Expr, what: str, node) -> list:
+    shape = var.ty.shape
+    if shape is None:
+        raise LoweringError(f"{node.name}: {what} has an unknown shape")
+    return list(shape)
+
+
+def _convert_embedding_bag(node, importer) -> relax.Expr:
+    a = dict(zip(_EBAG_ARGS, _EBAG_DEFAULTS))
+    a.update(zip(_EBAG_ARGS, node.args))
+    a.update(node.kwargs)
+    if a["scale_grad_by_freq"]:
+        pass  # only changes gradients
+    env, bb = importer.env, importer.block_builder
+    weight, indices, offsets = env[a["weight"]], env[a["indices"]], env[a["offsets"]]
+    wshape = _static_dims(weight, "the embedding table", node)
+    if len(wshape) != 2 or not isinstance(wshape[1], tvm.tirx.IntImm):
+        raise LoweringError(f"{node.name}: the embedding table must be 2-D with a static width")
+    if weight.ty.dtype != "float32":
+        raise LoweringError(f"{node.name}: embedding tables must be float32, got "
+                            f"{weight.ty.dtype}")
+    mode = MODES[int(a["mode"])]
+    dim = int(wshape[1])
+    index_dtype = indices.ty.dtype
+    if offsets.ty.dtype != index_dtype:
+        offsets = bb.emit(relax.op.astype(offsets, index_dtype))
+    last = bool(a["include_last_offset"])
+    pad = a["padding_idx"]
+    pad = None if pad is None or pad < 0 else int(pad)
+    args = [weight, indices, offsets]
+    if a["per_sample_weights"] is not None:
+        args.append(env[a["per_sample_weights"]])
+    kernel = embedding_bag_kernel(dim, mode, len(args) == 4, index_dtype, last, pad)
+    gv = bb.add_func(kernel, f"embedding_bag_{mode}_{dim}")
+    batch = _static_dims(offsets, "offsets", node)[0] - (1 if last else 0)
+    out = bb.emit(relax.call_tir(gv, args, relax.TensorType((batch, dim), "float32")))
+    # Callers read only item 0 (the pooled rows) of aten's 4-tuple.
+    return bb.emit(relax.Tuple([out]))
+
+
+def _convert_dot_interaction(node, importer) -> relax.Expr:
+    features, itself, prepend = node.args
+    bb = importer.block_builder
+    t = importer.env[features]
+    batch, num, dim = _static_dims(t, "the interaction input", node)
+    if not (isinstance(num, tvm.tirx.IntImm) and isinstance(dim, tvm.tirx.IntImm)):
+        raise LoweringError(f"{node.name}: the interaction needs static feature count and width")
+    kernel = dot_interaction_kernel(int(num), int(dim), bool(itself), bool(prepend))
+    gv = bb.add_func(kernel, "dot_interaction")
+    width = num_pairs(int(num), bool(itself)) + (int(dim) if prepend else 0)
+    return bb.emit(relax.call_tir(gv, [t], relax.TensorType((batch, width), "float32")))
+
+
+CONVERTERS = {
+    "_embedding_bag.default": _convert_embedding_bag,
+    "_embedding_bag_forward_only.default": _convert_embedding_bag,
+    "dot_interaction.default": _convert_dot_interaction,
+}
+
+
+@dataclass
+class Lowered:
+    """The Relax module and the weights its ``main`` takes after the user inputs."""
+
+    mod: tvm.IRModule
+    param_names: list[str]       # state_dict names, in main's order
+    params: list[np.ndarray]     # zero-copy views of the torch weights
+    num_inputs: int
+
+
+def lower(ep: torch.export.ExportedProgram) -> Lowered:
+    """Decompose, rewrite our patterns, import into Relax and detach the parameters."""
+    ep = ep.run_decompositions()
+    fuse_dot_interaction(ep)
+    unsupported = sorted({n.target.__name__ for n in ep.graph.nodes if n.op == "call_function"
+                          and n.target.__name__ not in CONVERTERS
+                          and not _tvm_supports(n.target.__name__)})
+    if unsupported:
+        raise LoweringError(f"operators with no Relax lowering: {', '.join(unsupported)}")
+    mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=True,
+                                custom_convert_map=CONVERTERS, run_ep_decomposition=False)
+    mod, detached = relax.frontend.detach_params(mod)
+    main = mod["main"]
+    num_inputs = int(main.attrs["num_input"])
+    by_arg = {s.arg.name: s.target for s in ep.graph_signature.input_specs
+              if s.kind == torch.export.graph_signature.InputKind.PARAMETER}
+    names = [by_arg[p.name] for p in main.params[num_inputs:]]
+    params = [np.from_dlpack(t) for t in detached.get("main", [])]
+    if len(names) != len(params):
+        raise LoweringError("parameter count of the Relax module does not match the program")
+    return Lowered(mod, names, params, num_inputs)
+
+
+_SUPPORTED: set[str] | None = None
+
+
+def _tvm_supports(name: str) -> bool:
+    global _SUPPORTED
+    if _SUPPORTED is None:
+        from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+        _SUPPORTED = set(ExportedProgramImporter().create_convert_map())
+    return name in _SUPPORTED

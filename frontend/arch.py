@@ -1,0 +1,184 @@
+"""DLRM architectures: the reference's flags, the named presets, and inference from weights.
+
+An ``Arch`` holds exactly what facebookresearch/dlrm's command line sets:
+``--arch-sparse-feature-size``, ``--arch-embedding-size`` (rows per table),
+``--arch-mlp-bot`` (with the dense input width), ``--arch-mlp-top`` (without its input
+width, which is derived from the interaction as the reference does),
+``--arch-interaction-op`` and ``--arch-interaction-itself``; plus the pooling mode and the
+reference's ``--weighted-pooling``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+INTERACTIONS = ("dot", "cat")
+POOLING_MODES = ("sum", "mean", "max")
+WEIGHTED_POOLING = (None, "fixed", "learned")
+
+# Rows per categorical feature of the Criteo Kaggle set (the reference's processed counts).
+KAGGLE_TABLES = (
+    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27,
+    14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
+)
+# Criteo Terabyte counts (day_fea_count of the reference's preprocessing).
+TERABYTE_COUNTS = (
+    39884406, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 38532951, 2953546, 403346, 10,
+    2208, 11938, 155, 4, 976, 14, 39979771, 25641295, 39664984, 585935, 12972, 108, 36,
+)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One DLRM architecture, with the reference's flag semantics."""
+
+    sparse_feature_size: int
+    embedding_sizes: tuple[int, ...]
+    mlp_bot: tuple[int, ...]
+    mlp_top: tuple[int, ...]
+    interaction_op: str = "dot"
+    interaction_itself: bool = False
+    pooling: str = "sum"
+    weighted_pooling: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "embedding_sizes", tuple(int(v) for v in self.embedding_sizes))
+        object.__setattr__(self, "mlp_bot", tuple(int(v) for v in self.mlp_bot))
+        object.__setattr__(self, "mlp_top", tuple(int(v) for v in self.mlp_top))
+        problems = []
+        if self.interaction_op not in INTERACTIONS:
+            problems.append(f"interaction op {self.interaction_op!r} is not one of {INTERACTIONS}")
+        if self.pooling not in POOLING_MODES:
+            problems.append(f"pooling {self.pooling!r} is not one of {POOLING_MODES}")
+        if self.weighted_pooling not in WEIGHTED_POOLING:
+            problems.append(f"weighted pooling {self.weighted_pooling!r} is not one of "
+                            f"{WEIGHTED_POOLING}")
+        if self.weighted_pooling and self.pooling != "sum":
+            problems.append("weighted pooling needs pooling 'sum' (as in torch.nn.EmbeddingBag)")
+        if not self.embedding_sizes or min(self.embedding_sizes) < 1:
+            problems.append(f"embedding sizes must be >= 1 rows per table, got "
+                            f"{list(self.embedding_sizes)}")
+        if len(self.mlp_bot) < 2 or min(self.mlp_bot) < 1:
+            problems.append(f"bottom MLP needs an input and at least one layer, got "
+                            f"{'-'.join(map(str, self.mlp_bot))}")
+        if not self.mlp_top or min(self.mlp_top) < 1 or self.mlp_top[-1] != 1:
+            problems.append(f"top MLP must end in 1 output, got {'-'.join(map(str, self.mlp_top))}")
+        if self.sparse_feature_size < 1:
+            problems.append(f"sparse feature size must be >= 1, got {self.sparse_feature_size}")
+        elif len(self.mlp_bot) >= 2 and self.mlp_bot[-1] != self.sparse_feature_size:
+            problems.append(
+                f"arch-sparse-feature-size {self.sparse_feature_size} does not match the last "
+                f"dim of the bottom MLP {self.mlp_bot[-1]}")
+        if problems:
+            raise ValueError("invalid DLRM architecture: " + "; ".join(problems))
+
+    @property
+    def num_dense(self) -> int:
+        return self.mlp_bot[0]
+
+    @property
+    def num_tables(self) -> int:
+        return len(self.embedding_sizes)
+
+    @property
+    def top_input_width(self) -> int:
+        """The top MLP's input width, derived from the interaction as the reference does."""
+        return top_input_width(self.num_tables, self.mlp_bot[-1], self.interaction_op,
+                               self.interaction_itself)
+
+    @property
+    def ln_top(self) -> tuple[int, ...]:
+        return (self.top_input_width,) + self.mlp_top
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Arch":
+        return cls(**d)
+
+    def describe(self) -> str:
+        return (f"{self.num_tables} tables ({sum(self.embedding_sizes):,} rows, dim "
+                f"{self.sparse_feature_size}), bot {'-'.join(map(str, self.mlp_bot))}, top "
+                f"{'-'.join(map(str, self.ln_top))}, interaction {self.interaction_op}"
+                f"{' (itself)' if self.interaction_itself else ''}, pooling {self.pooling}"
+                f"{', weighted ' + self.weighted_pooling if self.weighted_pooling else ''}")
+
+
+def top_input_width(num_tables: int, dense_out: int, op: str, itself: bool) -> int:
+    num_fea = num_tables + 1
+    if op == "dot":
+        pairs = num_fea * (num_fea + 1) // 2 if itself else num_fea * (num_fea - 1) // 2
+        return pairs + dense_out
+    return num_fea * dense_out
+
+
+PRESETS = {
+    "kaggle": Arch(16, KAGGLE_TABLES, (13, 512, 256, 64, 16), (512, 256, 1)),
+    # The reference's dlrm_s_criteo_terabyte.sh: --max-ind-range=10000000.
+    "terabyte": Arch(64, tuple(min(c, 10_000_000) for c in TERABYTE_COUNTS),
+                     (13, 512, 256, 64), (512, 512, 256, 1)),
+    # MLPerf training/inference DLRM v1 (Terabyte, --max-ind-range=40000000).
+    "mlperf-v1": Arch(128, tuple(min(c, 40_000_000) for c in TERABYTE_COUNTS),
+                      (13, 512, 256, 128), (1024, 1024, 512, 256, 1)),
+    "tiny": Arch(8, (100, 50, 20, 10), (13, 32, 8), (32, 1)),
+}
+
+
+def parse_dashed(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in str(text).split("-"))
+    except ValueError:
+        raise ValueError(f"{flag} must be dash-separated integers like 13-512-256, got {text!r}")
+    return values
+
+
+def add_arch_args(parser: argparse.ArgumentParser) -> None:
+    """The reference's architecture flags plus --preset; all default to 'not given'."""
+    g = parser.add_argument_group("model architecture (facebookresearch/dlrm flags)")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="a named architecture")
+    g.add_argument("--arch-sparse-feature-size", type=int)
+    g.add_argument("--arch-embedding-size", help="rows per table, dash-separated")
+    g.add_argument("--arch-mlp-bot", help="bottom MLP widths with the dense input, e.g. 13-512-256-64-16")
+    g.add_argument("--arch-mlp-top", help="top MLP widths without its input, e.g. 512-256-1")
+    g.add_argument("--arch-interaction-op", choices=INTERACTIONS)
+    g.add_argument("--arch-interaction-itself", action="store_true", default=None)
+    g.add_argument("--pooling", choices=POOLING_MODES)
+    g.add_argument("--weighted-pooling", choices=["fixed", "learned"])
+
+
+_FLAG_FIELDS = {
+    "arch_sparse_feature_size": ("sparse_feature_size", int),
+    "arch_embedding_size": ("embedding_sizes", lambda v: parse_dashed(v, "--arch-embedding-size")),
+    "arch_mlp_bot": ("mlp_bot", lambda v: parse_dashed(v, "--arch-mlp-bot")),
+    "arch_mlp_top": ("mlp_top", lambda v: parse_dashed(v, "--arch-mlp-top")),
+    "arch_interaction_op": ("interaction_op", str),
+    "arch_interaction_itself": ("interaction_itself", bool),
+    "pooling": ("pooling", str),
+    "weighted_pooling": ("weighted_pooling", str),
+}
+
+
+def given_fields(args: argparse.Namespace) -> dict:
+    """The Arch fields the user set on the command line (preset excluded)."""
+    out = {}
+    for flag, (field, conv) in _FLAG_FIELDS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            out[field] = conv(value)
+    return out
+
+
+def arch_from_fields(fields: dict, base: Arch | None = None) -> Arch:
+    """Complete ``fields`` from ``base`` (a preset) and validate."""
+    if base is not None:
+        return dataclasses.replace(base, **fields)
+    missing = [f for f in ("sparse_feature_size", "embedding_sizes", "mlp_bot", "mlp_top")
+               if f not in fields]
+    if missing:
+        names = {v[0]: k for k, v in _FLAG_FIELDS.items()}
+        raise ValueError("incomplete architecture: give --preset or --load-model, or all of "
+                         + ", ".join("--" + names[m].replace("_", "-") for m in missing))
+    return Arch(**fields)

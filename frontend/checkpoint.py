@@ -1,0 +1,163 @@
+"""Loading facebookresearch/dlrm checkpoints (``--save-model``) and bare state_dicts, safely.
+
+A checkpoint is untrusted input. The reference saves numpy scalars (losses, accuracies)
+beside the weights, which ``torch.load(weights_only=True)`` refuses; we allow exactly the
+numpy types such files need and never fall back to unrestricted unpickling.
+
+When the architecture flags are absent it is inferred from the weights: tables from
+``emb_l.K.weight``, the MLPs from ``bot_l``/``top_l``, the interaction from the top MLP's input
+width (the user is asked for ``--arch-interaction-op`` only when that is ambiguous).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from .arch import Arch, top_input_width
+from .model import DLRM
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the architecture."""
+
+
+def _numpy_safe_globals() -> list:
+    """The numpy globals the reference's checkpoints pickle, under their numpy 1 and 2 names."""
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    allowed: list = [np.dtype]
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed.append((scalar, f"{mod}.scalar"))
+    for name in dir(np.dtypes):
+        cls = getattr(np.dtypes, name)
+        if name.endswith("DType") and isinstance(cls, type):
+            allowed.append((cls, f"numpy.dtypes.{name}"))
+    return allowed
+
+
+def read_checkpoint(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]":
+    """Return the state_dict of a reference checkpoint (dict with "state_dict") or a bare one."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zipfile(path))
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        raise CheckpointError(f"cannot load checkpoint {path!r} safely: {e}") from None
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(
+            f"checkpoint {path!r} holds neither a state_dict nor a dict with a 'state_dict' of "
+            "tensors")
+    return OrderedDict((k, v) for k, v in sd.items())
+
+
+def _is_zipfile(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _layers(sd: dict, prefix: str) -> list[tuple[int, ...]]:
+    """Widths of a Sequential MLP stored as ``prefix.{2i}.weight``: [in, out1, out2, ...]."""
+    idx = sorted(int(m.group(1)) for k in sd if (m := re.fullmatch(rf"{prefix}\.(\d+)\.weight", k)))
+    if not idx:
+        raise CheckpointError(f"no '{prefix}.N.weight' keys in the checkpoint")
+    if idx != list(range(0, 2 * len(idx), 2)):
+        raise CheckpointError(f"{prefix} layers are at {idx}, expected Linear layers at 0, 2, 4, ...")
+    widths = [sd[f"{prefix}.0.weight"].shape[1]]
+    for i in idx:
+        w = sd[f"{prefix}.{i}.weight"]
+        if w.dim() != 2 or w.shape[1] != widths[-1]:
+            raise CheckpointError(f"{prefix}.{i}.weight has shape {tuple(w.shape)}, expected "
+                                  f"[*, {widths[-1]}] to follow the previous layer")
+        widths.append(w.shape[0])
+    return widths
+
+
+def infer_arch(sd: dict, given: dict | None = None) -> Arch:
+    """The architecture the weights imply, with the user's ``given`` fields taking part."""
+    given = dict(given or {})
+    tables = sorted(int(m.group(1)) for k in sd if (m := re.fullmatch(r"emb_l\.(\d+)\.weight", k)))
+    if not tables or tables != list(range(len(tables))):
+        raise CheckpointError(f"embedding tables must be emb_l.0.weight .. emb_l.N.weight, found "
+                              f"indices {tables}")
+    shapes = [tuple(sd[f"emb_l.{k}.weight"].shape) for k in tables]
+    dims = sorted({s[1] for s in shapes if len(s) == 2})
+    if len(dims) != 1 or any(len(s) != 2 for s in shapes):
+        raise CheckpointError(f"embedding tables must be 2-D with one common width (mixed-dimension "
+                              f"tables are not supported), got shapes {shapes}")
+    bot = _layers(sd, "bot_l")
+    top = _layers(sd, "top_l")
+    fields = dict(sparse_feature_size=dims[0], embedding_sizes=tuple(s[0] for s in shapes),
+                  mlp_bot=tuple(bot), mlp_top=tuple(top[1:]))
+    if any(k.startswith("v_W_l.") for k in sd):
+        fields["weighted_pooling"] = "learned"
+    if "interaction_op" not in given:
+        options = [(op, it) for op, it in (("dot", False), ("dot", True), ("cat", False))
+                   if top_input_width(len(shapes), bot[-1], op, it) == top[0]]
+        if "interaction_itself" in given:
+            options = [o for o in options if o[0] == "cat" or o[1] == given["interaction_itself"]]
+        if not options:
+            raise CheckpointError(
+                f"top_l.0.weight takes {top[0]} inputs, which fits no interaction of "
+                f"{len(shapes)} tables and a bottom MLP output of {bot[-1]} (dot: "
+                f"{top_input_width(len(shapes), bot[-1], 'dot', False)}, dot itself: "
+                f"{top_input_width(len(shapes), bot[-1], 'dot', True)}, cat: "
+                f"{top_input_width(len(shapes), bot[-1], 'cat', False)})")
+        if len(options) > 1:
+            raise CheckpointError(
+                f"the top MLP input width {top[0]} fits several interactions {options}; give "
+                "--arch-interaction-op (and --arch-interaction-itself)")
+        fields["interaction_op"], fields["interaction_itself"] = options[0]
+    for k, v in given.items():
+        if k in fields and k not in ("interaction_op", "interaction_itself") and fields[k] != v:
+            raise CheckpointError(f"--{k.replace('_', '-')} is {v} but the checkpoint has {fields[k]}")
+    fields.update(given)
+    try:
+        arch = Arch(**fields)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    check_state_dict(arch, sd)
+    return arch
+
+
+def expected_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
+    """Every state_dict key of ``DLRM(arch)`` with its shape."""
+    out: dict[str, tuple[int, ...]] = {}
+    for k, n in enumerate(arch.embedding_sizes):
+        out[f"emb_l.{k}.weight"] = (n, arch.sparse_feature_size)
+    for prefix, widths in (("bot_l", arch.mlp_bot), ("top_l", arch.ln_top)):
+        for i in range(len(widths) - 1):
+            out[f"{prefix}.{2 * i}.weight"] = (widths[i + 1], widths[i])
+            out[f"{prefix}.{2 * i}.bias"] = (widths[i + 1],)
+    if arch.weighted_pooling == "learned":
+        for k, n in enumerate(arch.embedding_sizes):
+            out[f"v_W_l.{k}"] = (n,)
+    return out
+
+
+def check_state_dict(arch: Arch, sd: dict) -> None:
+    """Raise CheckpointError naming every missing, unexpected or mis-shaped key."""
+    want = expected_shapes(arch)
+    problems = [f"missing key {k} {list(s)}" for k, s in want.items() if k not in sd]
+    problems += [f"unexpected key {k} {list(sd[k].shape)}" for k in sd if k not in want]
+    problems += [f"{k} has shape {list(sd[k].shape)}, the architecture needs {list(s)}"
+                 for k, s in want.items() if k in sd and tuple(sd[k].shape) != s]
+    problems += [f"{k} has dtype {sd[k].dtype}, expected a floating type"
+                 for k in want if k in sd and not sd[k].is_floating_point()]
+    if problems:
+        raise CheckpointError("checkpoint does not fit the architecture: " + "; ".join(problems))
+
+
+def load_model(path: str | os.PathLike, given: dict | None = None) -> DLRM:
+    """A DLRM holding the checkpoint's weights (no copy beyond a float32 cast)."""
+    sd = read_checkpoint(path)
+    arch = infer_arch(sd, given)
+    model = DLRM(arch, init=False)
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
+    return model.eval()

@@ -1,0 +1,105 @@
+"""The DLRM torch module, with facebookresearch/dlrm's ``DLRM_Net`` semantics and state_dict keys.
+
+Keys: ``emb_l.K.weight`` (one EmbeddingBag per table), ``bot_l.{2i}.weight/bias`` and
+``top_l.{2i}.weight/bias`` (Sequential of Linear and activation), ``v_W_l.K`` for learned
+weighted pooling. The forward is written as the reference writes it (bmm, then the triangle
+gather ``Z[:, li, lj]``, then ``cat``), so the compiler sees the same graph for our model and a
+reference one; the compiler recognises the pattern, not our module.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .arch import Arch
+
+
+def _mlp(widths: tuple[int, ...], sigmoid_last: bool, rng) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(widths) - 1):
+        n, m = widths[i], widths[i + 1]
+        lin = nn.Linear(n, m, bias=True, device=None if rng else "meta")
+        if rng is not None:
+            # The reference's init: W ~ N(0, sqrt(2/(m+n))), b ~ N(0, sqrt(1/m)).
+            w = rng.normal(0.0, np.sqrt(2 / (m + n)), size=(m, n)).astype(np.float32)
+            b = rng.normal(0.0, np.sqrt(1 / m), size=m).astype(np.float32)
+            lin.weight = nn.Parameter(torch.from_numpy(w))
+            lin.bias = nn.Parameter(torch.from_numpy(b))
+        layers.append(lin)
+        last = i == len(widths) - 2
+        layers.append(nn.Sigmoid() if (last and sigmoid_last) else nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def _table(n: int, m: int, rng, mode: str) -> nn.EmbeddingBag:
+    if rng is None:
+        return nn.EmbeddingBag(n, m, mode=mode, sparse=True, device="meta")
+    # The reference's init, U(-sqrt(1/n), sqrt(1/n)), drawn in float32 in place: the Kaggle
+    # tables are 2 GB and a float64 draw would double that.
+    w = rng.random((n, m), dtype=np.float32)
+    a = np.float32(np.sqrt(1.0 / n))
+    w *= 2 * a
+    w -= a
+    return nn.EmbeddingBag(n, m, mode=mode, sparse=True, _weight=torch.from_numpy(w))
+
+
+class DLRM(nn.Module):
+    """DLRM with reference semantics. ``forward(dense_x, lS_o, lS_i)`` -> click probability [B, 1].
+
+    ``lS_o`` is [T, B] start offsets; ``lS_i`` a list/tuple of T 1-D index tensors or a [T, N]
+    tensor. Weights are initialised as the reference does, from ``seed``; with ``init=False``
+    they are left on the meta device for ``load_state_dict(..., assign=True)``.
+    """
+
+    def __init__(self, arch: Arch, seed: int = 0, init: bool = True):
+        super().__init__()
+        self.arch = arch
+        rng = np.random.default_rng(seed) if init else None
+        m = arch.sparse_feature_size
+        self.emb_l = nn.ModuleList(_table(n, m, rng, arch.pooling) for n in arch.embedding_sizes)
+        if arch.weighted_pooling == "learned":
+            self.v_W_l = nn.ParameterList(
+                nn.Parameter(torch.ones(n, device=None if init else "meta"))
+                for n in arch.embedding_sizes)
+        elif arch.weighted_pooling == "fixed":
+            for k, n in enumerate(arch.embedding_sizes):
+                self.register_buffer(f"_fixed_w{k}", torch.ones(n), persistent=False)
+        self.bot_l = _mlp(arch.mlp_bot, False, rng)
+        self.top_l = _mlp(arch.ln_top, True, rng)
+
+    def _pool_weights(self, k: int):
+        if self.arch.weighted_pooling == "learned":
+            return self.v_W_l[k]
+        if self.arch.weighted_pooling == "fixed":
+            return getattr(self, f"_fixed_w{k}")
+        return None
+
+    def apply_emb(self, lS_o, lS_i):
+        ly = []
+        for k, emb in enumerate(self.emb_l):
+            idx = lS_i[k]
+            w = self._pool_weights(k)
+            psw = None if w is None else w.gather(0, idx)
+            ly.append(emb(idx, lS_o[k], per_sample_weights=psw))
+        return ly
+
+    def interact_features(self, x, ly):
+        if self.arch.interaction_op == "dot":
+            (batch_size, d) = x.shape
+            T = torch.cat([x] + ly, dim=1).view((batch_size, -1, d))
+            Z = torch.bmm(T, torch.transpose(T, 1, 2))
+            _, ni, nj = Z.shape
+            offset = 1 if self.arch.interaction_itself else 0
+            li = torch.tensor([i for i in range(ni) for j in range(i + offset)])
+            lj = torch.tensor([j for i in range(nj) for j in range(i + offset)])
+            Zflat = Z[:, li, lj]
+            return torch.cat([x] + [Zflat], dim=1)
+        return torch.cat([x] + ly, dim=1)
+
+    def forward(self, dense_x, lS_o, lS_i):
+        x = self.bot_l(dense_x)
+        ly = self.apply_emb(lS_o, lS_i)
+        z = self.interact_features(x, ly)
+        return self.top_l(z)

@@ -1,0 +1,40 @@
+"""Which model a command line names: a preset, the reference's flags, or a checkpoint.
+
+Shared by every command that takes a model (dlrm-compile, and later dlrm-tune/-bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .arch import PRESETS, Arch, add_arch_args, arch_from_fields, given_fields
+from .checkpoint import load_model
+from .model import DLRM
+
+DEFAULT_PRESET = "kaggle"
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    add_arch_args(parser)
+    parser.add_argument("--load-model", metavar="PATH",
+                        help="checkpoint from facebookresearch/dlrm --save-model, or a state_dict")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random weights when no checkpoint is given")
+
+
+def model_from_args(args: argparse.Namespace, log=print) -> tuple[DLRM, Arch]:
+    """The eval-mode model and its architecture that ``args`` describe."""
+    given = given_fields(args)
+    if args.load_model:
+        if args.preset:
+            given = {**PRESETS[args.preset].to_dict(), **given}
+        model = load_model(args.load_model, given)
+        log(f"loaded {args.load_model}: {model.arch.describe()}")
+        return model, model.arch
+    preset = args.preset
+    if preset is None and not given:
+        preset = DEFAULT_PRESET
+        log(f"no model given: using --preset {preset} with random weights (seed {args.seed})")
+    arch = arch_from_fields(given, PRESETS[preset] if preset else None)
+    log(f"model: {arch.describe()}")
+    return DLRM(arch, seed=args.seed).eval(), arch

@@ -1,0 +1,56 @@
+"""``dlrm-run``: run a batch through an artifact and report predictions and time per batch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from ..artifact import ArtifactError
+from .batch import load_npz, random_batch
+from .model import load
+from .validate import InputError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dlrm-run", description=__doc__)
+    p.add_argument("artifact", help="artifact directory written by dlrm-compile")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", help=".npz with dense_x, lS_o, and lS_i [T, N] or lS_i_0..lS_i_{T-1}")
+    src.add_argument("--random", type=int, metavar="B", help="run a synthetic batch of B samples")
+    p.add_argument("--bag-size", type=int, default=1, help="indices per bag for --random (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="write the predictions [B, 1] to this .npy file")
+    p.add_argument("--repeat", type=int, default=20, help="timed runs (default 20)")
+    args = p.parse_args(argv)
+    try:
+        t0 = time.perf_counter()
+        model = load(args.artifact)
+        print(f"loaded {args.artifact} in {time.perf_counter() - t0:.2f} s "
+              f"(target {model.manifest['target']['string']})")
+        if args.input:
+            batch = load_npz(args.input, model.num_tables)
+        else:
+            if args.random < 1:
+                raise InputError("--random needs a batch size >= 1")
+            batch = random_batch(model.arch, args.random, args.bag_size, args.seed)
+        preds = model.predict(*batch)
+        times = model.time_per_batch(*batch, number=1, repeat=max(1, args.repeat))
+    except (ArtifactError, InputError, ValueError, OSError) as e:
+        print(f"dlrm-run: error: {e}", file=sys.stderr)
+        return 2
+    np.set_printoptions(precision=6, threshold=20, edgeitems=5)
+    print(f"predictions [{preds.shape[0]}, 1]: {preds[:, 0]}")
+    med = float(np.median(times))
+    print(f"time per batch (B={preds.shape[0]}): median {med * 1e6:,.1f} us, "
+          f"min {min(times) * 1e6:,.1f} us over {len(times)} runs")
+    if args.output:
+        np.save(args.output, preds)
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Loading an artifact and running batches on it with the TVM runtime (no torch, no compiler)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tvm
+from tvm.runtime.vm import VirtualMachine
+
+from ..artifact import LIBRARY, ArtifactError, read_manifest, read_weights
+from .validate import check_batch
+
+
+class CompiledDLRM:
+    """A loaded artifact. ``predict(dense_x, lS_o, lS_i)`` -> click probabilities [B, 1]."""
+
+    def __init__(self, artifact_dir: str, verify: bool = True):
+        self.path = os.fspath(artifact_dir)
+        self.manifest = read_manifest(self.path, verify=verify)
+        self.arch = self.manifest["arch"]
+        kind = self.manifest["target"]["resolved"].get("kind")
+        if kind != "llvm":
+            raise ArtifactError(f"{self.path} was built for {kind}; this runtime runs CPU (llvm) "
+                                "artifacts")
+        try:
+            lib = tvm.runtime.load_module(os.path.join(self.path, LIBRARY))
+        except Exception as e:  # noqa: BLE001 - dlopen failures surface as many types
+            raise ArtifactError(f"cannot load {os.path.join(self.path, LIBRARY)}: {e}") from None
+        self.device = tvm.cpu()
+        self._vm = VirtualMachine(lib, self.device)
+        self._main = self._vm[self.manifest["entry"]]
+        self._weights = [tvm.runtime.tensor(np.ascontiguousarray(w), self.device)
+                         for w in read_weights(self.path, self.manifest)]
+
+    @property
+    def num_tables(self) -> int:
+        return len(self.arch["embedding_sizes"])
+
+    def predict(self, dense_x, lS_o, lS_i) -> np.ndarray:
+        """Validate the batch (reference layout) and run it; returns float32 [B, 1]."""
+        dense, offsets, indices = check_batch(self.arch, dense_x, lS_o, lS_i)
+        args = [tvm.runtime.tensor(a, self.device) for a in (dense, offsets, *indices)]
+        return self._main(*args, *self._weights).numpy()
+
+    def time_per_batch(self, dense_x, lS_o, lS_i, number: int = 10, repeat: int = 5) -> list[float]:
+        """Seconds per batch (each of ``repeat`` means over ``number`` runs), validation excluded."""
+        dense, offsets, indices = check_batch(self.arch, dense_x, lS_o, lS_i)
+        args = [tvm.runtime.tensor(a, self.device) for a in (dense, offsets, *indices)]
+        timer = self._vm.time_evaluator(self.manifest["entry"], self.device, number=number,
+                                        repeat=repeat)
+        return list(timer(*args, *self._weights).results)
+
+
+def load(artifact_dir: str, verify: bool = True) -> CompiledDLRM:
+    """Load an artifact directory; ``verify`` checks every file's sha256 first."""
+    return CompiledDLRM(artifact_dir, verify=verify)

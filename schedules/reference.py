@@ -1,0 +1,59 @@
+"""Plain numpy implementations of our ops: the oracles every kernel's tests compare against.
+
+Each function follows the written contract in the docstring of its kernel's module
+(``embedding_bag``, ``interaction``) and is deliberately simple rather than fast.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def embedding_bag(
+    weight: np.ndarray,
+    indices: np.ndarray,
+    offsets: np.ndarray,
+    mode: str = "sum",
+    per_sample_weights: np.ndarray | None = None,
+    include_last_offset: bool = False,
+    padding_idx: int | None = None,
+) -> np.ndarray:
+    """Pool rows of ``weight`` per bag; see ``dlrmc.schedules.embedding_bag``."""
+    n = len(indices)
+    bounds = list(offsets) if include_last_offset else list(offsets) + [n]
+    out = np.zeros((len(bounds) - 1, weight.shape[1]), np.float32)
+    for b in range(len(bounds) - 1):
+        pos = [p for p in range(bounds[b], bounds[b + 1])
+               if padding_idx is None or padding_idx < 0 or indices[p] != padding_idx]
+        if not pos:
+            continue
+        rows = weight[indices[pos]].astype(np.float64)
+        if per_sample_weights is not None:
+            rows = rows * per_sample_weights[pos, None]
+        if mode == "sum":
+            out[b] = rows.sum(0)
+        elif mode == "mean":
+            out[b] = rows.mean(0)
+        elif mode == "max":
+            out[b] = rows.max(0)
+        else:
+            raise ValueError(mode)
+    return out
+
+
+def interaction_pairs(num_features: int, self_interaction: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of each kept entry of T.T^T, in the reference's row-major order."""
+    extra = 1 if self_interaction else 0
+    li = np.array([i for i in range(num_features) for _ in range(i + extra)], np.int64)
+    lj = np.array([j for i in range(num_features) for j in range(i + extra)], np.int64)
+    return li, lj
+
+
+def dot_interaction(
+    features: np.ndarray, self_interaction: bool = False, prepend_dense: bool = True
+) -> np.ndarray:
+    """features [B, F, D] -> [B, D + P] (``prepend_dense``: features[:, 0] first) or [B, P]."""
+    z = np.einsum("bid,bjd->bij", features.astype(np.float64), features.astype(np.float64))
+    li, lj = interaction_pairs(features.shape[1], self_interaction)
+    flat = z[:, li, lj].astype(np.float32)
+    return np.concatenate([features[:, 0, :], flat], axis=1) if prepend_dense else flat
