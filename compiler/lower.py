@@ -5,6 +5,8 @@ TVM's ``from_exported_program`` imports everything except:
 - ``aten._embedding_bag`` / ``aten._embedding_bag_forward_only`` (TVM has no converter): each
   becomes a ``call_tir`` of our embedding-bag kernel (``dlrmc.schedules.embedding_bag``) with
   the node's mode, offsets convention, per_sample_weights and padding_idx;
+- ``aten.select.int``, which TVM lowers to an unchecked ``take`` that mishandles negative
+  indices;
 - the dot interaction, which ``fx_passes.fuse_dot_interaction`` first rewrites into one
   ``dlrmc::dot_interaction`` node, lowered here to our interaction kernel.
 
@@ -90,7 +92,22 @@ def _convert_dot_interaction(node, importer) -> relax.Expr:
     return bb.emit(relax.call_tir(gv, [t], relax.TensorType((batch, width), "float32")))
 
 
+def _convert_select(node, importer) -> relax.Expr:
+    # TVM lowers select to take(mode="fast"): no negative indices, and a warning per use.
+    x, dim, index = importer.env[node.args[0]], int(node.args[1]), int(node.args[2])
+    shape = _static_dims(x, "the select input", node)
+    dim %= len(shape)
+    if index < 0:
+        if not isinstance(shape[dim], tvm.tirx.IntImm):
+            raise LoweringError(f"{node.name}: negative select index on a dynamic dimension")
+        index += int(shape[dim])
+    bb = importer.block_builder
+    part = bb.emit(relax.op.strided_slice(x, [dim], [index], [index + 1]))
+    return bb.emit(relax.op.squeeze(part, [dim]))
+
+
 CONVERTERS = {
+    "select.int": _convert_select,
     "_embedding_bag.default": _convert_embedding_bag,
     "_embedding_bag_forward_only.default": _convert_embedding_bag,
     "dot_interaction.default": _convert_dot_interaction,
@@ -107,8 +124,11 @@ class Lowered:
     num_inputs: int
 
 
-def lower(ep: torch.export.ExportedProgram) -> Lowered:
-    """Decompose, rewrite our patterns, import into Relax and detach the parameters."""
+def lower(ep: torch.export.ExportedProgram, unwrap_single_output: bool = True) -> Lowered:
+    """Decompose, rewrite our patterns, import into Relax and detach the parameters.
+
+    ``main`` returns its one output bare when ``unwrap_single_output``, else always a tuple.
+    """
     ep = ep.run_decompositions()
     fuse_dot_interaction(ep)
     unsupported = sorted({n.target.__name__ for n in ep.graph.nodes if n.op == "call_function"
@@ -116,7 +136,8 @@ def lower(ep: torch.export.ExportedProgram) -> Lowered:
                           and not _tvm_supports(n.target.__name__)})
     if unsupported:
         raise LoweringError(f"operators with no Relax lowering: {', '.join(unsupported)}")
-    mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=True,
+    mod = from_exported_program(ep, keep_params_as_input=True,
+                                unwrap_unit_return_tuple=unwrap_single_output,
                                 custom_convert_map=CONVERTERS, run_ep_decomposition=False)
     mod, detached = relax.frontend.detach_params(mod)
     main = mod["main"]

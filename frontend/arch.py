@@ -161,6 +161,14 @@ _FLAG_FIELDS = {
 }
 
 
+def flag_name(field: str) -> str:
+    """The command-line flag that sets an Arch field."""
+    for flag, (f, _) in _FLAG_FIELDS.items():
+        if f == field:
+            return "--" + flag.replace("_", "-")
+    return field
+
+
 def given_fields(args: argparse.Namespace) -> dict:
     """The Arch fields the user set on the command line (preset excluded)."""
     out = {}
@@ -178,7 +186,6 @@ def arch_from_fields(fields: dict, base: Arch | None = None) -> Arch:
     missing = [f for f in ("sparse_feature_size", "embedding_sizes", "mlp_bot", "mlp_top")
                if f not in fields]
     if missing:
-        names = {v[0]: k for k, v in _FLAG_FIELDS.items()}
         raise ValueError("incomplete architecture: give --preset or --load-model, or all of "
-                         + ", ".join("--" + names[m].replace("_", "-") for m in missing))
+                         + ", ".join(flag_name(m) for m in missing))
     return Arch(**fields)

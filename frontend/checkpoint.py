@@ -18,7 +18,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from .arch import Arch, top_input_width
+from .arch import Arch, flag_name, top_input_width
 from .model import DLRM
 
 
@@ -89,8 +89,9 @@ def infer_arch(sd: dict, given: dict | None = None) -> Arch:
     shapes = [tuple(sd[f"emb_l.{k}.weight"].shape) for k in tables]
     dims = sorted({s[1] for s in shapes if len(s) == 2})
     if len(dims) != 1 or any(len(s) != 2 for s in shapes):
+        listed = ", ".join(f"emb_l.{k}.weight {list(s)}" for k, s in zip(tables, shapes))
         raise CheckpointError(f"embedding tables must be 2-D with one common width (mixed-dimension "
-                              f"tables are not supported), got shapes {shapes}")
+                              f"tables are not supported), got {listed}")
     bot = _layers(sd, "bot_l")
     top = _layers(sd, "top_l")
     fields = dict(sparse_feature_size=dims[0], embedding_sizes=tuple(s[0] for s in shapes),
@@ -116,7 +117,8 @@ def infer_arch(sd: dict, given: dict | None = None) -> Arch:
         fields["interaction_op"], fields["interaction_itself"] = options[0]
     for k, v in given.items():
         if k in fields and k not in ("interaction_op", "interaction_itself") and fields[k] != v:
-            raise CheckpointError(f"--{k.replace('_', '-')} is {v} but the checkpoint has {fields[k]}")
+            raise CheckpointError(f"{flag_name(k)} is {_show(v)} but the checkpoint has "
+                                  f"{_show(fields[k])}")
     fields.update(given)
     try:
         arch = Arch(**fields)
@@ -124,6 +126,10 @@ def infer_arch(sd: dict, given: dict | None = None) -> Arch:
         raise CheckpointError(str(e)) from None
     check_state_dict(arch, sd)
     return arch
+
+
+def _show(value) -> str:
+    return "-".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def expected_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:

@@ -35,14 +35,14 @@ def _mlp(widths: tuple[int, ...], sigmoid_last: bool, rng) -> nn.Sequential:
 
 def _table(n: int, m: int, rng, mode: str) -> nn.EmbeddingBag:
     if rng is None:
-        return nn.EmbeddingBag(n, m, mode=mode, sparse=True, device="meta")
+        return nn.EmbeddingBag(n, m, mode=mode, sparse=mode != "max", device="meta")
     # The reference's init, U(-sqrt(1/n), sqrt(1/n)), drawn in float32 in place: the Kaggle
     # tables are 2 GB and a float64 draw would double that.
     w = rng.random((n, m), dtype=np.float32)
     a = np.float32(np.sqrt(1.0 / n))
     w *= 2 * a
     w -= a
-    return nn.EmbeddingBag(n, m, mode=mode, sparse=True, _weight=torch.from_numpy(w))
+    return nn.EmbeddingBag(n, m, mode=mode, sparse=mode != "max", _weight=torch.from_numpy(w))
 
 
 class DLRM(nn.Module):

@@ -1,0 +1,68 @@
+"""Shared helpers: build a model, compile it once per session, and run batches through both."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dlrmc.compiler.build import compile_model
+from dlrmc.frontend.arch import Arch
+from dlrmc.frontend.model import DLRM
+from dlrmc.runtime import load
+
+torch.set_num_threads(2)
+
+
+def make_batch(arch: Arch, batch: int, rng: np.random.Generator, max_bag: int = 3,
+               empty: float = 0.2, index_dtype=np.int64):
+    """A batch in the reference layout with varied bag sizes (0..max_bag) and empty bags."""
+    dense = rng.standard_normal((batch, arch.num_dense)).astype(np.float32)
+    offsets, indices = [], []
+    for rows in arch.embedding_sizes:
+        sizes = rng.integers(0, max_bag + 1, batch)
+        sizes[rng.random(batch) < empty] = 0
+        offsets.append(np.concatenate([[0], np.cumsum(sizes)[:-1]]))
+        indices.append(rng.integers(0, rows, int(sizes.sum())).astype(index_dtype))
+    return dense, np.stack(offsets).astype(index_dtype), indices
+
+
+def torch_predict(model: torch.nn.Module, dense, offsets, indices) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(dense), torch.from_numpy(offsets),
+                     [torch.from_numpy(i) for i in indices]).numpy()
+
+
+class Compiled:
+    """A model, its arch and its loaded artifact."""
+
+    def __init__(self, arch: Arch, path, seed: int = 0):
+        self.arch = arch
+        self.model = DLRM(arch, seed=seed).eval()
+        self._perturb()
+        compile_model(self.model, arch, "llvm", str(path), log=lambda _: None)
+        self.path = path
+        self.runtime = load(str(path))
+
+    def _perturb(self):
+        # Learned pooling weights start at 1; make them matter.
+        g = torch.Generator().manual_seed(1)
+        for name, p in self.model.named_parameters():
+            if name.startswith("v_W_l"):
+                p.data = torch.rand(p.shape, generator=g) * 2 - 0.5
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory):
+    """compiled(arch) -> Compiled, built once per architecture per session."""
+    cache: dict = {}
+
+    def get(arch: Arch) -> Compiled:
+        if arch not in cache:
+            cache[arch] = Compiled(arch, tmp_path_factory.mktemp("artifact") / "model")
+        return cache[arch]
+
+    return get
+
+
+TINY = Arch(4, (10, 7, 5), (6, 8, 4), (5, 1))

@@ -1,0 +1,138 @@
+"""The runtime: torch-free and compiler-free deployment, input validation, artifact integrity."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from dlrmc.artifact import ArtifactError
+from dlrmc.runtime import InputError, load
+
+from conftest import TINY, make_batch, torch_predict
+
+
+def test_runs_without_torch_and_without_the_compiler(compiled, tmp_path):
+    c = compiled(TINY)
+    dense, offsets, indices = make_batch(TINY, 33, np.random.default_rng(7), max_bag=5)
+    np.savez(tmp_path / "batch.npz", dense_x=dense, lS_o=offsets,
+             **{f"lS_i_{k}": i for k, i in enumerate(indices)})
+    np.save(tmp_path / "expected.npy", torch_predict(c.model, dense, offsets, indices))
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None          # any import of torch now fails
+        import numpy as np
+        import dlrmc.runtime
+        from dlrmc.runtime.batch import load_npz
+        model = dlrmc.runtime.load({str(c.path)!r})
+        got = model.predict(*load_npz({str(tmp_path / 'batch.npz')!r}, model.num_tables))
+        np.testing.assert_allclose(got, np.load({str(tmp_path / 'expected.npy')!r}),
+                                   rtol=1e-5, atol=2e-6)
+        maps = open("/proc/self/maps").read()
+        assert "libtvm_runtime" in maps, "the TVM runtime was not loaded"
+        assert "libtvm_compiler" not in maps and "libtvm.so" not in maps, "compiler loaded"
+        loaded = [m for m, v in sys.modules.items() if m.split(".")[0] == "torch" and v]
+        assert not loaded, f"torch was imported: {{loaded}}"
+        print("RUNTIME-ONLY-OK")
+    """)
+    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert "RUNTIME-ONLY-OK" in res.stdout, res.stdout + res.stderr
+
+
+def _good(arch, batch=4):
+    return make_batch(arch, batch, np.random.default_rng(0), max_bag=2, empty=0.0)
+
+
+BAD_INPUTS = [
+    ("dense float64", lambda d, o, i: (d.astype(np.float64), o, i), "dense_x must be float32"),
+    ("dense 1-D", lambda d, o, i: (d[0], o, i), r"dense_x must have shape \[batch >= 1, 6\]"),
+    ("dense width", lambda d, o, i: (d[:, :5], o, i), r"dense_x must have shape"),
+    ("empty batch", lambda d, o, i: (d[:0], o[:, :0], i), r"batch >= 1"),
+    ("offsets shape", lambda d, o, i: (d, o[:2], i), r"lS_o must have shape \[3, 4\]"),
+    ("offsets float", lambda d, o, i: (d, o.astype(np.float32), i), "lS_o must be an integer"),
+    ("too few tables", lambda d, o, i: (d, o, i[:2]), "lS_i has 2 index arrays, the model has 3"),
+    ("index float", lambda d, o, i: (d, o, [i[0].astype(np.float32)] + i[1:]),
+     r"lS_i\[0\] must be an integer"),
+    ("index 2-D", lambda d, o, i: (d, o, [i[0].reshape(1, -1)] + i[1:]), r"lS_i\[0\] must be 1-D"),
+    ("first offset", lambda d, o, i: (d, o + 1, i), r"lS_o\[0\]\[0\] is 1; the first bag must start"),
+    ("decreasing", lambda d, o, i: (d, np.array([o[0], o[1], [0, 3, 1, 2]]), i),
+     r"lS_o\[2\] decreases at position 2"),
+    ("offset past end", lambda d, o, i: (d, np.array([o[0], o[1], [0, 1, 2, 99]]), i),
+     r"lS_o\[2\]\[3\] = 99 is past the end of lS_i\[2\]"),
+    ("index too big", lambda d, o, i: (d, o, [i[0], np.array([0, 1, 2, 7, 4, 0, 0, 0]), i[2]]),
+     r"lS_i\[1\]\[3\] = 7 is out of range for table 1 with 7 rows"),
+    ("negative index", lambda d, o, i: (d, o, [i[0], i[1], np.array([0, -1, 0, 0, 0, 0, 0, 0])]),
+     r"lS_i\[2\]\[1\] = -1 is out of range for table 2 with 5 rows"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_a_clear_error(compiled, name, mutate, message):
+    c = compiled(TINY)
+    dense, offsets, indices = _good(TINY)
+    indices = [np.concatenate([i, np.zeros(8 - len(i), np.int64)]) for i in indices]
+    with pytest.raises(InputError, match=message):
+        c.runtime.predict(*mutate(dense, offsets, indices))
+
+
+def _copy(c, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(c.path, dst)
+    return dst
+
+
+def test_corrupt_or_missing_artifact_files(compiled, tmp_path):
+    c = compiled(TINY)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        load(str(tmp_path / "nowhere"))
+    art = _copy(c, tmp_path)
+    with open(art / "weights.bin", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ArtifactError, match=r"weights.bin is corrupt \(sha256 mismatch\)"):
+        load(str(art))
+    shutil.rmtree(art)
+    art = _copy(c, tmp_path)
+    os.remove(art / "model.so")
+    with pytest.raises(ArtifactError, match="model.so is missing"):
+        load(str(art))
+    shutil.rmtree(art)
+    art = _copy(c, tmp_path)
+    (art / "manifest.json").write_text("{ not json")
+    with pytest.raises(ArtifactError, match="manifest.json is corrupt"):
+        load(str(art))
+    manifest = json.loads((c.path / "manifest.json").read_text())
+    (art / "manifest.json").write_text(json.dumps(dict(manifest, format_version=99)))
+    with pytest.raises(ArtifactError, match="format version 99"):
+        load(str(art))
+    os.remove(art / "manifest.json")
+    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+        load(str(art))
+
+
+def test_manifest_describes_the_artifact(compiled):
+    c = compiled(TINY)
+    m = json.loads((c.path / "manifest.json").read_text())
+    assert m["format_version"] == 1 and m["tuning_log"] is None
+    assert [i["name"] for i in m["inputs"]] == ["dense_x", "lS_o", "lS_i_0", "lS_i_1", "lS_i_2"]
+    assert m["inputs"][0]["shape"] == ["batch", 6] and m["dynamic_dims"]["batch"] == [1, None]
+    assert m["target"]["string"] == "llvm" and m["target"]["resolved"]["kind"] == "llvm"
+    assert m["tvm_version"].startswith("0.27") and m["dlrmc_version"]
+    assert set(m["files"]) == {"model.so", "weights.bin"}
+    names = [t["name"] for t in m["weights"]["tensors"]]
+    assert sorted(names) == sorted(c.model.state_dict())
+    # The weights live in weights.bin, not in the library: the largest table's bytes are not
+    # inside model.so.
+    emb = c.model.state_dict()["emb_l.0.weight"].numpy().tobytes()
+    assert emb not in (c.path / "model.so").read_bytes()
+    assert emb in (c.path / "weights.bin").read_bytes()
