@@ -1,0 +1,101 @@
+"""dlrm-compile and dlrm-run end to end, as a user runs them; failures leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from dlrmc.artifact import ArtifactError, write_artifact
+from dlrmc.frontend.arch import Arch
+from dlrmc.frontend.model import DLRM
+
+from conftest import make_batch, torch_predict
+
+
+def run(*args, check=True):
+    res = subprocess.run(list(args), capture_output=True, text=True, timeout=600)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{args} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+def test_compile_checkpoint_then_run(tmp_path):
+    arch = Arch(6, (30, 20, 10), (5, 12, 6), (8, 1), interaction_itself=True)
+    model = DLRM(arch, seed=3).eval()
+    torch.save({"state_dict": model.state_dict(), "train_acc": np.float64(0.5)}, tmp_path / "m.pt")
+    out = tmp_path / "art"
+    res = run("dlrm-compile", "--target", "llvm -mcpu=skylake-avx512", "--load-model",
+              str(tmp_path / "m.pt"), "-o", str(out), "--check", "7")
+    for stage in ("export", "lower", "build", "write"):
+        assert f"[dlrm-compile] {stage}" in res.stdout
+    assert "max |dlrmc - PyTorch| over batch 7" in res.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["arch"]["interaction_itself"] is True
+    assert manifest["target"]["resolved"]["mcpu"] == "skylake-avx512"
+
+    dense, offsets, indices = make_batch(arch, 11, np.random.default_rng(2), max_bag=4)
+    expected = torch_predict(model, dense, offsets, indices)
+    # The [T, N] layout needs equal counts; use the per-table keys here and [T, N] below.
+    np.savez(tmp_path / "b.npz", dense_x=dense, lS_o=offsets,
+             **{f"lS_i_{k}": i for k, i in enumerate(indices)})
+    res = run("dlrm-run", str(out), "--input", str(tmp_path / "b.npz"), "--output",
+              str(tmp_path / "p.npy"), "--repeat", "3")
+    assert "time per batch (B=11)" in res.stdout
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected, rtol=1e-5, atol=2e-6)
+
+    idx2d = np.stack([np.arange(22) % n for n in arch.embedding_sizes])
+    off = np.tile(np.arange(0, 22, 2), (3, 1))
+    np.savez(tmp_path / "c.npz", dense_x=dense, lS_o=off, lS_i=idx2d)
+    run("dlrm-run", str(out), "--input", str(tmp_path / "c.npz"), "--output", str(tmp_path / "q.npy"))
+    np.testing.assert_allclose(np.load(tmp_path / "q.npy"),
+                               torch_predict(model, dense, off, list(idx2d)), rtol=1e-5, atol=2e-6)
+
+    res = run("dlrm-run", str(out), "--random", "5", "--repeat", "2")
+    assert "predictions [5, 1]" in res.stdout
+
+    np.savez(tmp_path / "bad.npz", dense_x=dense, lS_o=off, lS_i=idx2d + 100)
+    res = run("dlrm-run", str(out), "--input", str(tmp_path / "bad.npz"), check=False)
+    assert res.returncode == 2 and "out of range for table 0 with 30 rows" in res.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--target", "llvm -mcpu=nehalem2", "--preset", "tiny"], "unknown -mcpu 'nehalem2'"),
+    (["--arch-embedding-size", "4-x"], "--arch-embedding-size must be dash-separated integers"),
+    (["--arch-mlp-bot", "13-8"], "incomplete architecture"),
+    (["--preset", "tiny", "--arch-sparse-feature-size", "5"],
+     "does not match the last dim of the bottom MLP"),
+    (["--load-model", "/nonexistent.pt"], "does not exist"),
+])
+def test_compile_errors_are_clear_and_write_nothing(tmp_path, args, message):
+    out = tmp_path / "out"
+    res = run("dlrm-compile", *args, "-o", str(out), check=False)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_failed_write_leaves_nothing_and_never_clobbers(tmp_path):
+    def fail(path):
+        raise RuntimeError("linker exploded")
+
+    out = tmp_path / "art"
+    with pytest.raises(RuntimeError, match="linker exploded"):
+        write_artifact(str(out), fail, [("w", np.ones(4, np.float32))], {})
+    assert os.listdir(tmp_path) == []
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("do not delete")
+    with pytest.raises(ArtifactError, match="not a dlrmc artifact; not overwriting"):
+        write_artifact(str(precious), lambda p: open(p, "wb").close(), [], {})
+    assert (precious / "thesis.txt").read_text() == "do not delete"
+    # An existing artifact is replaced whole.
+    write_artifact(str(out), lambda p: open(p, "wb").close(), [("w", np.ones(4, np.float32))], {})
+    write_artifact(str(out), lambda p: open(p, "wb").close(), [("v", np.zeros(2, np.int64))], {})
+    names = [t["name"] for t in json.loads((out / "manifest.json").read_text())["weights"]["tensors"]]
+    assert names == ["v"] and sorted(os.listdir(tmp_path)) == ["art", "precious"]
