@@ -140,7 +140,7 @@ def read_manifest(artifact_dir: str, verify: bool = True) -> dict:
 
 
 def read_weights(artifact_dir: str, manifest: dict) -> list[np.ndarray]:
-    """The weights as read-only arrays mapped from weights.bin, in ``main``'s order."""
+    """The weights mapped copy-on-write from weights.bin (64-byte aligned), in ``main``'s order."""
     spec = manifest["weights"]
     path = os.path.join(artifact_dir, spec["file"])
     size = os.path.getsize(path)
@@ -152,6 +152,6 @@ def read_weights(artifact_dir: str, manifest: dict) -> list[np.ndarray]:
         count = int(np.prod(t["shape"], dtype=np.int64))
         if count * dtype.itemsize != t["nbytes"]:
             raise ArtifactError(f"{MANIFEST}: {t['name']} has inconsistent size")
-        out.append(np.memmap(path, dtype=dtype, mode="r", offset=t["offset"],
+        out.append(np.memmap(path, dtype=dtype, mode="c", offset=t["offset"],
                              shape=tuple(t["shape"])) if count else np.zeros(t["shape"], dtype))
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                         "and print the predictions and their max difference")
     add_model_args(p)
     args = p.parse_args(argv)
+    # torch.export's own pytree deprecation notice, not the user's concern.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     try:
         parse_target(args.target)  # fail before building a large model
         model, arch = model_from_args(args)

@@ -15,7 +15,7 @@ from .validate import check_batch
 class CompiledDLRM:
     """A loaded artifact. ``predict(dense_x, lS_o, lS_i)`` -> click probabilities [B, 1]."""
 
-    def __init__(self, artifact_dir: str, verify: bool = True):
+    def __init__(self, artifact_dir: str, verify: bool = True, mmap: bool = False):
         self.path = os.fspath(artifact_dir)
         self.manifest = read_manifest(self.path, verify=verify)
         self.arch = self.manifest["arch"]
@@ -30,7 +30,9 @@ class CompiledDLRM:
         self.device = tvm.cpu()
         self._vm = VirtualMachine(lib, self.device)
         self._main = self._vm[self.manifest["entry"]]
-        self._weights = [tvm.runtime.tensor(np.ascontiguousarray(w), self.device)
+        # mmap: TVM reads the file's pages in place (fast load, memory shared between
+        # processes, first touches fault pages in); else the weights are copied in at load.
+        self._weights = [tvm.runtime.from_dlpack(w) if mmap else tvm.runtime.tensor(w, self.device)
                          for w in read_weights(self.path, self.manifest)]
 
     @property
@@ -52,6 +54,7 @@ class CompiledDLRM:
         return list(timer(*args, *self._weights).results)
 
 
-def load(artifact_dir: str, verify: bool = True) -> CompiledDLRM:
-    """Load an artifact directory; ``verify`` checks every file's sha256 first."""
-    return CompiledDLRM(artifact_dir, verify=verify)
+def load(artifact_dir: str, verify: bool = True, mmap: bool = False) -> CompiledDLRM:
+    """Load an artifact directory; ``verify`` checks every file's sha256 first, ``mmap`` maps
+    the weights from the file instead of copying them."""
+    return CompiledDLRM(artifact_dir, verify=verify, mmap=mmap)

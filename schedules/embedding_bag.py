@@ -14,11 +14,14 @@ The numpy oracle for this contract is ``dlrmc.schedules.reference.embedding_bag`
 
 from __future__ import annotations
 
+import functools
+
 from tvm.script import tirx as T
 
 MODES = ("sum", "mean", "max")
 
 
+@functools.lru_cache(maxsize=None)
 def embedding_bag_kernel(
     dim: int,
     mode: str = "sum",

@@ -11,6 +11,8 @@ The numpy oracle for this contract is ``dlrmc.schedules.reference.dot_interactio
 
 from __future__ import annotations
 
+import functools
+
 from tvm.script import tirx as T
 
 
@@ -20,6 +22,7 @@ def num_pairs(num_features: int, self_interaction: bool) -> int:
     return f * (f + 1) // 2 if self_interaction else f * (f - 1) // 2
 
 
+@functools.lru_cache(maxsize=None)
 def dot_interaction_kernel(
     num_features: int, dim: int, self_interaction: bool = False, prepend_dense: bool = True
 ):

@@ -136,3 +136,10 @@ def test_manifest_describes_the_artifact(compiled):
     emb = c.model.state_dict()["emb_l.0.weight"].numpy().tobytes()
     assert emb not in (c.path / "model.so").read_bytes()
     assert emb in (c.path / "weights.bin").read_bytes()
+
+
+def test_mmap_load_gives_the_same_predictions(compiled):
+    c = compiled(TINY)
+    batch = make_batch(TINY, 21, np.random.default_rng(4), max_bag=6)
+    mapped = load(str(c.path), mmap=True)
+    np.testing.assert_array_equal(mapped.predict(*batch), c.runtime.predict(*batch))
