@@ -73,3 +73,54 @@ def test_torch_compile_backend_falls_back_with_a_warning():
     with pytest.warns(UserWarning, match="dlrmc: running this graph eagerly.*i0"):
         got = torch.compile(Odd(), backend="dlrmc", dynamic=False)(x)
     torch.testing.assert_close(got, torch.special.i0(x) + 1)
+
+
+class _Bags(torch.nn.Module):
+    """Every embedding-bag variant torch.export can emit, beside a plain matmul."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.nn.Parameter(torch.randn(11, 5, generator=g))
+        self.sum_pad = torch.nn.EmbeddingBag(9, 5, mode="sum", padding_idx=2)
+        self.mean_last = torch.nn.EmbeddingBag(9, 3, mode="mean", include_last_offset=True)
+        self.max_pad = torch.nn.EmbeddingBag(9, 6, mode="max", padding_idx=0)
+        self.weighted = torch.nn.EmbeddingBag(9, 4, mode="sum")
+
+    def forward(self, idx, off, off_last, psw):
+        return torch.cat([self.sum_pad(idx, off), self.mean_last(idx, off_last),
+                          self.max_pad(idx, off), self.weighted(idx, off, per_sample_weights=psw),
+                          torch.nn.functional.embedding_bag(idx, self.w, off, mode="mean")], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_embedding_bag_variants_lower_correctly(dtype):
+    import tvm
+    from tvm import relax
+
+    from dlrmc.compiler.build import build
+
+    model = _Bags().eval()
+    rng = np.random.default_rng(0)
+
+    def batch(b):
+        sizes = rng.integers(0, 6, b)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        idx = torch.from_numpy(rng.integers(0, 9, int(starts[-1]))).to(dtype)
+        idx[::3] = 2  # padding entries
+        return (idx, torch.from_numpy(starts[:-1]).to(dtype), torch.from_numpy(starts).to(dtype),
+                torch.from_numpy(rng.standard_normal(len(idx)).astype(np.float32)))
+
+    b_dim = torch.export.Dim("b", min=1)
+    n_dim = torch.export.Dim("n", min=0)
+    with torch.no_grad():
+        ep = torch.export.export(model, batch(5), dynamic_shapes=(
+            {0: n_dim}, {0: b_dim}, {0: b_dim + 1}, {0: n_dim}))
+    lowered = lower(ep)
+    vm = relax.VirtualMachine(build(lowered, tvm.target.Target({"kind": "llvm"})), tvm.cpu())
+    params = [tvm.runtime.tensor(p) for p in lowered.params]
+    for b in (1, 4, 33):
+        args = batch(b)
+        got = vm["main"](*[tvm.runtime.tensor(a.numpy()) for a in args], *params).numpy()
+        with torch.no_grad():
+            np.testing.assert_allclose(got, model(*args).numpy(), rtol=1e-5, atol=1e-5)
