@@ -12,8 +12,9 @@ Layout (format version 1)::
 - ``format`` ("dlrmc-artifact") and ``format_version`` (checked by the reader);
 - ``dlrmc_version``, ``tvm_version``;
 - ``arch``: the ``dlrmc.frontend.arch.Arch`` fields;
-- ``entry``: the VM function to call ("main"); its arguments are the ``inputs`` in order,
-  then every weight in ``weights.tensors`` order;
+- ``entry``: the VM function to call ("main"); ``transform_params``: the VM function that
+  takes the list of weights in ``weights.tensors`` order and returns what ``entry`` takes
+  after the ``inputs`` (packed dense weights, tables passed through); call it once at load;
 - ``inputs``: ``[{name, dtype, shape}]``, a shape entry being an int or the name of a
   dynamic dim; ``dynamic_dims``: ``{name: [min, max or null]}``; ``output``: likewise;
 - ``target``: ``{"string": what the user gave, "resolved": TVM's full target as JSON}``;

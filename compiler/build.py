@@ -1,8 +1,9 @@
 """From a torch DLRM to an artifact directory: export, lower, build, write.
 
-Each stage is timed and reported through ``log``. The Relax module is built with Relax's
-``zero`` pipeline (legalize, fuse) and TVM's default lowering; our own schedules plug in
-between lowering and build.
+Each stage is timed and reported through ``log``. ``build`` lifts everything that depends
+only on the weights (the dense layers' weight packing) into ``main_transform_params``, which
+the runtime calls once at load; then Relax's ``zero`` pipeline (legalize, fuse) and TVM's
+lowering. Our kernels arrive already scheduled from ``dlrmc.schedules``.
 """
 
 from __future__ import annotations
@@ -37,12 +38,16 @@ def input_spec(arch: Arch) -> tuple[list[dict], dict]:
     return inputs, dims
 
 
+TRANSFORM_PARAMS = "main_transform_params"
+
+
 def build(lowered: Lowered, target: tvm.target.Target) -> relax.VMExecutable:
-    """Compile the lowered module for ``target``."""
+    """Compile the lowered module for ``target``; it gains ``main_transform_params``."""
     if target.kind.name != "llvm":
         raise BuildError(f"dlrmc does not build for target kind {target.kind.name!r} yet; "
                          "use an llvm target")
-    mod = relax.get_pipeline("zero")(lowered.mod)
+    mod = relax.transform.LiftTransformParams()(lowered.mod)
+    mod = relax.get_pipeline("zero")(mod)
     return tvm.compile(mod, target)
 
 
@@ -58,7 +63,7 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
         return result
 
     ep = stage("export", export_model, model, arch)
-    lowered = stage("lower", lower, ep)
+    lowered = stage("lower", lower, ep, tgt)
     del ep
     executable = stage("build", build, lowered, tgt)
     inputs, dims = input_spec(arch)
@@ -70,6 +75,7 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
         "tvm_version": tvm.__version__,
         "arch": arch.to_dict(),
         "entry": "main",
+        "transform_params": TRANSFORM_PARAMS,
         "inputs": inputs,
         "dynamic_dims": dims,
         "output": {"name": "pred", "dtype": "float32", "shape": ["batch", 1]},

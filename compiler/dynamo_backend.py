@@ -17,7 +17,7 @@ import tvm
 from tvm import relax
 
 from ..targets import parse_target
-from .build import build
+from .build import TRANSFORM_PARAMS, build
 from .lower import lower
 
 _CACHE: dict = {}
@@ -39,9 +39,10 @@ class _Compiled:
     def __init__(self, gm: torch.fx.GraphModule, inputs, target: tvm.target.Target):
         with torch.no_grad():
             ep = torch.export.export(gm, tuple(inputs), strict=False)
-        lowered = lower(ep, unwrap_single_output=False)
-        self.params = [tvm.runtime.tensor(p) for p in lowered.params]
+        lowered = lower(ep, target, unwrap_single_output=False)
         self.vm = relax.VirtualMachine(build(lowered, target), tvm.cpu())
+        weights = [tvm.runtime.tensor(p) for p in lowered.params]
+        self.params = list(self.vm[TRANSFORM_PARAMS](weights))
 
     @staticmethod
     def _to_tvm(t: torch.Tensor) -> tvm.runtime.Tensor:

@@ -1,5 +1,9 @@
 """Graph rewrites on the exported (core ATen) FX graph, before it is handed to TVM.
 
+``fuse_linear`` turns ``addmm(b, x, permute(W, [1, 0]))`` (or ``mm``), with a ReLU or Sigmoid
+that alone consumes it, into one ``dlrmc::linear`` node: our dense kernel with the bias and
+activation in its epilogue.
+
 ``fuse_dot_interaction`` finds the reference interaction,
 
     T = view(cat([x, e_1, .., e_n], 1), [B, -1, d]); Z = bmm(T, T^T)
@@ -119,6 +123,44 @@ def fuse_dot_interaction(ep: torch.export.ExportedProgram) -> int:
         with graph.inserting_before(target):
             fused = graph.call_function(torch.ops.dlrmc.dot_interaction.default,
                                         (feats, itself, prepend))
+        fused.meta = dict(target.meta)
+        target.replace_all_uses_with(fused)
+        found += 1
+    if found:
+        graph.eliminate_dead_code()
+        ep.graph_module.recompile()
+    return found
+
+
+_ACTIVATIONS = {aten.relu.default: "relu", aten.sigmoid.default: "sigmoid"}
+
+
+def fuse_linear(ep: torch.export.ExportedProgram) -> int:
+    """Rewrite every 2-D Linear (+ReLU/Sigmoid) in ``ep`` in place; return how many."""
+    graph = ep.graph_module.graph
+    found = 0
+    for mm in list(graph.nodes):
+        if mm.op != "call_function" or mm.target not in (aten.addmm.default, aten.mm.default):
+            continue
+        if mm.target == aten.addmm.default:
+            if mm.kwargs.get("beta", 1) != 1 or mm.kwargs.get("alpha", 1) != 1:
+                continue
+            bias, x, wt = mm.args[:3]
+            if not (isinstance(bias, fx.Node) and "val" in bias.meta and bias.meta["val"].dim() == 1):
+                continue
+        else:
+            bias, (x, wt) = None, mm.args[:2]
+        if not (isinstance(wt, fx.Node) and wt.target == aten.permute.default
+                and list(wt.args[1]) == [1, 0]):
+            continue
+        if x.meta.get("val") is None or x.meta["val"].dim() != 2:
+            continue
+        users = list(mm.users)
+        target, act = mm, "none"
+        if len(users) == 1 and users[0].target in _ACTIVATIONS:
+            target, act = users[0], _ACTIVATIONS[users[0].target]
+        with graph.inserting_before(target):
+            fused = graph.call_function(torch.ops.dlrmc.linear.default, (x, wt.args[0], bias, act))
         fused.meta = dict(target.meta)
         target.replace_all_uses_with(fused)
         found += 1

@@ -8,7 +8,10 @@ TVM's ``from_exported_program`` imports everything except:
 - ``aten.select.int``, which TVM lowers to an unchecked ``take`` that mishandles negative
   indices;
 - the dot interaction, which ``fx_passes.fuse_dot_interaction`` first rewrites into one
-  ``dlrmc::dot_interaction`` node, lowered here to our interaction kernel.
+  ``dlrmc::dot_interaction`` node, lowered here to our interaction kernel;
+- Linear layers, which ``fx_passes.fuse_linear`` rewrites into ``dlrmc::linear`` nodes,
+  lowered to weight packing (lifted to load time by ``build``) and our dense kernel, blocked
+  with the target's knobs.
 
 Parameters stay inputs of ``main`` (after the user inputs) so the weights never enter the
 compiled code; ``lower`` returns them, in order, beside the module.
@@ -24,10 +27,12 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 
+from ..schedules.dense import dense_kernel, pack_kernel
 from ..schedules.embedding_bag import MODES, embedding_bag_kernel
 from ..schedules.interaction import dot_interaction_kernel, num_pairs
+from ..targets.knobs import CpuKnobs, cpu_knobs
 from . import torch_ops  # noqa: F401  (registers torch.ops.dlrmc)
-from .fx_passes import fuse_dot_interaction
+from .fx_passes import fuse_dot_interaction, fuse_linear
 
 
 class LoweringError(ValueError):
@@ -106,12 +111,34 @@ def _convert_select(node, importer) -> relax.Expr:
     return bb.emit(relax.op.squeeze(part, [dim]))
 
 
-CONVERTERS = {
-    "select.int": _convert_select,
-    "_embedding_bag.default": _convert_embedding_bag,
-    "_embedding_bag_forward_only.default": _convert_embedding_bag,
-    "dot_interaction.default": _convert_dot_interaction,
-}
+def _convert_linear(node, importer, knobs: CpuKnobs) -> relax.Expr:
+    x_node, w_node, b_node, act = node.args
+    env, bb = importer.env, importer.block_builder
+    x, w = env[x_node], env[w_node]
+    n, k = _static_dims(w, "the Linear weight", node)
+    batch, k_in = _static_dims(x, "the Linear input", node)
+    if x.ty.dtype != "float32" or w.ty.dtype != "float32":
+        raise LoweringError(f"{node.name}: Linear layers must be float32")
+    n, k = int(n), int(k)
+    nr = knobs.nr if n > knobs.lanes else knobs.lanes
+    nb = -(-n // nr)
+    pack = bb.add_func(pack_kernel(n, k, nr), f"pack_{n}x{k}")
+    packed = bb.emit(relax.call_tir(pack, [w], relax.TensorType((nb, k, nr), "float32")))
+    bias = env[b_node] if b_node is not None else relax.const(np.zeros(n, np.float32))
+    kernel = dense_kernel(n, k, act, knobs.mr, nr, n * k >= knobs.parallel_min_macs)
+    gv = bb.add_func(kernel, f"dense_{n}x{k}_{act}")
+    return bb.emit(relax.call_tir(gv, [x, packed, bias], relax.TensorType((batch, n), "float32")))
+
+
+def converters(knobs: CpuKnobs) -> dict:
+    """The ATen and dlrmc ops we lower ourselves, for one target's knobs."""
+    return {
+        "select.int": _convert_select,
+        "_embedding_bag.default": _convert_embedding_bag,
+        "_embedding_bag_forward_only.default": _convert_embedding_bag,
+        "dot_interaction.default": _convert_dot_interaction,
+        "linear.default": lambda node, importer: _convert_linear(node, importer, knobs),
+    }
 
 
 @dataclass
@@ -124,21 +151,24 @@ class Lowered:
     num_inputs: int
 
 
-def lower(ep: torch.export.ExportedProgram, unwrap_single_output: bool = True) -> Lowered:
+def lower(ep: torch.export.ExportedProgram, target: tvm.target.Target,
+          unwrap_single_output: bool = True) -> Lowered:
     """Decompose, rewrite our patterns, import into Relax and detach the parameters.
 
     ``main`` returns its one output bare when ``unwrap_single_output``, else always a tuple.
     """
     ep = ep.run_decompositions()
     fuse_dot_interaction(ep)
+    fuse_linear(ep)
+    convert_map = converters(cpu_knobs(target))
     unsupported = sorted({n.target.__name__ for n in ep.graph.nodes if n.op == "call_function"
-                          and n.target.__name__ not in CONVERTERS
+                          and n.target.__name__ not in convert_map
                           and not _tvm_supports(n.target.__name__)})
     if unsupported:
         raise LoweringError(f"operators with no Relax lowering: {', '.join(unsupported)}")
     mod = from_exported_program(ep, keep_params_as_input=True,
                                 unwrap_unit_return_tuple=unwrap_single_output,
-                                custom_convert_map=CONVERTERS, run_ep_decomposition=False)
+                                custom_convert_map=convert_map, run_ep_decomposition=False)
     mod, detached = relax.frontend.detach_params(mod)
     main = mod["main"]
     num_inputs = int(main.attrs["num_input"])

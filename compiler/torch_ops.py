@@ -1,8 +1,11 @@
 """Our ops as torch custom ops, so a rewritten FX graph stays a runnable, typed torch graph.
 
-``dlrmc::dot_interaction(features, self_interaction, prepend_dense)``: the contract is in
-``dlrmc.schedules.interaction``. The compiler's graph rewrite inserts it; the Relax lowering
-maps it to our kernel.
+- ``dlrmc::dot_interaction(features, self_interaction, prepend_dense)``: contract in
+  ``dlrmc.schedules.interaction``;
+- ``dlrmc::linear(x, weight, bias, activation)``: act(x @ weight^T + bias), contract in
+  ``dlrmc.schedules.dense``.
+
+The compiler's graph rewrites insert them; the Relax lowering maps them to our kernels.
 """
 
 from __future__ import annotations
@@ -31,3 +34,19 @@ def _(features, self_interaction, prepend_dense):
     pairs = n * (n + 1) // 2 if self_interaction else n * (n - 1) // 2
     width = pairs + (features.shape[2] if prepend_dense else 0)
     return features.new_empty((features.shape[0], width))
+
+
+@torch.library.custom_op("dlrmc::linear", mutates_args=())
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           activation: str) -> torch.Tensor:
+    y = torch.nn.functional.linear(x, weight, bias)
+    if activation == "relu":
+        return torch.relu(y)
+    if activation == "sigmoid":
+        return torch.sigmoid(y)
+    return y.clone()
+
+
+@linear.register_fake
+def _(x, weight, bias, activation):
+    return x.new_empty((x.shape[0], weight.shape[0]))

@@ -32,8 +32,9 @@ class CompiledDLRM:
         self._main = self._vm[self.manifest["entry"]]
         # mmap: TVM reads the file's pages in place (fast load, memory shared between
         # processes, first touches fault pages in); else the weights are copied in at load.
-        self._weights = [tvm.runtime.from_dlpack(w) if mmap else tvm.runtime.tensor(w, self.device)
-                         for w in read_weights(self.path, self.manifest)]
+        weights = [tvm.runtime.from_dlpack(w) if mmap else tvm.runtime.tensor(w, self.device)
+                   for w in read_weights(self.path, self.manifest)]
+        self._weights = list(self._vm[self.manifest["transform_params"]](weights))
 
     @property
     def num_tables(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import tvm
 
 from dlrmc.compiler import dynamo_backend
 from dlrmc.compiler.fx_passes import fuse_dot_interaction
@@ -44,7 +45,7 @@ def test_unsupported_operator_is_named():
 
     ep = torch.export.export(Odd(), (torch.ones(3),))
     with pytest.raises(LoweringError, match="i0.default"):
-        lower(ep)
+        lower(ep, tvm.target.Target({"kind": "llvm"}))
 
 
 def test_torch_compile_backend_matches_eager_and_caches():
@@ -116,9 +117,9 @@ def test_embedding_bag_variants_lower_correctly(dtype):
     with torch.no_grad():
         ep = torch.export.export(model, batch(5), dynamic_shapes=(
             {0: n_dim}, {0: b_dim}, {0: b_dim + 1}, {0: n_dim}))
-    lowered = lower(ep)
+    lowered = lower(ep, tvm.target.Target({"kind": "llvm"}))
     vm = relax.VirtualMachine(build(lowered, tvm.target.Target({"kind": "llvm"})), tvm.cpu())
-    params = [tvm.runtime.tensor(p) for p in lowered.params]
+    params = vm["main_transform_params"]([tvm.runtime.tensor(p) for p in lowered.params])
     for b in (1, 4, 33):
         args = batch(b)
         got = vm["main"](*[tvm.runtime.tensor(a.numpy()) for a in args], *params).numpy()

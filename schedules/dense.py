@@ -1,0 +1,105 @@
+"""Dense layers: y = act(x @ W^T + b) as one register-blocked kernel, and its weight packing.
+
+Contract: ``x`` [M, K] float32 (M symbolic), ``W`` [N, K] (torch's Linear layout), ``b`` [N],
+``act`` "none" | "relu" | "sigmoid"; ``y`` [M, N].
+
+Layout: ``pack_kernel`` turns W into panels ``Wp`` [ceil(N/NR), K, NR] (zero-padded), once,
+at load time: ``main`` only ever sees packed weights (Relax's LiftTransformParams moves the
+packing into the artifact's ``transform_params`` function).
+
+Schedule: an MR x NR micro-tile of y lives in registers while k runs (MR broadcasts of x and
+NR/lanes panel loads feed MR*NR/lanes FMAs); bias and activation are applied before the one
+store. Full row tiles are split over the cores; the M % MR remaining rows run a 1 x NR
+kernel. MR and NR come from ``dlrmc.targets.knobs``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from tvm.script import tirx as T
+
+ACTIVATIONS = ("none", "relu", "sigmoid")
+
+
+def _epilogue(act: str):
+    if act == "relu":
+        return lambda v: T.max(v, T.float32(0))
+    if act == "sigmoid":
+        return lambda v: T.sigmoid(v)
+    return lambda v: v
+
+
+@functools.lru_cache(maxsize=None)
+def pack_kernel(n: int, k: int, nr: int):
+    """W [N, K] -> Wp [ceil(N/NR), K, NR], zero where N is padded."""
+    N, K, NR = int(n), int(k), int(nr)
+    NB = (N + NR - 1) // NR
+
+    @T.prim_func(private=True, s_tir=True)
+    def pack(w: T.handle, p: T.handle):
+        W = T.match_buffer(w, (N, K), "float32")
+        P = T.match_buffer(p, (NB, K, NR), "float32")
+        for nb, kk, j in T.grid(NB, K, NR):
+            with T.sblock("pack"):
+                vb, vk, vj = T.axis.remap("SSS", [nb, kk, j])
+                P[vb, vk, vj] = T.if_then_else(vb * NR + vj < N, W[T.min(vb * NR + vj, N - 1), vk],
+                                               T.float32(0))
+
+    return pack
+
+
+@functools.lru_cache(maxsize=None)
+def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
+                 parallel: bool = True):
+    """The packed dense kernel (x, Wp, b, y) for one layer shape; M symbolic."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"activation {act!r} is not one of {ACTIVATIONS}")
+    N, K, MR, NR = int(n), int(k), int(mr), int(nr)
+    NB = (N + NR - 1) // NR
+    ragged = N % NR != 0
+    epi = _epilogue(act)
+    loop = T.parallel if parallel else T.serial
+
+    @T.prim_func(private=True, s_tir=True)
+    def dense(a: T.handle, w: T.handle, bias: T.handle, c: T.handle):
+        M = T.int64()
+        A = T.match_buffer(a, (M, K), "float32")
+        W = T.match_buffer(w, (NB, K, NR), "float32")
+        Bv = T.match_buffer(bias, (N,), "float32")
+        C = T.match_buffer(c, (M, N), "float32")
+        for tile in loop(M // MR * NB):
+            with T.sblock("tile"):
+                vt = T.axis.spatial(M // MR * NB, tile)
+                T.reads(A[0:M, 0:K], W[0:NB, 0:K, 0:NR], Bv[0:N])
+                T.writes(C[0:M, 0:N])
+                acc = T.sblock_alloc_buffer((MR, NR), "float32")
+                for i in T.unroll(MR):
+                    for j in T.vectorized(NR):
+                        acc[i, j] = T.float32(0)
+                for kk in range(K):
+                    for i in T.unroll(MR):
+                        for j in T.vectorized(NR):
+                            acc[i, j] = acc[i, j] + A[vt // NB * MR + i, kk] * W[vt % NB, kk, j]
+                for i in T.unroll(MR):
+                    for j in T.vectorized(NR):
+                        if (not ragged) or vt % NB * NR + j < N:
+                            C[vt // NB * MR + i, vt % NB * NR + j] = epi(
+                                acc[i, j] + Bv[vt % NB * NR + j])
+        for tile in loop(M % MR * NB):
+            with T.sblock("tail"):
+                vt = T.axis.spatial(M % MR * NB, tile)
+                T.reads(A[0:M, 0:K], W[0:NB, 0:K, 0:NR], Bv[0:N])
+                T.writes(C[0:M, 0:N])
+                row = T.sblock_alloc_buffer((NR,), "float32")
+                for j in T.vectorized(NR):
+                    row[j] = T.float32(0)
+                for kk in range(K):
+                    for j in T.vectorized(NR):
+                        row[j] = row[j] + A[M // MR * MR + vt // NB, kk] * W[vt % NB, kk, j]
+                for j in T.vectorized(NR):
+                    if (not ragged) or vt % NB * NR + j < N:
+                        C[M // MR * MR + vt // NB, vt % NB * NR + j] = epi(
+                            row[j] + Bv[vt % NB * NR + j])
+
+    return dense

@@ -1,0 +1,38 @@
+"""Per-target knobs our schedules read: data, not code (one kernel, many targets).
+
+The vector width comes from the target's CPU features as LLVM resolves them (``-mcpu`` plus
+``-mattr``), not from the machine we compile on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm.target import Target, codegen
+
+
+@dataclass(frozen=True)
+class CpuKnobs:
+    """Register-blocking parameters for one CPU target."""
+
+    lanes: int           # float32 lanes of one vector register
+    mr: int              # rows of a GEMM micro-tile
+    nr: int              # columns of a GEMM micro-tile (a multiple of ``lanes``)
+    parallel_min_macs: int = 1 << 16   # below this a layer runs on one thread
+
+    @property
+    def name(self) -> str:
+        return {16: "avx512", 8: "avx2"}.get(self.lanes, "neon" if self.nr == 4 * self.lanes
+                                              else "sse")
+
+
+def cpu_knobs(target: Target) -> CpuKnobs:
+    """Knobs for an llvm target: AVX-512 (32 zmm), AVX2 (16 ymm), NEON (32 q), else SSE."""
+    feats = set(codegen.llvm_get_cpu_features(target))
+    if "avx512f" in feats:
+        return CpuKnobs(lanes=16, mr=6, nr=32)    # 12 accumulators + 2 panel + 1 broadcast
+    if "avx2" in feats or "avx" in feats:
+        return CpuKnobs(lanes=8, mr=6, nr=16)     # 12 + 2 + 1 of 16 ymm
+    if "neon" in feats:
+        return CpuKnobs(lanes=4, mr=6, nr=16)     # 24 + 4 + 1 of 32 q registers
+    return CpuKnobs(lanes=4, mr=4, nr=8)          # 8 + 2 + 1 of 16 xmm
