@@ -16,6 +16,7 @@ import torch
 import tvm
 from tvm import relax
 
+from ..runtime import set_threads
 from ..targets import parse_target
 from .build import TRANSFORM_PARAMS, build
 from .lower import lower
@@ -40,6 +41,7 @@ class _Compiled:
         with torch.no_grad():
             ep = torch.export.export(gm, tuple(inputs), strict=False)
         lowered = lower(ep, target, unwrap_single_output=False)
+        set_threads()
         self.vm = relax.VirtualMachine(build(lowered, target), tvm.cpu())
         weights = [tvm.runtime.tensor(p) for p in lowered.params]
         self.params = list(self.vm[TRANSFORM_PARAMS](weights))

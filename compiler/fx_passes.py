@@ -80,15 +80,20 @@ def _triangle(li: torch.Tensor, lj: torch.Tensor, n: int) -> bool | None:
     return None
 
 
-def _first_of_concat(node) -> fx.Node | None:
-    """x, when ``node`` is view(cat([x, ...], 1), [B, -1, d])."""
+def _concatenated(node, width: int) -> list | None:
+    """[x, e_1, ..], when ``node`` is view(cat([x, e_1, ..], 1), [B, -1, d]) of [B, d] parts."""
     if not (isinstance(node, fx.Node) and node.target in (aten.view.default, aten.reshape.default)):
         return None
     cat = node.args[0]
     if not (isinstance(cat, fx.Node) and cat.target == aten.cat.default):
         return None
     dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
-    return cat.args[0][0] if dim in (1, -1) else None
+    parts = list(cat.args[0])
+    shapes = [p.meta["val"].shape if isinstance(p, fx.Node) and "val" in p.meta else None
+              for p in parts]
+    if dim not in (1, -1) or any(s is None or len(s) != 2 or s[1] != width for s in shapes):
+        return None
+    return parts
 
 
 def fuse_dot_interaction(ep: torch.export.ExportedProgram) -> int:
@@ -114,15 +119,16 @@ def fuse_dot_interaction(ep: torch.export.ExportedProgram) -> int:
             continue
         target, prepend = index, False
         users = list(index.users)
-        x = _first_of_concat(feats)
-        if len(users) == 1 and users[0].target == aten.cat.default and x is not None:
+        parts = _concatenated(feats, shape[2])
+        if len(users) == 1 and users[0].target == aten.cat.default and parts is not None:
             cat = users[0]
             dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
-            if list(cat.args[0]) == [x, index] and dim in (1, -1):
+            if list(cat.args[0]) == [parts[0], index] and dim in (1, -1):
                 target, prepend = cat, True
         with graph.inserting_before(target):
+            # The parts themselves when we can see them: the kernel reads them in place.
             fused = graph.call_function(torch.ops.dlrmc.dot_interaction.default,
-                                        (feats, itself, prepend))
+                                        (parts or [feats], itself, prepend))
         fused.meta = dict(target.meta)
         target.replace_all_uses_with(fused)
         found += 1

@@ -29,7 +29,7 @@ from tvm.relax.frontend.torch import from_exported_program
 
 from ..schedules.dense import dense_kernel, pack_kernel
 from ..schedules.embedding_bag import MODES, embedding_bag_kernel
-from ..schedules.interaction import dot_interaction_kernel, num_pairs
+from ..schedules.interaction import dot_interaction_kernel, output_width
 from ..targets.knobs import CpuKnobs, cpu_knobs
 from . import torch_ops  # noqa: F401  (registers torch.ops.dlrmc)
 from .fx_passes import fuse_dot_interaction, fuse_linear
@@ -84,17 +84,21 @@ def _convert_embedding_bag(node, importer) -> relax.Expr:
     return bb.emit(relax.Tuple([out]))
 
 
-def _convert_dot_interaction(node, importer) -> relax.Expr:
+def _convert_dot_interaction(node, importer, knobs: CpuKnobs) -> relax.Expr:
     features, itself, prepend = node.args
     bb = importer.block_builder
-    t = importer.env[features]
-    batch, num, dim = _static_dims(t, "the interaction input", node)
-    if not (isinstance(num, tvm.tirx.IntImm) and isinstance(dim, tvm.tirx.IntImm)):
+    inputs = [importer.env[f] for f in features]
+    shapes = [_static_dims(t, "an interaction input", node) for t in inputs]
+    stacked = len(shapes[0]) == 3
+    num, dim = (shapes[0][1], shapes[0][2]) if stacked else (len(inputs), shapes[0][1])
+    if not (isinstance(dim, tvm.tirx.IntImm) and (not stacked or isinstance(num, tvm.tirx.IntImm))):
         raise LoweringError(f"{node.name}: the interaction needs static feature count and width")
-    kernel = dot_interaction_kernel(int(num), int(dim), bool(itself), bool(prepend))
+    num, dim = int(num), int(dim)
+    kernel = dot_interaction_kernel(num, dim, bool(itself), bool(prepend), knobs.lanes, stacked)
     gv = bb.add_func(kernel, "dot_interaction")
-    width = num_pairs(int(num), bool(itself)) + (int(dim) if prepend else 0)
-    return bb.emit(relax.call_tir(gv, [t], relax.TensorType((batch, width), "float32")))
+    width = output_width(num, dim, bool(itself), bool(prepend))
+    out_ty = relax.TensorType((shapes[0][0], width), "float32")
+    return bb.emit(relax.call_tir(gv, inputs, out_ty))
 
 
 def _convert_select(node, importer) -> relax.Expr:
@@ -136,7 +140,7 @@ def converters(knobs: CpuKnobs) -> dict:
         "select.int": _convert_select,
         "_embedding_bag.default": _convert_embedding_bag,
         "_embedding_bag_forward_only.default": _convert_embedding_bag,
-        "dot_interaction.default": _convert_dot_interaction,
+        "dot_interaction.default": lambda node, imp: _convert_dot_interaction(node, imp, knobs),
         "linear.default": lambda node, importer: _convert_linear(node, importer, knobs),
     }
 

@@ -1,6 +1,6 @@
 """Our ops as torch custom ops, so a rewritten FX graph stays a runnable, typed torch graph.
 
-- ``dlrmc::dot_interaction(features, self_interaction, prepend_dense)``: contract in
+- ``dlrmc::dot_interaction(features[], self_interaction, prepend_dense)``: contract in
   ``dlrmc.schedules.interaction``;
 - ``dlrmc::linear(x, weight, bias, activation)``: act(x @ weight^T + bias), contract in
   ``dlrmc.schedules.dense``.
@@ -20,20 +20,27 @@ def _pairs(n: int, itself: bool):
     return li, lj
 
 
+def _stack(features: list[torch.Tensor]) -> torch.Tensor:
+    return features[0] if len(features) == 1 and features[0].dim() == 3 else torch.stack(features, 1)
+
+
 @torch.library.custom_op("dlrmc::dot_interaction", mutates_args=())
-def dot_interaction(features: torch.Tensor, self_interaction: bool, prepend_dense: bool) -> torch.Tensor:
-    z = torch.bmm(features, features.transpose(1, 2))
-    li, lj = _pairs(features.shape[1], self_interaction)
+def dot_interaction(features: list[torch.Tensor], self_interaction: bool,
+                    prepend_dense: bool) -> torch.Tensor:
+    """``features``: F tensors [B, D], or one [B, F, D]."""
+    t = _stack(features)
+    z = torch.bmm(t, t.transpose(1, 2))
+    li, lj = _pairs(t.shape[1], self_interaction)
     flat = z[:, li, lj]
-    return torch.cat([features[:, 0, :], flat], dim=1) if prepend_dense else flat.contiguous()
+    return torch.cat([t[:, 0, :], flat], dim=1) if prepend_dense else flat.contiguous()
 
 
 @dot_interaction.register_fake
 def _(features, self_interaction, prepend_dense):
-    n = features.shape[1]
+    t = features[0]
+    n, d = (t.shape[1], t.shape[2]) if t.dim() == 3 else (len(features), t.shape[1])
     pairs = n * (n + 1) // 2 if self_interaction else n * (n - 1) // 2
-    width = pairs + (features.shape[2] if prepend_dense else 0)
-    return features.new_empty((features.shape[0], width))
+    return t.new_empty((t.shape[0], pairs + (d if prepend_dense else 0)))
 
 
 @torch.library.custom_op("dlrmc::linear", mutates_args=())

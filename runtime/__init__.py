@@ -6,7 +6,7 @@
 
 Set ``TVM_USE_RUNTIME_LIB=1`` before importing to load only libtvm_runtime.
 """
-from .model import CompiledDLRM, load
+from .model import CompiledDLRM, load, set_threads
 from .validate import InputError
 
-__all__ = ["CompiledDLRM", "InputError", "load"]
+__all__ = ["CompiledDLRM", "InputError", "load", "set_threads"]

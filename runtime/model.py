@@ -12,11 +12,25 @@ from ..artifact import LIBRARY, ArtifactError, read_manifest, read_weights
 from .validate import check_batch
 
 
+def set_threads(threads: int | None = None) -> int:
+    """Use ``threads`` worker threads for TVM's parallel loops (default: TVM_NUM_THREADS, else
+    every CPU this process may run on). TVM's own default ignores half the cores on x86,
+    assuming they are hyper-threads."""
+    if threads is None:
+        env = os.environ.get("TVM_NUM_THREADS")
+        threads = int(env) if env else len(os.sched_getaffinity(0))
+    cpus = sorted(os.sched_getaffinity(0))
+    tvm.get_global_func("runtime.config_threadpool")(-3, int(threads), [str(c) for c in cpus])
+    return tvm.runtime.num_threads()
+
+
 class CompiledDLRM:
     """A loaded artifact. ``predict(dense_x, lS_o, lS_i)`` -> click probabilities [B, 1]."""
 
-    def __init__(self, artifact_dir: str, verify: bool = True, mmap: bool = False):
+    def __init__(self, artifact_dir: str, verify: bool = True, mmap: bool = False,
+                 threads: int | None = None):
         self.path = os.fspath(artifact_dir)
+        self.threads = set_threads(threads)
         self.manifest = read_manifest(self.path, verify=verify)
         self.arch = self.manifest["arch"]
         kind = self.manifest["target"]["resolved"].get("kind")
@@ -55,7 +69,9 @@ class CompiledDLRM:
         return list(timer(*args, *self._weights).results)
 
 
-def load(artifact_dir: str, verify: bool = True, mmap: bool = False) -> CompiledDLRM:
+def load(artifact_dir: str, verify: bool = True, mmap: bool = False,
+         threads: int | None = None) -> CompiledDLRM:
     """Load an artifact directory; ``verify`` checks every file's sha256 first, ``mmap`` maps
-    the weights from the file instead of copying them."""
-    return CompiledDLRM(artifact_dir, verify=verify, mmap=mmap)
+    the weights from the file instead of copying them, ``threads`` sets TVM's worker threads
+    (see ``set_threads``)."""
+    return CompiledDLRM(artifact_dir, verify=verify, mmap=mmap, threads=threads)

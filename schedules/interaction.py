@@ -1,19 +1,30 @@
 """The fused dot interaction: DLRM's T.T^T, its lower triangle, and the concat with x.
 
-Contract: ``features`` [B, F, D] float32 holds T = [x, e_1, .., e_{F-1}] per sample.
+Contract: T = [x, e_1, .., e_{F-1}] per sample, given either as F tensors [B, D] (what the
+model concatenates; reading them in place saves the concat) or as one [B, F, D] tensor.
 The output lists the dot products of the pairs (i, j) with j < i (j <= i with
 ``self_interaction``) in row-major order: (1,0), (2,0), (2,1), ... When ``prepend_dense``
-is set the row starts with x = features[:, 0, :], so it is the reference's
-``R = cat([x, Zflat])`` and has D + P columns; otherwise P.
+is set the row starts with x = T[:, 0, :], so it is the reference's ``R = cat([x, Zflat])``
+and has D + P columns; otherwise P.
 
-The numpy oracle for this contract is ``dlrmc.schedules.reference.dot_interaction``.
+Schedule: samples are split over the cores in chunks (one thread below a batch of
+``PARALLEL_MIN_BATCH``). Per sample, T is transposed into a [D, F'] scratch (F' = F rounded up
+to the vector width), so row i of T.T^T is D vector FMAs over F' lanes; only its first i
+(i+1) entries are stored, straight into the output row: no Gram matrix, no concat.
+
+The kernel has one buffer per feature, so it is built with TVM's IR builder rather than
+TVMScript. The numpy oracle is ``dlrmc.schedules.reference.dot_interaction``.
 """
 
 from __future__ import annotations
 
 import functools
 
-from tvm.script import tirx as T
+from tvm.script.ir_builder import IRBuilder
+from tvm.tirx.script.builder import ir as T
+
+CHUNK = 16          # samples per work item
+PARALLEL_MIN_BATCH = 64
 
 
 def num_pairs(num_features: int, self_interaction: bool) -> int:
@@ -22,33 +33,66 @@ def num_pairs(num_features: int, self_interaction: bool) -> int:
     return f * (f + 1) // 2 if self_interaction else f * (f - 1) // 2
 
 
+def output_width(num_features: int, dim: int, self_interaction: bool, prepend_dense: bool) -> int:
+    return num_pairs(num_features, self_interaction) + (dim if prepend_dense else 0)
+
+
 @functools.lru_cache(maxsize=None)
-def dot_interaction_kernel(
-    num_features: int, dim: int, self_interaction: bool = False, prepend_dense: bool = True
-):
-    """Return a schedulable TIR PrimFunc (features, out) for one interaction shape; B symbolic."""
+def dot_interaction_kernel(num_features: int, dim: int, self_interaction: bool = False,
+                           prepend_dense: bool = True, lanes: int = 16, stacked: bool = False):
+    """A TIR PrimFunc (f_0, .., f_{F-1}, out), or (features [B, F, D], out) when ``stacked``."""
     F, D = int(num_features), int(dim)
+    FP = -(-F // lanes) * lanes
     extra = 1 if self_interaction else 0
     lead = D if prepend_dense else 0
-    width = lead + num_pairs(F, self_interaction)
+    width = output_width(F, D, self_interaction, prepend_dense)
+    with IRBuilder() as ib:
+        with T.prim_func(private=True, s_tir=True):
+            T.func_name("dot_interaction")
+            handles = [T.arg(f"f{k}", T.handle()) for k in range(1 if stacked else F)]
+            result = T.arg("out", T.handle())
+            B = T.int64()
+            if stacked:
+                (buf,) = [T.match_buffer(handles[0], (B, F, D), "float32")]
+                inputs = [buf]
+                feature = lambda k, row, d: buf[row, k, d]  # noqa: E731
+            else:
+                inputs = [T.match_buffer(h, (B, D), "float32") for h in handles]
+                feature = lambda k, row, d: inputs[k][row, d]  # noqa: E731
+            out = T.match_buffer(result, (B, width), "float32")
+            chunks = (B + CHUNK - 1) // CHUNK
 
-    @T.prim_func(private=True, s_tir=True)
-    def kernel(t: T.handle, r: T.handle):
-        B = T.int64()
-        feat = T.match_buffer(t, (B, F, D), "float32")
-        out = T.match_buffer(r, (B, width), "float32")
-        for b in range(B):
-            with T.sblock("interaction"):
-                vb = T.axis.spatial(B, b)
-                T.reads(feat[vb, 0:F, 0:D])
-                T.writes(out[vb, 0:width])
-                for d in range(lead):
-                    out[vb, d] = feat[vb, 0, d]
-                for i in range(F):
-                    for j in range(i + extra):
-                        col = lead + i * (i - 1 + 2 * extra) // 2 + j
-                        out[vb, col] = T.float32(0)
-                        for d in range(D):
-                            out[vb, col] = out[vb, col] + feat[vb, i, d] * feat[vb, j, d]
+            def samples(loop, name):
+                with loop(chunks) as c:
+                    with T.sblock(name):
+                        vc = T.axis.spatial(chunks, c)
+                        T.reads(*[b[tuple(slice(0, s) for s in b.shape)] for b in inputs])
+                        T.writes(out[0:B, 0:width])
+                        tt = T.sblock_alloc_buffer((D, FP), "float32", scope="global")
+                        acc = T.sblock_alloc_buffer((FP,), "float32", scope="global")
+                        with T.grid(FP - F, D) as (f, d):
+                            T.buffer_store(tt, T.float32(0), [d, F + f])
+                        with T.serial(T.min(CHUNK, B - vc * CHUNK)) as s:
+                            row = vc * CHUNK + s
+                            for k in range(F):
+                                with T.serial(D) as d:
+                                    T.buffer_store(tt, feature(k, row, d), [d, k])
+                            if prepend_dense:
+                                with T.vectorized(D) as d:
+                                    T.buffer_store(out, feature(0, row, d), [row, d])
+                            with T.serial(1 - extra, F) as i:
+                                with T.vectorized(FP) as j:
+                                    T.buffer_store(acc, T.float32(0), [j])
+                                with T.serial(D) as d:
+                                    with T.vectorized(FP) as j:
+                                        T.buffer_store(acc, acc[j] + tt[d, i] * tt[d, j], [j])
+                                with T.serial(i + extra) as j:
+                                    T.buffer_store(out, acc[j],
+                                                   [row, lead + i * (i - 1 + 2 * extra) // 2 + j])
 
-    return kernel
+            with T.If(B >= PARALLEL_MIN_BATCH):
+                with T.Then():
+                    samples(T.parallel, "chunk")
+                with T.Else():
+                    samples(T.serial, "chunk_serial")
+    return ib.get()

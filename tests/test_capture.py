@@ -26,6 +26,7 @@ def test_interaction_pattern_becomes_one_op(itself):
     assert torch.ops.aten.bmm.default not in targets and torch.ops.aten.index.Tensor not in targets
     fused = next(n for n in ep.graph.nodes if n.target == torch.ops.dlrmc.dot_interaction.default)
     assert fused.args[1:] == (itself, True)     # absorbed cat([x, Zflat])
+    assert len(fused.args[0]) == 4              # reads x, e_1..e_3 in place: no concat
     # The rewritten graph still computes the model.
     d, o, i = example_inputs(arch, 6, seed=1)
     with torch.no_grad():

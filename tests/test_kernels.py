@@ -81,7 +81,7 @@ def test_embedding_bag_oracle_matches_pytorch(case):
 @pytest.mark.parametrize("prepend", [False, True])
 def test_dot_interaction_kernel_and_oracle(features, dim, itself, prepend):
     rng = np.random.default_rng(features * 100 + dim)
-    batch = 7
+    batch = 70 if dim % 2 else 7           # both the parallel and the serial path
     t = rng.standard_normal((batch, features, dim)).astype(np.float32)
     expected = ref.dot_interaction(t, itself, prepend)
     assert expected.shape == (batch, num_pairs(features, itself) + (dim if prepend else 0))
@@ -95,9 +95,12 @@ def test_dot_interaction_kernel_and_oracle(features, dim, itself, prepend):
     if prepend:
         want = torch.cat([tt[:, 0, :], want], dim=1)
     np.testing.assert_allclose(expected, want.numpy(), rtol=1e-5, atol=1e-5)
-    out = tvm.runtime.tensor(np.zeros(expected.shape, np.float32))
-    _build(dot_interaction_kernel, features, dim, itself, prepend)(tvm.runtime.tensor(t), out)
-    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
+    for stacked in (False, True):
+        out = tvm.runtime.tensor(np.full(expected.shape, np.nan, np.float32))
+        inputs = [t] if stacked else [np.ascontiguousarray(t[:, k]) for k in range(features)]
+        fn = _build(dot_interaction_kernel, features, dim, itself, prepend, 16, stacked)
+        fn(*[tvm.runtime.tensor(a) for a in inputs], out)
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_rejects_bad_configuration():
@@ -105,3 +108,18 @@ def test_kernel_rejects_bad_configuration():
         embedding_bag_kernel(4, "median")
     with pytest.raises(ValueError, match="per_sample_weights"):
         embedding_bag_kernel(4, "max", weighted=True)
+
+
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False),
+                                           ("max", False)])
+def test_embedding_bag_kernel_parallel_path(mode, weighted):
+    # 300 bags takes the multi-threaded path (PARALLEL_MIN_BATCH); the cases above the serial one.
+    case = dict(mode=mode, weighted=weighted, dim=19, rows=50, pad=2, last=False,
+                dtype="int64", seed=3, sizes=list(np.random.default_rng(0).integers(0, 9, 300)))
+    weight, indices, offsets, psw = _bag_inputs(case)
+    fn = _build(embedding_bag_kernel, 19, mode, weighted, "int64", False, 2)
+    out = tvm.runtime.tensor(np.full((300, 19), np.nan, np.float32))
+    args = [weight, indices, offsets] + ([psw] if psw is not None else [])
+    fn(*[tvm.runtime.tensor(a) for a in args], out)
+    np.testing.assert_allclose(out.numpy(), ref.embedding_bag(weight, indices, offsets, mode, psw,
+                                                              False, 2), rtol=1e-5, atol=1e-5)
