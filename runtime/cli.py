@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError("--random needs a batch size >= 1")
             batch = random_batch(model.arch, args.random, args.bag_size, args.seed)
         preds = model.predict(*batch)
-        times = model.time_per_batch(*batch, number=1, repeat=max(1, args.repeat))
+        times = model.time_per_batch(*batch, repeat=max(1, args.repeat))
     except (ArtifactError, InputError, ValueError, OSError) as e:
         print(f"dlrm-run: error: {e}", file=sys.stderr)
         return 2

@@ -57,3 +57,15 @@ def dot_interaction(
     li, lj = interaction_pairs(features.shape[1], self_interaction)
     flat = z[:, li, lj].astype(np.float32)
     return np.concatenate([features[:, 0, :], flat], axis=1) if prepend_dense else flat
+
+
+def dense(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, act: str = "none") -> np.ndarray:
+    """act(x @ weight^T + bias); see ``dlrmc.schedules.dense``."""
+    y = x.astype(np.float64) @ weight.astype(np.float64).T
+    if bias is not None:
+        y = y + bias
+    if act == "relu":
+        y = np.maximum(y, 0)
+    elif act == "sigmoid":
+        y = 1 / (1 + np.exp(-y))
+    return y.astype(np.float32)

@@ -53,7 +53,7 @@ def main() -> None:
                           [torch.from_numpy(i) for i in indices])
             with torch.no_grad():
                 eager = _median_us(lambda: model(td, to, ti), args.repeat)
-            ours = float(np.median(compiled.time_per_batch(dense, offsets, indices, number=1,
+            ours = float(np.median(compiled.time_per_batch(dense, offsets, indices,
                                                            repeat=args.repeat))) * 1e6
             rows.append((b, eager, ours))
             print(f"B={b}: PyTorch eager {eager:,.0f} us, dlrmc {ours:,.0f} us", flush=True)

@@ -126,3 +126,51 @@ def test_embedding_bag_variants_lower_correctly(dtype):
         got = vm["main"](*[tvm.runtime.tensor(a.numpy()) for a in args], *params).numpy()
         with torch.no_grad():
             np.testing.assert_allclose(got, model(*args).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_every_linear_layer_becomes_one_fused_op():
+    from dlrmc.compiler.fx_passes import fuse_linear
+
+    arch = Arch(4, (10, 20), (5, 8, 6, 4), (7, 3, 1))
+    model = DLRM(arch).eval()
+    ep = export_model(model, arch).run_decompositions()
+    assert fuse_linear(ep) == 6
+    fused = [n for n in ep.graph.nodes if n.target == torch.ops.dlrmc.linear.default]
+    assert [n.args[3] for n in fused] == ["relu"] * 5 + ["sigmoid"]
+    targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
+    assert not targets & {torch.ops.aten.addmm.default, torch.ops.aten.relu.default,
+                          torch.ops.aten.sigmoid.default}
+    d, o, i = example_inputs(arch, 5, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(d, o, i), model(d, o, i))
+
+
+def test_linear_without_bias_and_without_activation():
+    import tvm
+    from tvm import relax
+
+    from dlrmc.compiler.build import build
+
+    class Mlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(7, 19, bias=False)
+            self.b = torch.nn.Linear(19, 3)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    model = Mlp().eval()
+    with torch.no_grad():
+        ep = torch.export.export(model, (torch.randn(4, 7),),
+                                 dynamic_shapes=({0: torch.export.Dim("b", min=1)},))
+    lowered = lower(ep, tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
+    assert "dense_19x7_none" in [gv.name_hint for gv in lowered.mod.get_global_vars()]
+    vm = relax.VirtualMachine(build(lowered, tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})),
+                              tvm.cpu())
+    params = vm["main_transform_params"]([tvm.runtime.tensor(p) for p in lowered.params])
+    for b in (1, 6, 13):
+        x = torch.randn(b, 7)
+        with torch.no_grad():
+            np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x.numpy()), *params).numpy(),
+                                       model(x).numpy(), rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ import tvm
 from hypothesis import given, settings, strategies as st
 
 from dlrmc.schedules import reference as ref
+from dlrmc.schedules.dense import dense_kernel, pack_kernel
 from dlrmc.schedules.embedding_bag import embedding_bag_kernel
 from dlrmc.schedules.interaction import dot_interaction_kernel, num_pairs
 
@@ -123,3 +124,46 @@ def test_embedding_bag_kernel_parallel_path(mode, weighted):
     fn(*[tvm.runtime.tensor(a) for a in args], out)
     np.testing.assert_allclose(out.numpy(), ref.embedding_bag(weight, indices, offsets, mode, psw,
                                                               False, 2), rtol=1e-5, atol=1e-5)
+
+
+def _pack(weight: np.ndarray, nr: int) -> np.ndarray:
+    n, k = weight.shape
+    padded = np.zeros((-(-n // nr) * nr, k), np.float32)
+    padded[:n] = weight
+    return np.ascontiguousarray(padded.reshape(-1, nr, k).transpose(0, 2, 1))
+
+
+@pytest.mark.parametrize("mr,nr", [(6, 32), (6, 16), (4, 8)])      # AVX-512, AVX2/NEON, SSE
+@pytest.mark.parametrize("n,k", [(1, 7), (16, 13), (33, 64), (64, 5), (100, 1)])
+@pytest.mark.parametrize("act", ["none", "relu", "sigmoid"])
+def test_dense_kernel_and_packing(mr, nr, n, k, act):
+    rng = np.random.default_rng(n * 1000 + k)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    pack = _build(pack_kernel, n, k, nr)
+    packed = tvm.runtime.tensor(np.full((-(-n // nr), k, nr), np.nan, np.float32))
+    pack(tvm.runtime.tensor(w), packed)
+    np.testing.assert_array_equal(packed.numpy(), _pack(w, nr))
+    for parallel in (False, True):
+        fn = _build(dense_kernel, n, k, act, mr, nr, parallel)
+        for m in (1, mr - 1, mr, 2 * mr + 1, 64):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+            fn(tvm.runtime.tensor(x), packed, tvm.runtime.tensor(b), y)
+            np.testing.assert_allclose(y.numpy(), ref.dense(x, w, b, act), rtol=1e-4, atol=1e-4,
+                                       err_msg=f"M={m} parallel={parallel}")
+
+
+def test_dense_oracle_matches_pytorch():
+    rng = np.random.default_rng(0)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((9, 5), (3, 5), (3,)))
+    lin = torch.nn.Linear(5, 3)
+    lin.weight.data, lin.bias.data = torch.from_numpy(w), torch.from_numpy(b)
+    with torch.no_grad():
+        y = lin(torch.from_numpy(x))
+        np.testing.assert_allclose(ref.dense(x, w, b, "relu"), torch.relu(y).numpy(), rtol=1e-5,
+                                   atol=1e-6)
+        np.testing.assert_allclose(ref.dense(x, w, b, "sigmoid"), torch.sigmoid(y).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="activation"):
+        dense_kernel(3, 5, "gelu")

@@ -52,3 +52,17 @@ def test_host_default_names_this_cpu():
 def test_invalid_targets_are_named(text, message):
     with pytest.raises(TargetError, match=message):
         parse_target(text)
+
+
+@pytest.mark.parametrize("text,lanes,mr,nr", [
+    ("llvm -mcpu=skylake-avx512", 16, 6, 32),
+    ("llvm -mcpu=haswell", 8, 6, 16),
+    ("llvm -mcpu=skylake-avx512 -mattr=-avx512f", 8, 6, 16),
+    ("llvm -mtriple=aarch64-linux-gnu -mcpu=neoverse-n1 -mattr=+neon", 4, 6, 16),
+    ("llvm", 4, 4, 8),
+])
+def test_knobs_follow_the_target_not_the_host(text, lanes, mr, nr):
+    from dlrmc.targets.knobs import cpu_knobs
+
+    k = cpu_knobs(parse_target(text))
+    assert (k.lanes, k.mr, k.nr) == (lanes, mr, nr)

@@ -1,0 +1,1 @@
+"""Benchmarks: our artifact against the systems a user would otherwise pick (``dlrm-bench``)."""

@@ -1,0 +1,149 @@
+"""``dlrm-bench``: our artifact beside PyTorch eager, torch.compile, AOTInductor and ONNX Runtime.
+
+Everything runs in one process, one system at a time per batch size, on the same batch:
+median and p99 time per batch, samples/s, each peer's time over ours, and a lower bound
+(the MLP's FLOPs at a measured GEMM rate plus the gathered bytes at a measured random-gather
+rate). Output: a terminal table, and optionally JSON and Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from ..compiler.build import compile_model
+from ..frontend.source import add_model_args, model_from_args
+from ..runtime import load, set_threads
+from ..runtime.batch import random_batch
+from .peers import PEERS, PeerUnavailable, build_peer, gather_rate, gemm_rate
+
+
+def _time(fn, warmup: int, repeat: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def mlp_flops(arch) -> int:
+    """Multiply-adds x 2 of both MLPs for one sample."""
+    return 2 * sum(a * b for widths in (arch.mlp_bot, arch.ln_top)
+                   for a, b in zip(widths[:-1], widths[1:]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dlrm-bench", description=__doc__)
+    add_model_args(p)
+    p.add_argument("--target", default="host")
+    p.add_argument("--artifact", help="benchmark this artifact (compiled from the same model "
+                                      "flags and seed) instead of compiling one")
+    p.add_argument("--batches", default="1,64,512,2048")
+    p.add_argument("--bag-size", type=int, default=1, help="indices per bag (default 1)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=30)
+    p.add_argument("--peers", default="eager,compile,aoti,ort",
+                   help=f"comma-separated subset of {','.join(PEERS)}, or none")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--markdown", help="write the Markdown table here")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
+    model, arch = model_from_args(args)
+    tmp = None
+    if args.artifact:
+        artifact = args.artifact
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="dlrmc-bench-")
+        artifact = f"{tmp.name}/model"
+        compile_model(model, arch, args.target, artifact)
+    ours = load(artifact, threads=args.threads)
+    systems: dict[str, object] = {}
+    for name in [n for n in args.peers.split(",") if n and n != "none"]:
+        t0 = time.perf_counter()
+        try:
+            systems[name] = build_peer(name, model, arch, args.bag_size, args.threads)
+            print(f"prepared {PEERS[name]} in {time.perf_counter() - t0:.1f} s", flush=True)
+        except Exception as e:  # noqa: BLE001 - a peer that fails to build is reported, not fatal
+            reason = str(e) if isinstance(e, PeerUnavailable) else f"{type(e).__name__}: {e}"
+            systems[name] = reason.splitlines()[0][:300]
+            print(f"skipping {PEERS[name]}: {systems[name]}", flush=True)
+    rate_flops, rate_bytes = gemm_rate(args.threads), gather_rate(dim=arch.sparse_feature_size)
+    print(f"measured: GEMM {rate_flops / 1e9:.0f} GFLOP/s (torch.mm 1024^3), random gather "
+          f"{rate_bytes / 1e9:.2f} GB/s", flush=True)
+    results = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        dense, offsets, indices = random_batch(ours.arch, batch, args.bag_size, seed=batch)
+        tb = (torch.from_numpy(dense), torch.from_numpy(offsets),
+              [torch.from_numpy(i) for i in indices])
+        row = {"batch": batch, "systems": {}}
+        with torch.no_grad():
+            expected = model(*tb).numpy()
+            run = ours.bind(dense, offsets, indices)
+            diff = float(np.abs(run().numpy() - expected).max())
+            for name, fn in [("dlrmc", run)] + list(systems.items()):
+                if isinstance(fn, str):
+                    row["systems"][name] = {"unavailable": fn}
+                    continue
+                time.sleep(0.2)  # let the other runtime's spinning threads go to sleep
+                call = fn if name == "dlrmc" else (lambda f=fn: f(*tb))
+                t = np.array(_time(call, 3, args.repeat))
+                row["systems"][name] = {"median_us": float(np.median(t) * 1e6),
+                                        "p99_us": float(np.percentile(t, 99) * 1e6),
+                                        "samples_per_s": float(batch / np.median(t))}
+        bound = (mlp_flops(arch) * batch / rate_flops
+                 + batch * arch.num_tables * args.bag_size * arch.sparse_feature_size * 4 / rate_bytes)
+        row["bound_us"] = bound * 1e6
+        row["max_abs_diff_vs_eager"] = diff
+        results.append(row)
+        print(f"B={batch}: " + ", ".join(
+            f"{k} {v['median_us']:,.0f} us" for k, v in row["systems"].items() if "median_us" in v)
+            + f"; bound {row['bound_us']:,.0f} us; max |dlrmc - eager| {diff:.2g}", flush=True)
+    table = markdown(results, args, arch)
+    print("\n" + table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"arch": arch.to_dict(), "threads": args.threads, "bag_size": args.bag_size,
+                       "target": ours.manifest["target"], "gemm_flops": rate_flops,
+                       "gather_bytes_per_s": rate_bytes, "results": results}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+def markdown(results: list[dict], args, arch) -> str:
+    names = list(results[0]["systems"])
+    head = "| system (median, p99; peer time / dlrmc time) | " + " | ".join(f"B={r['batch']}" for r in results) + " |"
+    lines = [head, "|---" * (len(results) + 1) + "|"]
+    for name in names:
+        cells = []
+        for r in results:
+            s = r["systems"][name]
+            if "median_us" not in s:
+                cells.append("n/a")
+                continue
+            ratio = s["median_us"] / r["systems"]["dlrmc"]["median_us"]
+            extra = "" if name == "dlrmc" else f", {ratio:.2f}x"
+            cells.append(f"{s['median_us']:,.0f} us ({s['p99_us']:,.0f}{extra})")
+        label = "dlrmc (this artifact)" if name == "dlrmc" else PEERS[name]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| lower bound | " + " | ".join(f"{r['bound_us']:,.0f} us" for r in results) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

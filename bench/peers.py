@@ -1,0 +1,127 @@
+"""The systems ``dlrm-bench`` measures beside our artifact, each behind one small interface.
+
+A peer is built once per model (``prepare``) and then called on batches in the reference
+layout as torch tensors. Peers that need optional packages or long compiles say so with a
+``PeerUnavailable`` naming the reason, and the bench reports it instead of a number.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..frontend.arch import Arch
+from ..frontend.export import export_model
+
+
+class PeerUnavailable(RuntimeError):
+    """A peer that cannot run here, with the reason."""
+
+
+def eager(model, arch: Arch) -> Callable:
+    return lambda d, o, i: model(d, o, i)
+
+
+def torch_compile(model, arch: Arch) -> Callable:
+    return torch.compile(model, dynamic=False)
+
+
+def aot_inductor(model, arch: Arch) -> Callable:
+    """AOTInductor: the exported program compiled ahead of time into a .pt2 package."""
+    from torch._inductor import aoti_compile_and_package, aoti_load_package
+
+    path = os.path.join(tempfile.mkdtemp(prefix="dlrmc-aoti-"), "model.pt2")
+    with torch.no_grad():
+        aoti_compile_and_package(export_model(model, arch), package_path=path)
+    runner = aoti_load_package(path)
+    return lambda d, o, i: runner(d, o, tuple(i))
+
+
+class _FixedBags(torch.nn.Module):
+    """The model with every bag holding exactly L indices, as Gather + ReduceSum (no
+    EmbeddingBag op exists in ONNX); only valid for fixed-size bags."""
+
+    def __init__(self, model, bag_size: int):
+        super().__init__()
+        self.model, self.bag = model, bag_size
+
+    def forward(self, dense_x, indices):
+        m = self.model
+        x = m.bot_l(dense_x)
+        ly = [e.weight[indices[k].view(-1, self.bag)].sum(1) for k, e in enumerate(m.emb_l)]
+        return m.top_l(m.interact_features(x, ly))
+
+
+def onnx_runtime(model, arch: Arch, bag_size: int, threads: int) -> Callable:
+    """ONNX Runtime on the model exported with bags as Gather + ReduceSum."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise PeerUnavailable("onnxruntime is not installed (pip install onnxruntime)") from None
+    if arch.pooling != "sum" or arch.weighted_pooling:
+        raise PeerUnavailable("the ONNX export here covers unweighted sum pooling only")
+    path = os.path.join(tempfile.mkdtemp(prefix="dlrmc-ort-"), "model.onnx")
+    wrapper = _FixedBags(model, bag_size).eval()
+    dense = torch.zeros(2, arch.num_dense)
+    idx = torch.zeros(arch.num_tables, 2 * bag_size, dtype=torch.long)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, (dense, idx), path, input_names=["dense_x", "indices"],
+                          output_names=["pred"], dynamo=False, opset_version=17,
+                          dynamic_axes={"dense_x": {0: "batch"}, "indices": {1: "n"}})
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+    def run(d, o, i):
+        return sess.run(None, {"dense_x": d.numpy(), "indices": torch.stack(list(i)).numpy()})[0]
+
+    return run
+
+
+PEERS = {"eager": "PyTorch eager", "compile": "torch.compile", "aoti": "AOTInductor",
+         "ort": "ONNX Runtime"}
+
+
+def build_peer(name: str, model, arch: Arch, bag_size: int, threads: int) -> Callable:
+    if name == "eager":
+        return eager(model, arch)
+    if name == "compile":
+        return torch_compile(model, arch)
+    if name == "aoti":
+        return aot_inductor(model, arch)
+    if name == "ort":
+        return onnx_runtime(model, arch, bag_size, threads)
+    raise ValueError(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
+
+
+def gemm_rate(threads: int, size: int = 1024) -> float:
+    """Measured float32 GEMM FLOP/s of torch.mm at ``size`` cubed."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(2):
+        torch.mm(a, b)
+    import time
+
+    t0 = time.perf_counter()
+    n = 5
+    for _ in range(n):
+        torch.mm(a, b)
+    return 2 * size**3 * n / (time.perf_counter() - t0)
+
+
+def gather_rate(rows: int = 1 << 22, dim: int = 16, count: int = 1 << 18) -> float:
+    """Measured bytes/s of random row gathers from a table larger than the caches."""
+    import time
+
+    table = np.random.default_rng(0).random((rows, dim), dtype=np.float32)
+    idx = np.random.default_rng(1).integers(0, rows, count)
+    np.take(table, idx[:1000], axis=0)
+    t0 = time.perf_counter()
+    np.take(table, idx, axis=0)
+    return count * dim * 4 / (time.perf_counter() - t0)
