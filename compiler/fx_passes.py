@@ -1,5 +1,9 @@
 """Graph rewrites on the exported (core ATen) FX graph, before it is handed to TVM.
 
+``batch_embedding_bags`` groups the per-table ``aten._embedding_bag`` nodes that read rows
+of one [T, B] offset matrix (the reference's ``lS_o[k]``) into one ``dlrmc::embedding_bags``
+node: a single table-batched kernel instead of one launch per table.
+
 ``fuse_linear`` turns ``addmm(b, x, permute(W, [1, 0]))`` (or ``mm``), with a ReLU or Sigmoid
 that alone consumes it, into one ``dlrmc::linear`` node: our dense kernel with the bias and
 activation in its epilogue.
@@ -136,6 +140,75 @@ def fuse_dot_interaction(ep: torch.export.ExportedProgram) -> int:
         graph.eliminate_dead_code()
         ep.graph_module.recompile()
     return found
+
+
+_EMBEDDING_BAGS = (aten._embedding_bag.default, aten._embedding_bag_forward_only.default)
+_EBAG_ARGS = ("weight", "indices", "offsets", "scale_grad_by_freq", "mode", "sparse",
+              "per_sample_weights", "include_last_offset", "padding_idx")
+_EBAG_DEFAULTS = (None, None, None, False, 0, False, None, False, -1)
+
+
+def embedding_bag_args(node: fx.Node) -> dict:
+    """The arguments of an aten embedding-bag node by name, defaults filled in."""
+    a = dict(zip(_EBAG_ARGS, _EBAG_DEFAULTS))
+    a.update(zip(_EBAG_ARGS, node.args))
+    a.update(node.kwargs)
+    return a
+
+
+def batch_embedding_bags(ep: torch.export.ExportedProgram) -> int:
+    """Group embedding bags over rows of one offset matrix; return the tables batched."""
+    import operator
+
+    graph = ep.graph_module.graph
+    groups: dict = {}
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _EMBEDDING_BAGS:
+            continue
+        a = embedding_bag_args(node)
+        off = a["offsets"]
+        users = list(node.users)
+        if not (isinstance(off, fx.Node) and off.target == aten.select.int and off.args[1] == 0
+                and isinstance(off.args[2], int) and off.args[2] >= 0):
+            continue
+        if a["include_last_offset"] or (a["padding_idx"] is not None and a["padding_idx"] >= 0):
+            continue
+        if not all(u.target == operator.getitem and u.args[1] == 0 for u in users):
+            continue
+        w, i = a["weight"].meta.get("val"), a["indices"].meta.get("val")
+        if w is None or i is None or w.dim() != 2 or w.dtype != torch.float32:
+            continue
+        key = (off.args[0], int(a["mode"]), int(w.shape[1]), i.dtype,
+               a["per_sample_weights"] is not None)
+        groups.setdefault(key, []).append((node, a, off.args[2]))
+    order = {n: k for k, n in enumerate(graph.nodes)}
+    batched = 0
+    for (offsets, mode, _, _, weighted), members in groups.items():
+        last = members[-1][0]
+        first_use = min(order[u] for node, _, _ in members for g in node.users for u in g.users)
+        if len(members) < 2 or first_use < order[last]:
+            continue
+        with graph.inserting_after(last):
+            tbe = graph.call_function(torch.ops.dlrmc.embedding_bags.default, (
+                [a["weight"] for _, a, _ in members], [a["indices"] for _, a, _ in members],
+                offsets, [a["per_sample_weights"] for _, a, _ in members] if weighted else [],
+                mode, [row for _, _, row in members]))
+        tbe.meta["val"] = [u.meta.get("val") for node, _, _ in members
+                           for u in list(node.users)[:1]]
+        anchor = tbe
+        for j, (node, _, _) in enumerate(members):
+            with graph.inserting_after(anchor):
+                part = graph.call_function(operator.getitem, (tbe, j))
+            anchor = part
+            for u in list(node.users):
+                part.meta = dict(u.meta)
+                u.replace_all_uses_with(part)
+        batched += len(members)
+    if batched:
+        graph.eliminate_dead_code()
+        graph.lint()
+        ep.graph_module.recompile()
+    return batched
 
 
 _ACTIVATIONS = {aten.relu.default: "relu", aten.sigmoid.default: "sigmoid"}

@@ -2,9 +2,10 @@
 
 TVM's ``from_exported_program`` imports everything except:
 
-- ``aten._embedding_bag`` / ``aten._embedding_bag_forward_only`` (TVM has no converter): each
-  becomes a ``call_tir`` of our embedding-bag kernel (``dlrmc.schedules.embedding_bag``) with
-  the node's mode, offsets convention, per_sample_weights and padding_idx;
+- ``aten._embedding_bag`` / ``aten._embedding_bag_forward_only`` (TVM has no converter): the
+  tables that read rows of one offset matrix become one table-batched ``call_tir``
+  (``fx_passes.batch_embedding_bags``); any other becomes a ``call_tir`` of the one-table
+  kernel with the node's mode, offsets convention, per_sample_weights and padding_idx;
 - ``aten.select.int``, which TVM lowers to an unchecked ``take`` that mishandles negative
   indices;
 - the dot interaction, which ``fx_passes.fuse_dot_interaction`` first rewrites into one
@@ -28,20 +29,15 @@ from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 
 from ..schedules.dense import dense_kernel, pack_kernel
-from ..schedules.embedding_bag import MODES, embedding_bag_kernel
+from ..schedules.embedding_bag import MODES, embedding_bag_kernel, embedding_bags_kernel
 from ..schedules.interaction import dot_interaction_kernel, output_width
 from ..targets.knobs import CpuKnobs, cpu_knobs
 from . import torch_ops  # noqa: F401  (registers torch.ops.dlrmc)
-from .fx_passes import fuse_dot_interaction, fuse_linear
+from .fx_passes import batch_embedding_bags, embedding_bag_args, fuse_dot_interaction, fuse_linear
 
 
 class LoweringError(ValueError):
     """A graph that dlrmc cannot lower, with the node that stopped it."""
-
-
-_EBAG_ARGS = ("weight", "indices", "offsets", "scale_grad_by_freq", "mode", "sparse",
-              "per_sample_weights", "include_last_offset", "padding_idx")
-_EBAG_DEFAULTS = (None, None, None, False, 0, False, None, False, -1)
 
 
 def _static_dims(var: relax.Expr, what: str, node) -> list:
@@ -51,22 +47,21 @@ def _static_dims(var: relax.Expr, what: str, node) -> list:
     return list(shape)
 
 
-def _convert_embedding_bag(node, importer) -> relax.Expr:
-    a = dict(zip(_EBAG_ARGS, _EBAG_DEFAULTS))
-    a.update(zip(_EBAG_ARGS, node.args))
-    a.update(node.kwargs)
-    if a["scale_grad_by_freq"]:
-        pass  # only changes gradients
-    env, bb = importer.env, importer.block_builder
-    weight, indices, offsets = env[a["weight"]], env[a["indices"]], env[a["offsets"]]
+def _table(weight: relax.Expr, node) -> int:
     wshape = _static_dims(weight, "the embedding table", node)
     if len(wshape) != 2 or not isinstance(wshape[1], tvm.tirx.IntImm):
         raise LoweringError(f"{node.name}: the embedding table must be 2-D with a static width")
     if weight.ty.dtype != "float32":
-        raise LoweringError(f"{node.name}: embedding tables must be float32, got "
-                            f"{weight.ty.dtype}")
+        raise LoweringError(f"{node.name}: embedding tables must be float32, got {weight.ty.dtype}")
+    return int(wshape[1])
+
+
+def _convert_embedding_bag(node, importer) -> relax.Expr:
+    a = embedding_bag_args(node)
+    env, bb = importer.env, importer.block_builder
+    weight, indices, offsets = env[a["weight"]], env[a["indices"]], env[a["offsets"]]
+    dim = _table(weight, node)
     mode = MODES[int(a["mode"])]
-    dim = int(wshape[1])
     index_dtype = indices.ty.dtype
     if offsets.ty.dtype != index_dtype:
         offsets = bb.emit(relax.op.astype(offsets, index_dtype))
@@ -82,6 +77,23 @@ def _convert_embedding_bag(node, importer) -> relax.Expr:
     out = bb.emit(relax.call_tir(gv, args, relax.TensorType((batch, dim), "float32")))
     # Callers read only item 0 (the pooled rows) of aten's 4-tuple.
     return bb.emit(relax.Tuple([out]))
+
+
+def _convert_embedding_bags(node, importer) -> relax.Expr:
+    weights, indices, offsets, psw, mode, rows = node.args
+    env, bb = importer.env, importer.block_builder
+    ws, ids = [env[w] for w in weights], [env[i] for i in indices]
+    dims = {_table(w, node) for w in ws}
+    index_dtype = ids[0].ty.dtype
+    off = env[offsets]
+    if off.ty.dtype != index_dtype:
+        off = bb.emit(relax.op.astype(off, index_dtype))
+    kernel = embedding_bags_kernel(dims.pop(), MODES[mode], bool(psw), index_dtype, False, None,
+                                   tuple(rows))
+    gv = bb.add_func(kernel, f"embedding_bags_{len(ws)}")
+    batch = _static_dims(off, "offsets", node)[1]
+    out_ty = [relax.TensorType((batch, w.ty.shape[1]), "float32") for w in ws]
+    return bb.emit(relax.call_tir(gv, ws + ids + [off] + [env[s] for s in psw], out_ty))
 
 
 def _convert_dot_interaction(node, importer, knobs: CpuKnobs) -> relax.Expr:
@@ -140,6 +152,7 @@ def converters(knobs: CpuKnobs) -> dict:
         "select.int": _convert_select,
         "_embedding_bag.default": _convert_embedding_bag,
         "_embedding_bag_forward_only.default": _convert_embedding_bag,
+        "embedding_bags.default": _convert_embedding_bags,
         "dot_interaction.default": lambda node, imp: _convert_dot_interaction(node, imp, knobs),
         "linear.default": lambda node, importer: _convert_linear(node, importer, knobs),
     }
@@ -162,6 +175,7 @@ def lower(ep: torch.export.ExportedProgram, target: tvm.target.Target,
     ``main`` returns its one output bare when ``unwrap_single_output``, else always a tuple.
     """
     ep = ep.run_decompositions()
+    batch_embedding_bags(ep)
     fuse_dot_interaction(ep)
     fuse_linear(ep)
     convert_map = converters(cpu_knobs(target))

@@ -3,7 +3,10 @@
 - ``dlrmc::dot_interaction(features[], self_interaction, prepend_dense)``: contract in
   ``dlrmc.schedules.interaction``;
 - ``dlrmc::linear(x, weight, bias, activation)``: act(x @ weight^T + bias), contract in
-  ``dlrmc.schedules.dense``.
+  ``dlrmc.schedules.dense``;
+- ``dlrmc::embedding_bags(weights[], indices[], offsets, per_sample_weights[], mode,
+  offset_rows[])``: every table's bags at once, table j reading row ``offset_rows[j]`` of the
+  [T, B] ``offsets``; contract in ``dlrmc.schedules.embedding_bag``.
 
 The compiler's graph rewrites insert them; the Relax lowering maps them to our kernels.
 """
@@ -57,3 +60,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 @linear.register_fake
 def _(x, weight, bias, activation):
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+_MODE_NAMES = ("sum", "mean", "max")
+
+
+@torch.library.custom_op("dlrmc::embedding_bags", mutates_args=())
+def embedding_bags(weights: list[torch.Tensor], indices: list[torch.Tensor], offsets: torch.Tensor,
+                   per_sample_weights: list[torch.Tensor], mode: int,
+                   offset_rows: list[int]) -> list[torch.Tensor]:
+    psw = per_sample_weights or [None] * len(weights)
+    return [torch.nn.functional.embedding_bag(i, w, offsets[r], mode=_MODE_NAMES[mode],
+                                              per_sample_weights=s)
+            for w, i, r, s in zip(weights, indices, offset_rows, psw)]
+
+
+@embedding_bags.register_fake
+def _(weights, indices, offsets, per_sample_weights, mode, offset_rows):
+    return [w.new_empty((offsets.shape[1], w.shape[1])) for w in weights]

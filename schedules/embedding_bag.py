@@ -1,132 +1,159 @@
-"""The embedding-bag kernel: one bag of rows of one table, pooled into one output row.
+"""Embedding bags: rows of a table pooled per bag, for one table or many at once (TBE).
 
-Contract (the same as PyTorch's ``aten._embedding_bag``, which is what it replaces):
+Contract, per table (that of PyTorch's ``aten._embedding_bag``, which it replaces):
 
-- ``weight`` [V, D] float32, ``indices`` [N] int32/int64, ``offsets`` [B] start offsets
-  (or [B+1] with ``include_last_offset``), optional ``per_sample_weights`` [N] float32.
+- ``weight`` [V, D] float32, ``indices`` [N] int32/int64, optional ``per_sample_weights``
+  [N] float32; offsets either [B] start offsets (or [B+1] with ``include_last_offset``), or,
+  table-batched, one row of a shared [T, B] start-offset matrix (the reference's ``lS_o``).
 - Bag ``b`` pools rows ``indices[offsets[b]:offsets[b+1]]`` (the last bag ends at N).
 - ``mode`` "sum" (optionally weighted), "mean" or "max". An empty bag gives zeros in every
   mode. Entries equal to ``padding_idx`` are skipped and not counted.
 - Indices and offsets are trusted here: the runtime validates them before native code runs.
 
-Schedule: bags are split over the cores in chunks when the batch is large enough to pay for
-waking the thread pool; each bag accumulates in a vector of D lanes.
+Table-batched (as FBGEMM's TBE): one kernel pools every table and writes one [B, D] output
+per table, so a batch costs one launch, not one per table. Work items are (table, chunk of
+bags); they are split over the cores when there are enough bags to pay for waking the thread
+pool. Each bag accumulates in a vector of D lanes.
 
-The numpy oracle for this contract is ``dlrmc.schedules.reference.embedding_bag``.
+The kernel has one buffer per table, so it is built with TVM's IR builder. The numpy oracle
+is ``dlrmc.schedules.reference.embedding_bag``.
 """
 
 from __future__ import annotations
 
 import functools
 
-from tvm.script import tirx as T
+from tvm.script.ir_builder import IRBuilder
+from tvm.tirx.script.builder import ir as T
 
 MODES = ("sum", "mean", "max")
-PARALLEL_MIN_BATCH = 256
-CHUNK = 64          # bags per parallel work item
+PARALLEL_MIN_BAGS = 256   # bags (all tables) below which one thread does the work
+CHUNK = 64                # bags per work item
 
 
 @functools.lru_cache(maxsize=None)
-def embedding_bag_kernel(
+def embedding_bags_kernel(
     dim: int,
     mode: str = "sum",
     weighted: bool = False,
     index_dtype: str = "int64",
     include_last_offset: bool = False,
     padding_idx: int | None = None,
+    offset_rows: tuple[int, ...] | None = None,
 ):
-    """Return a schedulable TIR PrimFunc for one embedding-bag configuration.
+    """A PrimFunc (W_0.., I_0.., offsets, [PSW_0..,] out_0..) pooling several tables at once.
 
-    Its parameters are (weight, indices, offsets[, per_sample_weights], out); V, N and B are
-    symbolic, so one function serves every table of the same width and any batch.
+    ``offset_rows=None``: one table with 1-D offsets. Otherwise table j reads row
+    ``offset_rows[j]`` of a [T, B] offset matrix. V, N and B are symbolic.
     """
     if mode not in MODES:
         raise ValueError(f"embedding bag mode {mode!r} is not one of {MODES}")
     if weighted and mode != "sum":
         raise ValueError("per_sample_weights are only defined for mode='sum'")
+    if offset_rows is not None and include_last_offset:
+        raise ValueError("a shared offset matrix holds start offsets only")
     D = int(dim)
-    is_max = mode == "max"
-    is_mean = mode == "mean"
+    stacked = offset_rows is not None
+    rows = tuple(offset_rows) if stacked else (0,)
+    tables = len(rows)
+    is_max, is_mean = mode == "max", mode == "mean"
     counted = is_max or is_mean
-    has_pad = padding_idx is not None and padding_idx >= 0
-    pad = int(padding_idx) if has_pad else -1
-    last = bool(include_last_offset)
-    extra = 1 if last else 0
-    init = T.float32(-3.4028234663852886e38) if is_max else T.float32(0)
-
-    @T.macro
-    def bags(W, idx, off, psw, out, first, count, B, N):
-        # Scratch allocated once per work item: inside a parallel loop TVM heap-allocates it.
-        acc = T.sblock_alloc_buffer((D,), "float32", scope="global")
-        cnt = T.sblock_alloc_buffer((1,), "int64", scope="global")
-        for s in range(count):
-            vb = first + s
-            for d in T.vectorized(D):
-                acc[d] = init
-            cnt[0] = T.int64(0)
-            begin = T.Cast("int64", off[vb])
-            if last:
-                end = T.Cast("int64", off[vb + 1])
+    pad = int(padding_idx) if padding_idx is not None and padding_idx >= 0 else None
+    extra = 1 if include_last_offset else 0
+    with IRBuilder() as ib:
+        with T.prim_func(private=True, s_tir=True):
+            T.func_name("embedding_bags")
+            h_w = [T.arg(f"w{j}", T.handle()) for j in range(tables)]
+            h_i = [T.arg(f"i{j}", T.handle()) for j in range(tables)]
+            h_o = T.arg("offsets", T.handle())
+            h_s = [T.arg(f"s{j}", T.handle()) for j in range(tables)] if weighted else []
+            h_r = [T.arg(f"out{j}", T.handle()) for j in range(tables)]
+            B = T.int64()
+            ns = [T.int64() for _ in range(tables)]
+            W = [T.match_buffer(h, (T.int64(), D), "float32") for h in h_w]
+            I = [T.match_buffer(h, (n,), index_dtype) for h, n in zip(h_i, ns)]
+            if stacked:
+                O = T.match_buffer(h_o, (T.int64(), B), index_dtype)
             else:
-                end = T.if_then_else(vb + 1 < B, T.Cast("int64", off[T.min(vb + 1, B - 1)]), N)
-            for j in range(end - begin):
-                row = T.Cast("int64", idx[begin + j])
-                if (not has_pad) or row != pad:
-                    if counted:
-                        cnt[0] = cnt[0] + T.int64(1)
-                    for d in T.vectorized(D):
-                        if is_max:
-                            acc[d] = T.max(acc[d], W[row, d])
-                        elif weighted:
-                            acc[d] = acc[d] + W[row, d] * psw[begin + j]
+                O = T.match_buffer(h_o, (B + extra,), index_dtype)
+            S = [T.match_buffer(h, (n,), "float32") for h, n in zip(h_s, ns)]
+            R = [T.match_buffer(h, (B, D), "float32") for h in h_r]
+            chunks = (B + CHUNK - 1) // CHUNK
+
+            def offset(j, b):
+                return T.Cast("int64", O[rows[j], b] if stacked else O[b])
+
+            def pool_table(j, first, count, acc, cnt):
+                with T.serial(count) as s:
+                    b = first + s
+                    with T.vectorized(D) as d:
+                        T.buffer_store(acc, T.float32(-3.4028234663852886e38) if is_max
+                                       else T.float32(0), [d])
+                    T.buffer_store(cnt, T.int64(0), [0])
+                    begin = offset(j, b)
+                    if include_last_offset:
+                        end = offset(j, b + 1)
+                    else:
+                        end = T.if_then_else(b + 1 < B, offset(j, T.min(b + 1, B - 1)), ns[j])
+                    with T.serial(end - begin) as p:
+                        row = T.Cast("int64", I[j][begin + p])
+
+                        def accumulate():
+                            if counted:
+                                T.buffer_store(cnt, cnt[0] + T.int64(1), [0])
+                            with T.vectorized(D) as d:
+                                if is_max:
+                                    v = T.max(acc[d], W[j][row, d])
+                                elif weighted:
+                                    v = acc[d] + W[j][row, d] * S[j][begin + p]
+                                else:
+                                    v = acc[d] + W[j][row, d]
+                                T.buffer_store(acc, v, [d])
+
+                        if pad is None:
+                            accumulate()
                         else:
-                            acc[d] = acc[d] + W[row, d]
-            for d in T.vectorized(D):
-                if is_mean:
-                    out[vb, d] = T.if_then_else(
-                        cnt[0] > T.int64(0), acc[d] / T.Cast("float32", cnt[0]), T.float32(0))
-                elif is_max:
-                    out[vb, d] = T.if_then_else(cnt[0] > T.int64(0), acc[d], T.float32(0))
-                else:
-                    out[vb, d] = acc[d]
+                            with T.If(row != pad):
+                                with T.Then():
+                                    accumulate()
+                    with T.vectorized(D) as d:
+                        if is_mean:
+                            v = T.if_then_else(cnt[0] > T.int64(0),
+                                               acc[d] / T.Cast("float32", cnt[0]), T.float32(0))
+                        elif is_max:
+                            v = T.if_then_else(cnt[0] > T.int64(0), acc[d], T.float32(0))
+                        else:
+                            v = acc[d]
+                        T.buffer_store(R[j], v, [b, d])
 
-    @T.macro
-    def pool(W, idx, off, psw, out, B, N):
-        # The thread pool is woken only when the batch is worth it.
-        if B >= PARALLEL_MIN_BATCH:
-            for c in T.parallel((B + CHUNK - 1) // CHUNK):
-                with T.sblock("bags"):
-                    vc = T.axis.spatial((B + CHUNK - 1) // CHUNK, c)
-                    T.reads(W[0:W.shape[0], 0:D], idx[0:N], off[0:B + extra])
-                    T.writes(out[0:B, 0:D])
-                    bags(W, idx, off, psw, out, vc * CHUNK, T.min(CHUNK, B - vc * CHUNK), B, N)
-        else:
-            with T.sblock("bags_serial"):
-                T.reads(W[0:W.shape[0], 0:D], idx[0:N], off[0:B + extra])
-                T.writes(out[0:B, 0:D])
-                bags(W, idx, off, psw, out, T.int64(0), B, B, N)
+            def work(loop, name):
+                items = tables * chunks
+                with loop(items) as it:
+                    with T.sblock(name):
+                        v = T.axis.spatial(items, it)
+                        T.reads(*[w[0:w.shape[0], 0:D] for w in W], *[i[0:i.shape[0]] for i in I],
+                                *[s[0:s.shape[0]] for s in S], O[tuple(slice(0, x) for x in O.shape)])
+                        T.writes(*[r[0:B, 0:D] for r in R])
+                        # Scratch once per work item: inside a parallel loop TVM heap-allocates it.
+                        acc = T.sblock_alloc_buffer((D,), "float32", scope="global")
+                        cnt = T.sblock_alloc_buffer((1,), "int64", scope="global")
+                        c = v % chunks
+                        for j in range(tables):
+                            with T.If(v // chunks == j):
+                                with T.Then():
+                                    pool_table(j, c * CHUNK, T.min(CHUNK, B - c * CHUNK), acc, cnt)
 
-    if weighted:
+            with T.If(B * tables >= PARALLEL_MIN_BAGS):
+                with T.Then():
+                    work(T.parallel, "bags")
+                with T.Else():
+                    work(T.serial, "bags_serial")
+    return ib.get()
 
-        @T.prim_func(private=True, s_tir=True)
-        def kernel(w: T.handle, i: T.handle, o: T.handle, s: T.handle, r: T.handle):
-            V, N, B = T.int64(), T.int64(), T.int64()
-            W = T.match_buffer(w, (V, D), "float32")
-            idx = T.match_buffer(i, (N,), index_dtype)
-            off = T.match_buffer(o, (B + extra,), index_dtype)
-            psw = T.match_buffer(s, (N,), "float32")
-            out = T.match_buffer(r, (B, D), "float32")
-            pool(W, idx, off, psw, out, B, N)
 
-    else:
-
-        @T.prim_func(private=True, s_tir=True)
-        def kernel(w: T.handle, i: T.handle, o: T.handle, r: T.handle):
-            V, N, B = T.int64(), T.int64(), T.int64()
-            W = T.match_buffer(w, (V, D), "float32")
-            idx = T.match_buffer(i, (N,), index_dtype)
-            off = T.match_buffer(o, (B + extra,), index_dtype)
-            out = T.match_buffer(r, (B, D), "float32")
-            pool(W, idx, off, None, out, B, N)
-
-    return kernel
+def embedding_bag_kernel(dim: int, mode: str = "sum", weighted: bool = False,
+                         index_dtype: str = "int64", include_last_offset: bool = False,
+                         padding_idx: int | None = None):
+    """One table: (weight, indices, offsets[, per_sample_weights], out)."""
+    return embedding_bags_kernel(dim, mode, weighted, index_dtype, include_last_offset,
+                                 padding_idx, None)

@@ -174,3 +174,20 @@ def test_linear_without_bias_and_without_activation():
         with torch.no_grad():
             np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x.numpy()), *params).numpy(),
                                        model(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", [PRESETS["tiny"], Arch(4, (5, 6, 7), (3, 4), (2, 1),
+                                                        weighted_pooling="learned")])
+def test_tables_are_batched_into_one_kernel(arch):
+    from dlrmc.compiler.fx_passes import batch_embedding_bags
+
+    model = DLRM(arch).eval()
+    ep = export_model(model, arch).run_decompositions()
+    assert batch_embedding_bags(ep) == arch.num_tables
+    (tbe,) = [n for n in ep.graph.nodes if n.target == torch.ops.dlrmc.embedding_bags.default]
+    assert tbe.args[5] == list(range(arch.num_tables))
+    assert not [n for n in ep.graph.nodes if n.target in (
+        torch.ops.aten._embedding_bag.default, torch.ops.aten._embedding_bag_forward_only.default)]
+    d, o, i = example_inputs(arch, 7, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(d, o, i), model(d, o, i))

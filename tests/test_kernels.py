@@ -114,7 +114,7 @@ def test_kernel_rejects_bad_configuration():
 @pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False),
                                            ("max", False)])
 def test_embedding_bag_kernel_parallel_path(mode, weighted):
-    # 300 bags takes the multi-threaded path (PARALLEL_MIN_BATCH); the cases above the serial one.
+    # 300 bags take the multi-threaded path (PARALLEL_MIN_BAGS); the cases above the serial one.
     case = dict(mode=mode, weighted=weighted, dim=19, rows=50, pad=2, last=False,
                 dtype="int64", seed=3, sizes=list(np.random.default_rng(0).integers(0, 9, 300)))
     weight, indices, offsets, psw = _bag_inputs(case)
