@@ -9,8 +9,9 @@ packing into the artifact's ``transform_params`` function).
 
 Schedule: an MR x NR micro-tile of y lives in registers while k runs (MR broadcasts of x and
 NR/lanes panel loads feed MR*NR/lanes FMAs); bias and activation are applied before the one
-store. Full row tiles are split over the cores; the M % MR remaining rows run a 1 x NR
-kernel. MR and NR come from ``dlrmc.targets.knobs``.
+store. Full row tiles are split over the cores; the M % MR remaining rows run a 1 x G*NR
+kernel (G panels at once, for independent FMA chains). MR and NR come from
+``dlrmc.targets.knobs``.
 """
 
 from __future__ import annotations
@@ -57,9 +58,27 @@ def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
         raise ValueError(f"activation {act!r} is not one of {ACTIVATIONS}")
     N, K, MR, NR = int(n), int(k), int(mr), int(nr)
     NB = (N + NR - 1) // NR
+    G = next(g for g in (4, 2, 1) if NB % g == 0)
     ragged = N % NR != 0
     epi = _epilogue(act)
     loop = T.parallel if parallel else T.serial
+
+    @T.macro
+    def tail(A, W, Bv, C, M, vt):
+        row = T.sblock_alloc_buffer((G, NR), "float32")
+        for g in T.unroll(G):
+            for j in T.vectorized(NR):
+                row[g, j] = T.float32(0)
+        for kk in range(K):
+            for g in T.unroll(G):
+                for j in T.vectorized(NR):
+                    row[g, j] = row[g, j] + A[M // MR * MR + vt // (NB // G), kk] * W[
+                        vt % (NB // G) * G + g, kk, j]
+        for g in T.unroll(G):
+            for j in T.vectorized(NR):
+                if (not ragged) or (vt % (NB // G) * G + g) * NR + j < N:
+                    C[M // MR * MR + vt // (NB // G), (vt % (NB // G) * G + g) * NR + j] = epi(
+                        row[g, j] + Bv[(vt % (NB // G) * G + g) * NR + j])
 
     @T.prim_func(private=True, s_tir=True)
     def dense(a: T.handle, w: T.handle, bias: T.handle, c: T.handle):
@@ -86,20 +105,22 @@ def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
                         if (not ragged) or vt % NB * NR + j < N:
                             C[vt // NB * MR + i, vt % NB * NR + j] = epi(
                                 acc[i, j] + Bv[vt % NB * NR + j])
-        for tile in loop(M % MR * NB):
-            with T.sblock("tail"):
-                vt = T.axis.spatial(M % MR * NB, tile)
-                T.reads(A[0:M, 0:K], W[0:NB, 0:K, 0:NR], Bv[0:N])
-                T.writes(C[0:M, 0:N])
-                row = T.sblock_alloc_buffer((NR,), "float32")
-                for j in T.vectorized(NR):
-                    row[j] = T.float32(0)
-                for kk in range(K):
-                    for j in T.vectorized(NR):
-                        row[j] = row[j] + A[M // MR * MR + vt // NB, kk] * W[vt % NB, kk, j]
-                for j in T.vectorized(NR):
-                    if (not ragged) or vt % NB * NR + j < N:
-                        C[M // MR * MR + vt // NB, vt % NB * NR + j] = epi(
-                            row[j] + Bv[vt % NB * NR + j])
+        # The M % MR left-over rows (all of them at batch < MR): one row against G panels at a
+        # time, so 2G independent FMA chains hide the FMA latency over the K loop. A single
+        # row is not worth waking the thread pool for.
+        if parallel and M % MR > 1:
+            for tile in T.parallel(M % MR * (NB // G)):
+                with T.sblock("tail"):
+                    vt = T.axis.spatial(M % MR * (NB // G), tile)
+                    T.reads(A[0:M, 0:K], W[0:NB, 0:K, 0:NR], Bv[0:N])
+                    T.writes(C[0:M, 0:N])
+                    tail(A, W, Bv, C, M, vt)
+        else:
+            for tile in range(M % MR * (NB // G)):
+                with T.sblock("tail_serial"):
+                    vt = T.axis.spatial(M % MR * (NB // G), tile)
+                    T.reads(A[0:M, 0:K], W[0:NB, 0:K, 0:NR], Bv[0:N])
+                    T.writes(C[0:M, 0:N])
+                    tail(A, W, Bv, C, M, vt)
 
     return dense
