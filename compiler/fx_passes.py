@@ -31,6 +31,22 @@ _PASS_THROUGH = {aten.clone.default, aten.lift_fresh_copy.default, aten.detach_.
                  aten.detach.default, aten._to_copy.default, aten.alias.default}
 
 
+def _replace(old: fx.Node, op, args: tuple) -> None:
+    """Put ``op(*args)`` in place of ``old``; ``_tidy`` then drops what only ``old`` used."""
+    with old.graph.inserting_before(old):
+        new = old.graph.call_function(op, args)
+    new.meta = dict(old.meta)
+    old.replace_all_uses_with(new)
+
+
+def _tidy(ep: torch.export.ExportedProgram, changed: int) -> int:
+    if changed:
+        ep.graph_module.graph.eliminate_dead_code()
+        ep.graph_module.graph.lint()
+        ep.graph_module.recompile()
+    return changed
+
+
 def _source(node):
     """Look through copies and full slices, which leave values unchanged."""
     while isinstance(node, fx.Node) and node.op == "call_function":
@@ -129,17 +145,10 @@ def fuse_dot_interaction(ep: torch.export.ExportedProgram) -> int:
             dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
             if list(cat.args[0]) == [parts[0], index] and dim in (1, -1):
                 target, prepend = cat, True
-        with graph.inserting_before(target):
-            # The parts themselves when we can see them: the kernel reads them in place.
-            fused = graph.call_function(torch.ops.dlrmc.dot_interaction.default,
-                                        (parts or [feats], itself, prepend))
-        fused.meta = dict(target.meta)
-        target.replace_all_uses_with(fused)
+        # The parts themselves when we can see them: the kernel reads them in place.
+        _replace(target, torch.ops.dlrmc.dot_interaction.default, (parts or [feats], itself, prepend))
         found += 1
-    if found:
-        graph.eliminate_dead_code()
-        ep.graph_module.recompile()
-    return found
+    return _tidy(ep, found)
 
 
 _EMBEDDING_BAGS = (aten._embedding_bag.default, aten._embedding_bag_forward_only.default)
@@ -204,11 +213,7 @@ def batch_embedding_bags(ep: torch.export.ExportedProgram) -> int:
                 part.meta = dict(u.meta)
                 u.replace_all_uses_with(part)
         batched += len(members)
-    if batched:
-        graph.eliminate_dead_code()
-        graph.lint()
-        ep.graph_module.recompile()
-    return batched
+    return _tidy(ep, batched)
 
 
 _ACTIVATIONS = {aten.relu.default: "relu", aten.sigmoid.default: "sigmoid"}
@@ -238,12 +243,6 @@ def fuse_linear(ep: torch.export.ExportedProgram) -> int:
         target, act = mm, "none"
         if len(users) == 1 and users[0].target in _ACTIVATIONS:
             target, act = users[0], _ACTIVATIONS[users[0].target]
-        with graph.inserting_before(target):
-            fused = graph.call_function(torch.ops.dlrmc.linear.default, (x, wt.args[0], bias, act))
-        fused.meta = dict(target.meta)
-        target.replace_all_uses_with(fused)
+        _replace(target, torch.ops.dlrmc.linear.default, (x, wt.args[0], bias, act))
         found += 1
-    if found:
-        graph.eliminate_dead_code()
-        ep.graph_module.recompile()
-    return found
+    return _tidy(ep, found)
