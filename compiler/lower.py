@@ -10,6 +10,8 @@ TVM's ``from_exported_program`` imports everything except:
   indices;
 - the dot interaction, which ``fx_passes.fuse_dot_interaction`` first rewrites into one
   ``dlrmc::dot_interaction`` node, lowered here to our interaction kernel;
+- ``aten.cat`` of 2-D tensors along the last axis (the ``cat`` interaction), lowered to our
+  row-concat kernel instead of TVM's element-wise one;
 - Linear layers, which ``fx_passes.fuse_linear`` rewrites into ``dlrmc::linear`` nodes,
   lowered to weight packing (lifted to load time by ``build``) and our dense kernel, blocked
   with the target's knobs.
@@ -26,8 +28,9 @@ import numpy as np
 import torch
 import tvm
 from tvm import relax
-from tvm.relax.frontend.torch import from_exported_program
+from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
+from ..schedules.concat import concat_kernel
 from ..schedules.dense import dense_kernel, pack_kernel
 from ..schedules.embedding_bag import MODES, embedding_bag_kernel, embedding_bags_kernel
 from ..schedules.interaction import dot_interaction_kernel, output_width
@@ -113,6 +116,23 @@ def _convert_dot_interaction(node, importer, knobs: CpuKnobs) -> relax.Expr:
     return bb.emit(relax.call_tir(gv, inputs, out_ty))
 
 
+def _convert_cat(node, importer, stock) -> relax.Expr:
+    """Our row-concat kernel for 2-D float32 tensors joined on the last axis; TVM's otherwise."""
+    parts = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    inputs = [importer.env[p] for p in parts]
+    shapes = [list(t.ty.shape) if t.ty.shape is not None else None for t in inputs]
+    if (len(inputs) < 2 or any(sh is None or len(sh) != 2 for sh in shapes) or dim not in (1, -1)
+            or any(t.ty.dtype != "float32" for t in inputs)
+            or any(not isinstance(sh[1], tvm.tirx.IntImm) for sh in shapes)):
+        return stock(node)
+    widths = tuple(int(sh[1]) for sh in shapes)
+    bb = importer.block_builder
+    gv = bb.add_func(concat_kernel(widths), "concat_rows")
+    out_ty = relax.TensorType((shapes[0][0], sum(widths)), "float32")
+    return bb.emit(relax.call_tir(gv, inputs, out_ty))
+
+
 def _convert_select(node, importer) -> relax.Expr:
     # TVM lowers select to take(mode="fast"): no negative indices, and a warning per use.
     x, dim, index = importer.env[node.args[0]], int(node.args[1]), int(node.args[2])
@@ -146,9 +166,10 @@ def _convert_linear(node, importer, knobs: CpuKnobs) -> relax.Expr:
     return bb.emit(relax.call_tir(gv, [x, packed, bias], relax.TensorType((batch, n), "float32")))
 
 
-def converters(knobs: CpuKnobs) -> dict:
-    """The ATen and dlrmc ops we lower ourselves, for one target's knobs."""
+def converters(knobs: CpuKnobs, stock: dict) -> dict:
+    """The ATen and dlrmc ops we lower ourselves, for one target's knobs (``stock``: TVM's)."""
     return {
+        "cat.default": lambda node, imp: _convert_cat(node, imp, stock["cat.default"]),
         "select.int": _convert_select,
         "_embedding_bag.default": _convert_embedding_bag,
         "_embedding_bag_forward_only.default": _convert_embedding_bag,
@@ -178,15 +199,15 @@ def lower(ep: torch.export.ExportedProgram, target: tvm.target.Target,
     batch_embedding_bags(ep)
     fuse_dot_interaction(ep)
     fuse_linear(ep)
-    convert_map = converters(cpu_knobs(target))
+    importer = ExportedProgramImporter()
+    stock = importer.create_convert_map()
+    convert_map = converters(cpu_knobs(target), stock)
     unsupported = sorted({n.target.__name__ for n in ep.graph.nodes if n.op == "call_function"
                           and n.target.__name__ not in convert_map
-                          and not _tvm_supports(n.target.__name__)})
+                          and n.target.__name__ not in stock})
     if unsupported:
         raise LoweringError(f"operators with no Relax lowering: {', '.join(unsupported)}")
-    mod = from_exported_program(ep, keep_params_as_input=True,
-                                unwrap_unit_return_tuple=unwrap_single_output,
-                                custom_convert_map=convert_map, run_ep_decomposition=False)
+    mod = importer.from_exported_program(ep, True, unwrap_single_output, False, convert_map)
     mod, detached = relax.frontend.detach_params(mod)
     main = mod["main"]
     num_inputs = int(main.attrs["num_input"])
@@ -197,15 +218,3 @@ def lower(ep: torch.export.ExportedProgram, target: tvm.target.Target,
     if len(names) != len(params):
         raise LoweringError("parameter count of the Relax module does not match the program")
     return Lowered(mod, names, params, num_inputs)
-
-
-_SUPPORTED: set[str] | None = None
-
-
-def _tvm_supports(name: str) -> bool:
-    global _SUPPORTED
-    if _SUPPORTED is None:
-        from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
-
-        _SUPPORTED = set(ExportedProgramImporter().create_convert_map())
-    return name in _SUPPORTED

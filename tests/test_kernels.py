@@ -167,3 +167,15 @@ def test_dense_oracle_matches_pytorch():
                                    rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="activation"):
         dense_kernel(3, 5, "gelu")
+
+
+@pytest.mark.parametrize("widths", [(16, 16, 16), (3, 1, 7, 33), (5,) * 27])
+@pytest.mark.parametrize("batch", [1, 9, 300])
+def test_concat_kernel(widths, batch):
+    from dlrmc.schedules.concat import concat_kernel
+
+    rng = np.random.default_rng(batch)
+    parts = [rng.standard_normal((batch, w)).astype(np.float32) for w in widths]
+    out = tvm.runtime.tensor(np.full((batch, sum(widths)), np.nan, np.float32))
+    _build(concat_kernel, widths)(*[tvm.runtime.tensor(p) for p in parts], out)
+    np.testing.assert_array_equal(out.numpy(), np.concatenate(parts, axis=1))
