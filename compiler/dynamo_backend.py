@@ -17,6 +17,7 @@ import tvm
 from tvm import relax
 
 from ..runtime import set_threads
+from ..runtime.model import to_tvm
 from ..targets import parse_target
 from .build import TRANSFORM_PARAMS, build
 from .lower import lower
@@ -46,14 +47,8 @@ class _Compiled:
         weights = [tvm.runtime.tensor(p) for p in lowered.params]
         self.params = list(self.vm[TRANSFORM_PARAMS](weights))
 
-    @staticmethod
-    def _to_tvm(t: torch.Tensor) -> tvm.runtime.Tensor:
-        t = t.detach().contiguous()
-        # TVM takes DLPack memory only at 64-byte alignment; copy the rest.
-        return tvm.runtime.from_dlpack(t) if t.data_ptr() % 64 == 0 else tvm.runtime.tensor(t.numpy())
-
     def __call__(self, *inputs):
-        args = [self._to_tvm(t) for t in inputs]
+        args = to_tvm([t.detach().numpy() for t in inputs])
         out = self.vm["main"](*args, *self.params)
         return tuple(torch.from_dlpack(o) for o in out)
 

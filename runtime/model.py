@@ -14,7 +14,7 @@ from ..artifact import LIBRARY, ArtifactError, read_manifest, read_weights
 from .validate import check_batch
 
 
-def _to_tvm(arrays: list[np.ndarray]) -> list[tvm.runtime.Tensor]:
+def to_tvm(arrays: list[np.ndarray]) -> list[tvm.runtime.Tensor]:
     """Hand arrays to TVM in one copy: into a single buffer with each array on a 64-byte
     boundary, which TVM then takes zero-copy through DLPack. (tvm.runtime.tensor's Python
     path costs more than the model itself at batch 1.)"""
@@ -78,7 +78,7 @@ class CompiledDLRM:
     def bind(self, dense_x, lS_o, lS_i) -> Callable[[], tvm.runtime.Tensor]:
         """Validate a batch once; return a call that runs it (what benchmarks time)."""
         dense, offsets, indices = check_batch(self.arch, dense_x, lS_o, lS_i)
-        args = _to_tvm([dense, offsets, *indices])
+        args = to_tvm([dense, offsets, *indices])
         return lambda: self._main(*args, *self._weights)
 
     def predict(self, dense_x, lS_o, lS_i) -> np.ndarray:

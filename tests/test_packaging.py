@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,8 +12,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_wheel_has_only_the_dlrmc_namespace(tmp_path):
+    # Build from a copy: setuptools leaves a build/ folder in the tree it builds.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path), str(ROOT)], check=True, timeout=300)
+                    "-q", "-w", str(tmp_path), str(src)], check=True, timeout=300)
     (wheel,) = tmp_path.glob("dlrmc-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
