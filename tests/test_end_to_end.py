@@ -67,3 +67,22 @@ def test_int32_inputs_accepted(compiled):
         c.runtime.predict(dense, offsets, indices),
         torch_predict(c.model, dense, offsets.astype(np.int64), [i.astype(np.int64) for i in indices]),
         rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("target", ["llvm -mcpu=haswell", "llvm -mcpu=skylake-avx512 -num-cores=2",
+                                    "llvm -mcpu=x86-64"])
+def test_each_x86_vector_width_matches_pytorch(tmp_path, target):
+    from dlrmc.compiler.build import compile_model
+    from dlrmc.frontend.model import DLRM
+    from dlrmc.runtime import load
+
+    arch = Arch(24, (50, 40, 30), (13, 70, 24), (33, 1))
+    model = DLRM(arch, seed=4).eval()
+    compile_model(model, arch, target, str(tmp_path / "a"), log=lambda _: None)
+    runtime = load(str(tmp_path / "a"))
+    rng = np.random.default_rng(5)
+    for batch in (1, 7, 300):
+        dense, offsets, indices = make_batch(arch, batch, rng, max_bag=6)
+        np.testing.assert_allclose(runtime.predict(dense, offsets, indices),
+                                   torch_predict(model, dense, offsets, indices),
+                                   rtol=1e-5, atol=2e-6)
