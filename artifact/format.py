@@ -17,7 +17,8 @@ Layout (format version 1)::
   after the ``inputs`` (packed dense weights, tables passed through); call it once at load;
 - ``inputs``: ``[{name, dtype, shape}]``, a shape entry being an int or the name of a
   dynamic dim; ``dynamic_dims``: ``{name: [min, max or null]}``; ``output``: likewise;
-- ``target``: ``{"string": what the user gave, "resolved": TVM's full target as JSON}``;
+- ``target``: ``{"string": what the user gave, "resolved": TVM's full target as JSON,
+  "requires": {"machine": "x86_64", "cpu_flags": [/proc/cpuinfo flags the code uses]}}``;
 - ``weights``: ``{"file": "weights.bin", "tensors": [{name, dtype, shape, offset, nbytes}]}``;
 - ``files``: ``{file name: sha256}`` for model.so and weights.bin;
 - ``tuning_log``: the tuning log's digest, or null when built with default schedules.

@@ -19,7 +19,7 @@ from tvm import relax
 from ..artifact import write_artifact
 from ..frontend.arch import Arch
 from ..frontend.export import export_model
-from ..targets import parse_target, resolved
+from ..targets import parse_target, requirements, resolved
 from .lower import Lowered, lower
 
 
@@ -79,7 +79,8 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
         "inputs": inputs,
         "dynamic_dims": dims,
         "output": {"name": "pred", "dtype": "float32", "shape": ["batch", 1]},
-        "target": {"string": target or "host", "resolved": resolved(tgt)},
+        "target": {"string": target or "host", "resolved": resolved(tgt),
+                   "requires": requirements(tgt)},
         "tuning_log": None,
     }
     return stage("write", write_artifact, out_dir, executable.export_library,

@@ -33,6 +33,30 @@ def to_tvm(arrays: list[np.ndarray]) -> list[tvm.runtime.Tensor]:
     return out
 
 
+def check_cpu(requires: dict, cpuinfo: str = "/proc/cpuinfo") -> None:
+    """Refuse an artifact this CPU cannot run (it would die of SIGILL, not raise)."""
+    import platform
+
+    machine = requires.get("machine")
+    aliases = {"x86_64": {"x86_64", "amd64"}, "aarch64": {"aarch64", "arm64"}}
+    if machine and platform.machine().lower() not in aliases.get(machine, {machine}):
+        raise ArtifactError(f"the artifact was built for {machine}; this machine is "
+                            f"{platform.machine()}")
+    try:
+        with open(cpuinfo) as f:
+            text = f.read()
+    except OSError:
+        return  # not Linux: nothing to check against
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags |= set(line.split(":", 1)[1].split())
+    missing = [f for f in requires.get("cpu_flags", []) if f not in flags]
+    if flags and missing:
+        raise ArtifactError(f"the artifact needs CPU features this CPU lacks: {', '.join(missing)} "
+                            "(recompile with a --target for this CPU, e.g. the default host)")
+
+
 def set_threads(threads: int | None = None) -> int:
     """Use ``threads`` worker threads for TVM's parallel loops (default: TVM_NUM_THREADS, else
     every CPU this process may run on). TVM's own default ignores half the cores on x86,
@@ -58,6 +82,7 @@ class CompiledDLRM:
         if kind != "llvm":
             raise ArtifactError(f"{self.path} was built for {kind}; this runtime runs CPU (llvm) "
                                 "artifacts")
+        check_cpu(self.manifest["target"].get("requires", {}))
         try:
             lib = tvm.runtime.load_module(os.path.join(self.path, LIBRARY))
         except Exception as e:  # noqa: BLE001 - dlopen failures surface as many types

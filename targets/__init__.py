@@ -1,4 +1,4 @@
 """Target parsing and what differs per target."""
-from .parse import TargetError, host_target_string, parse_target, resolved
+from .parse import TargetError, host_target_string, parse_target, requirements, resolved
 
-__all__ = ["TargetError", "host_target_string", "parse_target", "resolved"]
+__all__ = ["TargetError", "host_target_string", "parse_target", "requirements", "resolved"]

@@ -143,3 +143,28 @@ def test_mmap_load_gives_the_same_predictions(compiled):
     batch = make_batch(TINY, 21, np.random.default_rng(4), max_bag=6)
     mapped = load(str(c.path), mmap=True)
     np.testing.assert_array_equal(mapped.predict(*batch), c.runtime.predict(*batch))
+
+
+def test_artifact_for_a_cpu_feature_we_lack_is_refused(compiled, tmp_path):
+    from dlrmc.runtime.model import check_cpu
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu sse sse2 avx avx2 fma\n")
+    check_cpu({"machine": "x86_64", "cpu_flags": ["avx2", "fma"]}, str(info))
+    with pytest.raises(ArtifactError, match="lacks: avx512f, avx512bw"):
+        check_cpu({"machine": "x86_64", "cpu_flags": ["avx2", "avx512f", "avx512bw"]}, str(info))
+    with pytest.raises(ArtifactError, match="built for aarch64"):
+        check_cpu({"machine": "aarch64", "cpu_flags": []}, str(info))
+    # A real artifact records what its target needs.
+    m = json.loads((compiled(TINY).path / "manifest.json").read_text())
+    assert m["target"]["requires"]["machine"] == "x86_64"
+
+
+def test_requirements_follow_the_target():
+    from dlrmc.targets import parse_target, requirements
+
+    avx512 = requirements(parse_target("llvm -mcpu=skylake-avx512"))
+    assert {"avx512f", "avx512bw", "avx2", "fma"} <= set(avx512["cpu_flags"])
+    assert "avx512f" not in requirements(parse_target("llvm -mcpu=haswell"))["cpu_flags"]
+    arm = requirements(parse_target("llvm -mtriple=aarch64-linux-gnu -mcpu=neoverse-n1"))
+    assert arm["machine"] == "aarch64" and "asimddp" in arm["cpu_flags"]
