@@ -87,24 +87,26 @@ def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
         W = T.match_buffer(w, (NB, K, NR), "float32")
         Bv = T.match_buffer(bias, (N,), "float32")
         C = T.match_buffer(c, (M, N), "float32")
-        for tile in loop(M // MR * NB):
-            with T.sblock("tile"):
-                vt = T.axis.spatial(M // MR * NB, tile)
-                T.reads(A[0:M, 0:K], W[0:NB, 0:K, 0:NR], Bv[0:N])
-                T.writes(C[0:M, 0:N])
-                acc = T.sblock_alloc_buffer((MR, NR), "float32")
-                for i in T.unroll(MR):
-                    for j in T.vectorized(NR):
-                        acc[i, j] = T.float32(0)
-                for kk in range(K):
+        if M >= MR:  # an empty parallel loop would still wake the thread pool
+            for tile in loop(M // MR * NB):
+                with T.sblock("tile"):
+                    vt = T.axis.spatial(M // MR * NB, tile)
+                    T.reads(A[0:M, 0:K], W[0:NB, 0:K, 0:NR], Bv[0:N])
+                    T.writes(C[0:M, 0:N])
+                    acc = T.sblock_alloc_buffer((MR, NR), "float32")
                     for i in T.unroll(MR):
                         for j in T.vectorized(NR):
-                            acc[i, j] = acc[i, j] + A[vt // NB * MR + i, kk] * W[vt % NB, kk, j]
-                for i in T.unroll(MR):
-                    for j in T.vectorized(NR):
-                        if (not ragged) or vt % NB * NR + j < N:
-                            C[vt // NB * MR + i, vt % NB * NR + j] = epi(
-                                acc[i, j] + Bv[vt % NB * NR + j])
+                            acc[i, j] = T.float32(0)
+                    for kk in range(K):
+                        for i in T.unroll(MR):
+                            for j in T.vectorized(NR):
+                                acc[i, j] = acc[i, j] + A[vt // NB * MR + i, kk] * W[vt % NB, kk, j]
+                    for i in T.unroll(MR):
+                        for j in T.vectorized(NR):
+                            if (not ragged) or vt % NB * NR + j < N:
+                                C[vt // NB * MR + i, vt % NB * NR + j] = epi(
+                                    acc[i, j] + Bv[vt % NB * NR + j])
+
         # The M % MR left-over rows (all of them at batch < MR): one row against G panels at a
         # time, so 2G independent FMA chains hide the FMA latency over the K loop. A single
         # row is not worth waking the thread pool for.
