@@ -14,6 +14,8 @@ import functools
 from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as T
 
+from .work_split import split_work
+
 CHUNK = 64
 PARALLEL_MIN_BATCH = 256
 
@@ -33,23 +35,16 @@ def concat_kernel(widths: tuple[int, ...]):
             out = T.match_buffer(result, (B, total), "float32")
             chunks = (B + CHUNK - 1) // CHUNK
 
-            def rows(loop, name):
-                with loop(chunks) as c:
-                    with T.sblock(name):
-                        vc = T.axis.spatial(chunks, c)
-                        T.reads(*[x[0:B, 0:w] for x, w in zip(xs, widths)])
-                        T.writes(out[0:B, 0:total])
-                        with T.serial(T.min(CHUNK, B - vc * CHUNK)) as s:
-                            b = vc * CHUNK + s
-                            start = 0
-                            for x, w in zip(xs, widths):
-                                with T.vectorized(w) as j:
-                                    T.buffer_store(out, x[b, j], [b, start + j])
-                                start += w
+            def rows(vc):
+                T.reads(*[x[0:B, 0:w] for x, w in zip(xs, widths)])
+                T.writes(out[0:B, 0:total])
+                with T.serial(T.min(CHUNK, B - vc * CHUNK)) as s:
+                    b = vc * CHUNK + s
+                    start = 0
+                    for x, w in zip(xs, widths):
+                        with T.vectorized(w) as j:
+                            T.buffer_store(out, x[b, j], [b, start + j])
+                        start += w
 
-            with T.If(B >= PARALLEL_MIN_BATCH):
-                with T.Then():
-                    rows(T.parallel, "rows")
-                with T.Else():
-                    rows(T.serial, "rows_serial")
+            split_work(chunks, B >= PARALLEL_MIN_BATCH, "rows", rows)
     return ib.get()

@@ -26,6 +26,8 @@ import functools
 from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as T
 
+from .work_split import split_work
+
 MODES = ("sum", "mean", "max")
 PARALLEL_MIN_BAGS = 256   # bags (all tables) below which one thread does the work
 CHUNK = 64                # bags per work item
@@ -126,28 +128,20 @@ def embedding_bags_kernel(
                             v = acc[d]
                         T.buffer_store(R[j], v, [b, d])
 
-            def work(loop, name):
-                items = tables * chunks
-                with loop(items) as it:
-                    with T.sblock(name):
-                        v = T.axis.spatial(items, it)
-                        T.reads(*[w[0:w.shape[0], 0:D] for w in W], *[i[0:i.shape[0]] for i in I],
-                                *[s[0:s.shape[0]] for s in S], O[tuple(slice(0, x) for x in O.shape)])
-                        T.writes(*[r[0:B, 0:D] for r in R])
-                        # Scratch once per work item: inside a parallel loop TVM heap-allocates it.
-                        acc = T.sblock_alloc_buffer((D,), "float32", scope="global")
-                        cnt = T.sblock_alloc_buffer((1,), "int64", scope="global")
-                        c = v % chunks
-                        for j in range(tables):
-                            with T.If(v // chunks == j):
-                                with T.Then():
-                                    pool_table(j, c * CHUNK, T.min(CHUNK, B - c * CHUNK), acc, cnt)
+            def work(v):
+                T.reads(*[w[0:w.shape[0], 0:D] for w in W], *[i[0:i.shape[0]] for i in I],
+                        *[s[0:s.shape[0]] for s in S], O[tuple(slice(0, x) for x in O.shape)])
+                T.writes(*[r[0:B, 0:D] for r in R])
+                # Scratch once per work item: inside a parallel loop TVM heap-allocates it.
+                acc = T.sblock_alloc_buffer((D,), "float32", scope="global")
+                cnt = T.sblock_alloc_buffer((1,), "int64", scope="global")
+                c = v % chunks
+                for j in range(tables):
+                    with T.If(v // chunks == j):
+                        with T.Then():
+                            pool_table(j, c * CHUNK, T.min(CHUNK, B - c * CHUNK), acc, cnt)
 
-            with T.If(B * tables >= PARALLEL_MIN_BAGS):
-                with T.Then():
-                    work(T.parallel, "bags")
-                with T.Else():
-                    work(T.serial, "bags_serial")
+            split_work(tables * chunks, B * tables >= PARALLEL_MIN_BAGS, "bags", work)
     return ib.get()
 
 

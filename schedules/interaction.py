@@ -23,6 +23,8 @@ import functools
 from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as T
 
+from .work_split import split_work
+
 CHUNK = 16          # samples per work item
 PARALLEL_MIN_BATCH = 64
 
@@ -62,37 +64,30 @@ def dot_interaction_kernel(num_features: int, dim: int, self_interaction: bool =
             out = T.match_buffer(result, (B, width), "float32")
             chunks = (B + CHUNK - 1) // CHUNK
 
-            def samples(loop, name):
-                with loop(chunks) as c:
-                    with T.sblock(name):
-                        vc = T.axis.spatial(chunks, c)
-                        T.reads(*[b[tuple(slice(0, s) for s in b.shape)] for b in inputs])
-                        T.writes(out[0:B, 0:width])
-                        tt = T.sblock_alloc_buffer((D, FP), "float32", scope="global")
-                        acc = T.sblock_alloc_buffer((FP,), "float32", scope="global")
-                        with T.grid(FP - F, D) as (f, d):
-                            T.buffer_store(tt, T.float32(0), [d, F + f])
-                        with T.serial(T.min(CHUNK, B - vc * CHUNK)) as s:
-                            row = vc * CHUNK + s
-                            for k in range(F):
-                                with T.serial(D) as d:
-                                    T.buffer_store(tt, feature(k, row, d), [d, k])
-                            if prepend_dense:
-                                with T.vectorized(D) as d:
-                                    T.buffer_store(out, feature(0, row, d), [row, d])
-                            with T.serial(1 - extra, F) as i:
-                                with T.vectorized(FP) as j:
-                                    T.buffer_store(acc, T.float32(0), [j])
-                                with T.serial(D) as d:
-                                    with T.vectorized(FP) as j:
-                                        T.buffer_store(acc, acc[j] + tt[d, i] * tt[d, j], [j])
-                                with T.serial(i + extra) as j:
-                                    T.buffer_store(out, acc[j],
-                                                   [row, lead + i * (i - 1 + 2 * extra) // 2 + j])
+            def samples(vc):
+                T.reads(*[b[tuple(slice(0, s) for s in b.shape)] for b in inputs])
+                T.writes(out[0:B, 0:width])
+                tt = T.sblock_alloc_buffer((D, FP), "float32", scope="global")
+                acc = T.sblock_alloc_buffer((FP,), "float32", scope="global")
+                with T.grid(FP - F, D) as (f, d):
+                    T.buffer_store(tt, T.float32(0), [d, F + f])
+                with T.serial(T.min(CHUNK, B - vc * CHUNK)) as s:
+                    row = vc * CHUNK + s
+                    for k in range(F):
+                        with T.serial(D) as d:
+                            T.buffer_store(tt, feature(k, row, d), [d, k])
+                    if prepend_dense:
+                        with T.vectorized(D) as d:
+                            T.buffer_store(out, feature(0, row, d), [row, d])
+                    with T.serial(1 - extra, F) as i:
+                        with T.vectorized(FP) as j:
+                            T.buffer_store(acc, T.float32(0), [j])
+                        with T.serial(D) as d:
+                            with T.vectorized(FP) as j:
+                                T.buffer_store(acc, acc[j] + tt[d, i] * tt[d, j], [j])
+                        with T.serial(i + extra) as j:
+                            T.buffer_store(out, acc[j],
+                                           [row, lead + i * (i - 1 + 2 * extra) // 2 + j])
 
-            with T.If(B >= PARALLEL_MIN_BATCH):
-                with T.Then():
-                    samples(T.parallel, "chunk")
-                with T.Else():
-                    samples(T.serial, "chunk_serial")
+            split_work(chunks, B >= PARALLEL_MIN_BATCH, "chunk", samples)
     return ib.get()
