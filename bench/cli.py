@@ -22,18 +22,8 @@ from ..compiler.build import compile_model
 from ..frontend.source import add_model_args, model_from_args
 from ..runtime import load, set_threads
 from ..runtime.batch import random_batch
+from ..runtime.model import time_calls
 from .peers import PEERS, PeerUnavailable, build_peer, gather_rate, gemm_rate
-
-
-def _time(fn, warmup: int, repeat: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def mlp_flops(arch) -> int:
@@ -98,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 time.sleep(0.2)  # let the other runtime's spinning threads go to sleep
                 call = fn if name == "dlrmc" else (lambda f=fn: f(*tb))
-                t = np.array(_time(call, 3, args.repeat))
+                t = np.array(time_calls(call, 3, args.repeat))
                 row["systems"][name] = {"median_us": float(np.median(t) * 1e6),
                                         "p99_us": float(np.percentile(t, 99) * 1e6),
                                         "samples_per_s": float(batch / np.median(t))}

@@ -33,6 +33,18 @@ def to_tvm(arrays: list[np.ndarray]) -> list[tvm.runtime.Tensor]:
     return out
 
 
+def time_calls(fn: Callable[[], object], warmup: int, repeat: int) -> list[float]:
+    """Seconds of each of ``repeat`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def check_cpu(requires: dict, cpuinfo: str = "/proc/cpuinfo") -> None:
     """Refuse an artifact this CPU cannot run (it would die of SIGILL, not raise)."""
     import platform
@@ -112,14 +124,7 @@ class CompiledDLRM:
 
     def time_per_batch(self, dense_x, lS_o, lS_i, repeat: int = 20) -> list[float]:
         """Seconds of each of ``repeat`` runs after a warm-up, validation excluded."""
-        run = self.bind(dense_x, lS_o, lS_i)
-        run()
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
-        return times
+        return time_calls(self.bind(dense_x, lS_o, lS_i), warmup=1, repeat=repeat)
 
 
 def load(artifact_dir: str, verify: bool = True, mmap: bool = False,
