@@ -3,7 +3,8 @@
 Registered through the ``torch_dynamo_backends`` entry point. Each graph Dynamo hands over
 is captured again with ``torch.export`` at its example shapes and goes through the same
 lowering and build as ``dlrm-compile``. Compiled modules are cached by graph code, weights,
-target and input shapes/dtypes; a new shape compiles once more. A graph dlrmc cannot lower
+target and input shapes/dtypes; a new shape compiles once more, also when Dynamo has made
+the graph dynamic (its size inputs are fixed to each call's values). A graph dlrmc cannot lower
 (or inputs off the CPU) runs eagerly instead, with a warning naming the reason.
 """
 
@@ -35,12 +36,38 @@ def _weights_key(gm: torch.fx.GraphModule) -> tuple:
                  for name, t in list(gm.named_parameters()) + list(gm.named_buffers()))
 
 
+class _SizesFixed(torch.nn.Module):
+    """The graph with its int inputs (sizes Dynamo made symbolic) fixed to one call's values,
+    so that torch.export and TVM see tensors only."""
+
+    def __init__(self, gm: torch.fx.GraphModule, inputs):
+        super().__init__()
+        self.gm = gm
+        self.fixed = {k: v for k, v in enumerate(inputs) if not isinstance(v, torch.Tensor)}
+        self.count = len(inputs)
+
+    def forward(self, *tensors):
+        rest = iter(tensors)
+        return self.gm(*[self.fixed[k] if k in self.fixed else next(rest)
+                         for k in range(self.count)])
+
+
+def _as_tvm(t: torch.Tensor) -> tvm.runtime.Tensor:
+    """Zero-copy where TVM can take the memory (Dynamo passes the weights in every call)."""
+    t = t.detach()
+    if t.is_contiguous() and t.numel() and t.data_ptr() % 64 == 0:
+        return tvm.runtime.from_dlpack(t)
+    return to_tvm([t.contiguous().numpy()])[0]
+
+
 class _Compiled:
-    """One graph compiled for one input signature; called with the flat graph inputs."""
+    """One graph compiled for one input signature; called with the graph's inputs."""
 
     def __init__(self, gm: torch.fx.GraphModule, inputs, target: tvm.target.Target):
+        tensors = tuple(t for t in inputs if isinstance(t, torch.Tensor))
+        module = gm if len(tensors) == len(inputs) else _SizesFixed(gm, inputs)
         with torch.no_grad():
-            ep = torch.export.export(gm, tuple(inputs), strict=False)
+            ep = torch.export.export(module, tensors, strict=False)
         lowered = lower(ep, target, unwrap_single_output=False)
         set_threads()
         self.vm = relax.VirtualMachine(build(lowered, target), tvm.cpu())
@@ -48,7 +75,7 @@ class _Compiled:
         self.params = list(self.vm[TRANSFORM_PARAMS](weights))
 
     def __call__(self, *inputs):
-        args = to_tvm([t.detach().numpy() for t in inputs])
+        args = [_as_tvm(t) for t in inputs if isinstance(t, torch.Tensor)]
         out = self.vm["main"](*args, *self.params)
         return tuple(torch.from_dlpack(o) for o in out)
 
@@ -64,9 +91,7 @@ def dlrmc_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None
         warnings.warn(f"dlrmc: running this graph eagerly: {reason}", stacklevel=2)
         return gm.forward
 
-    if any(not isinstance(t, torch.Tensor) for t in example_inputs):
-        return fallback("it takes symbolic or scalar inputs (compile with dynamic=False)")
-    if any(t.device.type != "cpu" for t in example_inputs):
+    if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in example_inputs):
         return fallback("its inputs are not on the CPU")
 
     def compiled_for(inputs) -> _Compiled | Callable:
@@ -78,7 +103,10 @@ def dlrmc_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None
                 _CACHE[k] = fallback(f"{type(e).__name__}: {e}")
         return _CACHE[k]
 
-    compiled_for(example_inputs)
+    # A graph Dynamo made dynamic takes its sizes as int inputs; its example holds symbols, so
+    # it is compiled per concrete size at the first call with that size.
+    if all(isinstance(t, torch.Tensor) for t in example_inputs):
+        compiled_for(example_inputs)
 
     def run(*inputs):
         return compiled_for(inputs)(*inputs)

@@ -65,6 +65,24 @@ def test_torch_compile_backend_matches_eager_and_caches():
     assert all(isinstance(v, dynamo_backend._Compiled) for v in dynamo_backend._CACHE.values())
 
 
+def test_torch_compile_backend_with_dynamos_dynamic_shapes():
+    import warnings
+
+    arch = PRESETS["tiny"]
+    model = DLRM(arch, seed=6).eval()
+    dynamo_backend._CACHE.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="dlrmc")      # Dynamo marks the batch dynamic
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message="dlrmc")
+        for batch in (3, 5, 9, 5):
+            d, o, i = example_inputs(arch, batch, seed=batch)
+            torch.testing.assert_close(compiled(d, o, list(i)), model(d, o, list(i)),
+                                       rtol=1e-5, atol=2e-6)
+    assert len(dynamo_backend._CACHE) == 3
+    assert all(isinstance(v, dynamo_backend._Compiled) for v in dynamo_backend._CACHE.values())
+
+
 def test_torch_compile_backend_falls_back_with_a_warning():
     class Odd(torch.nn.Module):
         def forward(self, x):
