@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             reason = str(e) if isinstance(e, PeerUnavailable) else f"{type(e).__name__}: {e}"
             systems[name] = reason.splitlines()[0][:300]
             print(f"skipping {PEERS[name]}: {systems[name]}", flush=True)
-    rate_flops, rate_bytes = gemm_rate(args.threads), gather_rate(dim=arch.sparse_feature_size)
+    rate_flops, rate_bytes = gemm_rate(), gather_rate(dim=arch.sparse_feature_size)
     print(f"measured: GEMM {rate_flops / 1e9:.0f} GFLOP/s (torch.mm 1024^3), random gather "
           f"{rate_bytes / 1e9:.2f} GB/s", flush=True)
     results = []
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"B={batch}: " + ", ".join(
             f"{k} {v['median_us']:,.0f} us" for k, v in row["systems"].items() if "median_us" in v)
             + f"; bound {row['bound_us']:,.0f} us; max |dlrmc - eager| {diff:.2g}", flush=True)
-    table = markdown(results, args, arch)
+    table = markdown(results)
     print("\n" + table)
     if args.json:
         with open(args.json, "w") as f:
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def markdown(results: list[dict], args, arch) -> str:
+def markdown(results: list[dict]) -> str:
     names = list(results[0]["systems"])
     head = "| system (median, p99; peer time / dlrmc time) | " + " | ".join(f"B={r['batch']}" for r in results) + " |"
     lines = [head, "|---" * (len(results) + 1) + "|"]

@@ -17,6 +17,7 @@ import torch
 
 from ..frontend.arch import Arch
 from ..frontend.export import export_model
+from ..runtime.model import time_calls
 
 
 class PeerUnavailable(RuntimeError):
@@ -100,28 +101,17 @@ def build_peer(name: str, model, arch: Arch, bag_size: int, threads: int) -> Cal
     raise ValueError(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
 
 
-def gemm_rate(threads: int, size: int = 1024) -> float:
-    """Measured float32 GEMM FLOP/s of torch.mm at ``size`` cubed."""
-    torch.set_num_threads(threads)
+def gemm_rate(size: int = 1024) -> float:
+    """Measured float32 GEMM FLOP/s of torch.mm at ``size`` cubed (torch's thread setting)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    for _ in range(2):
-        torch.mm(a, b)
-    import time
-
-    t0 = time.perf_counter()
-    n = 5
-    for _ in range(n):
-        torch.mm(a, b)
-    return 2 * size**3 * n / (time.perf_counter() - t0)
+    times = time_calls(lambda: torch.mm(a, b), warmup=2, repeat=5)
+    return 2 * size**3 * len(times) / sum(times)
 
 
 def gather_rate(rows: int = 1 << 22, dim: int = 16, count: int = 1 << 18) -> float:
     """Measured bytes/s of random row gathers from a table larger than the caches."""
-    import time
-
     table = np.random.default_rng(0).random((rows, dim), dtype=np.float32)
     idx = np.random.default_rng(1).integers(0, rows, count)
     np.take(table, idx[:1000], axis=0)
-    t0 = time.perf_counter()
-    np.take(table, idx, axis=0)
-    return count * dim * 4 / (time.perf_counter() - t0)
+    (seconds,) = time_calls(lambda: np.take(table, idx, axis=0), warmup=0, repeat=1)
+    return count * dim * 4 / seconds

@@ -1,6 +1,6 @@
 """ExportedProgram -> TVM Relax, with our lowering for what TVM lacks or gets wrong.
 
-TVM's ``from_exported_program`` imports everything except:
+TVM's ExportedProgram importer handles everything except:
 
 - ``aten._embedding_bag`` / ``aten._embedding_bag_forward_only`` (TVM has no converter): the
   tables that read rows of one offset matrix become one table-batched ``call_tir``
@@ -50,6 +50,10 @@ def _static_dims(var: relax.Expr, what: str, node) -> list:
     return list(shape)
 
 
+def _as_dtype(bb, expr: relax.Expr, dtype: str) -> relax.Expr:
+    return expr if expr.ty.dtype == dtype else bb.emit(relax.op.astype(expr, dtype))
+
+
 def _table(weight: relax.Expr, node) -> int:
     wshape = _static_dims(weight, "the embedding table", node)
     if len(wshape) != 2 or not isinstance(wshape[1], tvm.tirx.IntImm):
@@ -66,8 +70,7 @@ def _convert_embedding_bag(node, importer) -> relax.Expr:
     dim = _table(weight, node)
     mode = MODES[int(a["mode"])]
     index_dtype = indices.ty.dtype
-    if offsets.ty.dtype != index_dtype:
-        offsets = bb.emit(relax.op.astype(offsets, index_dtype))
+    offsets = _as_dtype(bb, offsets, index_dtype)
     last = bool(a["include_last_offset"])
     pad = a["padding_idx"]
     pad = None if pad is None or pad < 0 else int(pad)
@@ -88,9 +91,7 @@ def _convert_embedding_bags(node, importer) -> relax.Expr:
     ws, ids = [env[w] for w in weights], [env[i] for i in indices]
     dims = {_table(w, node) for w in ws}
     index_dtype = ids[0].ty.dtype
-    off = env[offsets]
-    if off.ty.dtype != index_dtype:
-        off = bb.emit(relax.op.astype(off, index_dtype))
+    off = _as_dtype(bb, env[offsets], index_dtype)
     kernel = embedding_bags_kernel(dims.pop(), MODES[mode], bool(psw), index_dtype, False, None,
                                    tuple(rows))
     gv = bb.add_func(kernel, f"embedding_bags_{len(ws)}")
