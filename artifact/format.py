@@ -29,6 +29,7 @@ at the end, so a failed compile leaves nothing behind (and never a half-written 
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -95,8 +96,11 @@ def write_artifact(out_dir: str, export_library: Callable[[str], None],
     os.umask(umask)
     try:
         os.chmod(tmp, 0o777 & ~umask)
-        index, weights_sha = _write_weights(os.path.join(tmp, WEIGHTS), weights)
-        export_library(os.path.join(tmp, LIBRARY))
+        # The library's code generation and the weights' write + hash overlap.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            library = pool.submit(export_library, os.path.join(tmp, LIBRARY))
+            index, weights_sha = _write_weights(os.path.join(tmp, WEIGHTS), weights)
+            library.result()
         manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION)
         manifest["weights"] = {"file": WEIGHTS, "tensors": index}
         manifest["files"] = {LIBRARY: _sha256(os.path.join(tmp, LIBRARY)), WEIGHTS: weights_sha}

@@ -1,9 +1,11 @@
 """From a torch DLRM to an artifact directory: export, lower, build, write.
 
-Each stage is timed and reported through ``log``. ``build`` lifts everything that depends
-only on the weights (the dense layers' weight packing) into ``main_transform_params``, which
-the runtime calls once at load; then Relax's ``zero`` pipeline (legalize, fuse) and TVM's
-lowering. Our kernels arrive already scheduled from ``dlrmc.schedules``.
+Each stage is timed and reported through ``log``. ``prepare`` exports and lowers the model
+and adds the static batch buckets (``buckets``); ``build`` schedules the buckets' kernels
+(from a tuning log, else by default: ``dlrmc.schedules.tuning``), lifts everything that
+depends only on the weights (the dense layers' weight packing) into one ``transform_params``
+shared by every entry, which the runtime calls once at load; then Relax's ``zero`` pipeline
+(legalize, fuse) and TVM's lowering.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from tvm import relax
 from ..artifact import write_artifact
 from ..frontend.arch import Arch
 from ..frontend.export import export_model
+from ..schedules.tuning import model_hash, schedule_kernels
+from ..schedules.tuning import read_manifest as read_log_manifest
 from ..targets import parse_target, requirements, resolved
+from .buckets import DEFAULT_BUCKETS, add_buckets, entry_name
 from .lower import Lowered, lower
 
 
@@ -38,34 +43,58 @@ def input_spec(arch: Arch) -> tuple[list[dict], dict]:
     return inputs, dims
 
 
-TRANSFORM_PARAMS = "main_transform_params"
+TRANSFORM_PARAMS = "transform_params"
 
 
-def build(lowered: Lowered, target: tvm.target.Target) -> relax.VMExecutable:
-    """Compile the lowered module for ``target``; it gains ``main_transform_params``."""
+def tuning_identity(arch: Arch, target: tvm.target.Target) -> dict:
+    """What a tuning log must have been made for to apply to this build."""
+    return {"target": resolved(target), "model_hash": model_hash(arch.to_dict())}
+
+
+def _stage(log: Callable[[str], None], name: str, fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    result = fn(*args, **kwargs)
+    log(f"[dlrmc] {name:<6} {time.perf_counter() - t0:7.2f} s")
+    return result
+
+
+def prepare(model: torch.nn.Module, arch: Arch, target: tvm.target.Target, buckets=(),
+            log: Callable[[str], None] = print) -> Lowered:
+    """Export and lower ``model``; its module gains ``main_b{B}`` for every bucket."""
     if target.kind.name != "llvm":
         raise BuildError(f"dlrmc does not build for target kind {target.kind.name!r} yet; "
                          "use an llvm target")
-    mod = relax.transform.LiftTransformParams()(lowered.mod)
+    ep = _stage(log, "export", export_model, model, arch)
+    lowered = _stage(log, "lower", lower, ep, target)
+    if buckets:
+        lowered.mod = add_buckets(lowered.mod, buckets)
+    return lowered
+
+
+def build(lowered: Lowered, target: tvm.target.Target, tuning_log: str | None = None,
+          expect: dict | None = None, log: Callable[[str], None] = print
+          ) -> tuple[relax.VMExecutable, dict]:
+    """Compile the lowered module for ``target``; returns it and which kernels were tuned."""
+    mod, summary = schedule_kernels(lowered.mod, tuning_log, expect, warn=log)
+    mod = relax.transform.LiftTransformParams(shared_transform=True)(mod)
     mod = relax.get_pipeline("zero")(mod)
-    return tvm.compile(mod, target)
+    return tvm.compile(mod, target), summary
 
 
 def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_dir: str,
-                  log: Callable[[str], None] = print) -> dict:
-    """Compile ``model`` for ``target`` into the artifact directory ``out_dir``; return its manifest."""
+                  log: Callable[[str], None] = print, buckets=None,
+                  tuning_log: str | None = None) -> dict:
+    """Compile ``model`` for ``target`` into the artifact directory ``out_dir``; return its
+    manifest. ``buckets``: static batch sizes compiled beside the symbolic batch (default:
+    the tuning log's, else ``DEFAULT_BUCKETS``); ``tuning_log``: a ``dlrm-tune`` directory
+    whose schedules are replayed."""
     tgt = parse_target(target)
-
-    def stage(name, fn, *args):
-        t0 = time.perf_counter()
-        result = fn(*args)
-        log(f"[dlrm-compile] {name:<6} {time.perf_counter() - t0:7.2f} s")
-        return result
-
-    ep = stage("export", export_model, model, arch)
-    lowered = stage("lower", lower, ep, tgt)
-    del ep
-    executable = stage("build", build, lowered, tgt)
+    if buckets is None:
+        buckets = read_log_manifest(tuning_log)["buckets"] if tuning_log else DEFAULT_BUCKETS
+    buckets = tuple(sorted({int(b) for b in buckets}))
+    lowered = prepare(model, arch, tgt, buckets, log)
+    executable, summary = _stage(log, "build", build, lowered, tgt, tuning_log,
+                                 tuning_identity(arch, tgt), log)
     inputs, dims = input_spec(arch)
     if lowered.num_inputs != len(inputs):
         raise BuildError(f"the lowered model takes {lowered.num_inputs} inputs, expected "
@@ -75,13 +104,15 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
         "tvm_version": tvm.__version__,
         "arch": arch.to_dict(),
         "entry": "main",
+        "buckets": {str(b): entry_name(b) for b in buckets},
         "transform_params": TRANSFORM_PARAMS,
         "inputs": inputs,
         "dynamic_dims": dims,
         "output": {"name": "pred", "dtype": "float32", "shape": ["batch", 1]},
         "target": {"string": target or "host", "resolved": resolved(tgt),
                    "requires": requirements(tgt)},
-        "tuning_log": None,
+        "tuning_log": None if tuning_log is None else {
+            "path": str(tuning_log), "tuned": summary["tuned"], "default": summary["default"]},
     }
-    return stage("write", write_artifact, out_dir, executable.export_library,
+    return _stage(log, "write", write_artifact, out_dir, executable.export_library,
                  zip(lowered.param_names, lowered.params), manifest)

@@ -13,6 +13,8 @@ from ..artifact import ArtifactError
 from ..frontend.checkpoint import CheckpointError
 from ..frontend.source import add_model_args, model_from_args
 from ..targets import TargetError, parse_target
+from ..schedules.tuning import read_manifest as read_log_manifest
+from .buckets import DEFAULT_BUCKETS, parse_buckets
 from .build import BuildError, compile_model
 from .lower import LoweringError
 
@@ -47,14 +49,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", type=int, default=0, metavar="B",
                    help="afterwards run a synthetic batch of B through the artifact and PyTorch "
                         "and print the predictions and their max difference")
+    p.add_argument("--buckets", metavar="B1,B2,..",
+                   help="static batch sizes compiled beside the any-batch entry (default: the "
+                        "tuning log's, else " + ",".join(map(str, DEFAULT_BUCKETS)) + "; "
+                        "'none' for the any-batch entry only)")
+    p.add_argument("--tuning-log", metavar="LOG_DIR",
+                   help="replay the schedules dlrm-tune recorded in LOG_DIR (no tuning runs)")
     add_model_args(p)
     args = p.parse_args(argv)
     # torch.export's own pytree deprecation notice, not the user's concern.
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     try:
         parse_target(args.target)  # fail before building a large model
+        buckets = None if args.buckets is None else parse_buckets(args.buckets)
+        if args.tuning_log:
+            read_log_manifest(args.tuning_log)
         model, arch = model_from_args(args)
-        compile_model(model, arch, args.target, args.output)
+        compile_model(model, arch, args.target, args.output, buckets=buckets,
+                      tuning_log=args.tuning_log)
         print(f"wrote {args.output}")
         if args.check:
             diff = check_artifact(model, args.output, args.check, args.seed)

@@ -70,7 +70,7 @@ class _Compiled:
             ep = torch.export.export(module, tensors, strict=False)
         lowered = lower(ep, target, unwrap_single_output=False)
         set_threads()
-        self.vm = relax.VirtualMachine(build(lowered, target), tvm.cpu())
+        self.vm = relax.VirtualMachine(build(lowered, target)[0], tvm.cpu())
         weights = [tvm.runtime.tensor(p) for p in lowered.params]
         self.params = list(self.vm[TRANSFORM_PARAMS](weights))
 

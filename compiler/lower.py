@@ -30,10 +30,10 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-from ..schedules.concat import concat_kernel
-from ..schedules.dense import dense_kernel, pack_kernel
-from ..schedules.embedding_bag import MODES, embedding_bag_kernel, embedding_bags_kernel
-from ..schedules.interaction import dot_interaction_kernel, output_width
+from ..schedules.dense import pack_kernel
+from ..schedules.embedding_bag import MODES
+from ..schedules.interaction import output_width
+from ..schedules.kernels import make
 from ..targets.knobs import CpuKnobs, cpu_knobs
 from . import torch_ops  # noqa: F401  (registers torch.ops.dlrmc)
 from .fx_passes import batch_embedding_bags, embedding_bag_args, fuse_dot_interaction, fuse_linear
@@ -69,7 +69,7 @@ def _convert_embedding_bag(node, importer) -> relax.Expr:
     weight, indices, offsets = env[a["weight"]], env[a["indices"]], env[a["offsets"]]
     dim = _table(weight, node)
     mode = MODES[int(a["mode"])]
-    index_dtype = indices.ty.dtype
+    index_dtype = str(indices.ty.dtype)
     offsets = _as_dtype(bb, offsets, index_dtype)
     last = bool(a["include_last_offset"])
     pad = a["padding_idx"]
@@ -77,7 +77,9 @@ def _convert_embedding_bag(node, importer) -> relax.Expr:
     args = [weight, indices, offsets]
     if a["per_sample_weights"] is not None:
         args.append(env[a["per_sample_weights"]])
-    kernel = embedding_bag_kernel(dim, mode, len(args) == 4, index_dtype, last, pad)
+    kernel = make("embedding_bags", dim=dim, mode=mode, weighted=len(args) == 4,
+                  index_dtype=index_dtype, include_last_offset=last, padding_idx=pad,
+                  offset_rows=None, batch=None)
     gv = bb.add_func(kernel, f"embedding_bag_{mode}_{dim}")
     batch = _static_dims(offsets, "offsets", node)[0] - (1 if last else 0)
     out = bb.emit(relax.call_tir(gv, args, relax.TensorType((batch, dim), "float32")))
@@ -90,10 +92,11 @@ def _convert_embedding_bags(node, importer) -> relax.Expr:
     env, bb = importer.env, importer.block_builder
     ws, ids = [env[w] for w in weights], [env[i] for i in indices]
     dims = {_table(w, node) for w in ws}
-    index_dtype = ids[0].ty.dtype
+    index_dtype = str(ids[0].ty.dtype)
     off = _as_dtype(bb, env[offsets], index_dtype)
-    kernel = embedding_bags_kernel(dims.pop(), MODES[mode], bool(psw), index_dtype, False, None,
-                                   tuple(rows))
+    kernel = make("embedding_bags", dim=dims.pop(), mode=MODES[mode], weighted=bool(psw),
+                  index_dtype=index_dtype, include_last_offset=False, padding_idx=None,
+                  offset_rows=list(rows), batch=None)
     gv = bb.add_func(kernel, f"embedding_bags_{len(ws)}")
     batch = _static_dims(off, "offsets", node)[1]
     out_ty = [relax.TensorType((batch, w.ty.shape[1]), "float32") for w in ws]
@@ -110,7 +113,8 @@ def _convert_dot_interaction(node, importer, knobs: CpuKnobs) -> relax.Expr:
     if not (isinstance(dim, tvm.tirx.IntImm) and (not stacked or isinstance(num, tvm.tirx.IntImm))):
         raise LoweringError(f"{node.name}: the interaction needs static feature count and width")
     num, dim = int(num), int(dim)
-    kernel = dot_interaction_kernel(num, dim, bool(itself), bool(prepend), knobs.lanes, stacked)
+    kernel = make("dot_interaction", num_features=num, dim=dim, self_interaction=bool(itself),
+                  prepend_dense=bool(prepend), lanes=knobs.lanes, stacked=stacked, batch=None)
     gv = bb.add_func(kernel, "dot_interaction")
     width = output_width(num, dim, bool(itself), bool(prepend))
     out_ty = relax.TensorType((shapes[0][0], width), "float32")
@@ -129,7 +133,7 @@ def _convert_cat(node, importer, stock) -> relax.Expr:
         return stock(node)
     widths = tuple(int(sh[1]) for sh in shapes)
     bb = importer.block_builder
-    gv = bb.add_func(concat_kernel(widths), "concat_rows")
+    gv = bb.add_func(make("concat_rows", widths=list(widths), batch=None), "concat_rows")
     out_ty = relax.TensorType((shapes[0][0], sum(widths)), "float32")
     return bb.emit(relax.call_tir(gv, inputs, out_ty))
 
@@ -162,7 +166,8 @@ def _convert_linear(node, importer, knobs: CpuKnobs) -> relax.Expr:
     pack = bb.add_func(pack_kernel(n, k, nr), f"pack_{n}x{k}")
     packed = bb.emit(relax.call_tir(pack, [w], relax.TensorType((nb, k, nr), "float32")))
     bias = env[b_node] if b_node is not None else relax.const(np.zeros(n, np.float32))
-    kernel = dense_kernel(n, k, act, knobs.mr, nr, n * k >= knobs.parallel_min_macs)
+    kernel = make("dense", n=n, k=k, act=act, mr=knobs.mr, nr=nr,
+                  parallel=n * k >= knobs.parallel_min_macs, batch=None)
     gv = bb.add_func(kernel, f"dense_{n}x{k}_{act}")
     return bb.emit(relax.call_tir(gv, [x, packed, bias], relax.TensorType((batch, n), "float32")))
 

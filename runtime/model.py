@@ -11,6 +11,7 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 from ..artifact import LIBRARY, ArtifactError, read_manifest, read_weights
+from .plan import pick, slice_batch
 from .validate import check_batch
 
 
@@ -102,6 +103,8 @@ class CompiledDLRM:
         self.device = tvm.cpu()
         self._vm = VirtualMachine(lib, self.device)
         self._main = self._vm[self.manifest["entry"]]
+        self._buckets = {int(b): self._vm[name]
+                         for b, name in self.manifest.get("buckets", {}).items()}
         # mmap: TVM reads the file's pages in place (fast load, memory shared between
         # processes, first touches fault pages in); else the weights are copied in at load.
         weights = [tvm.runtime.from_dlpack(w) if mmap else tvm.runtime.tensor(w, self.device)
@@ -112,15 +115,37 @@ class CompiledDLRM:
     def num_tables(self) -> int:
         return len(self.arch["embedding_sizes"])
 
-    def bind(self, dense_x, lS_o, lS_i) -> Callable[[], tvm.runtime.Tensor]:
-        """Validate a batch once; return a call that runs it (what benchmarks time)."""
+    @property
+    def buckets(self) -> list[int]:
+        return sorted(self._buckets)
+
+    def bind(self, dense_x, lS_o, lS_i) -> Callable[[], object]:
+        """Validate a batch once and plan it over the entries (``dlrmc.runtime.plan``);
+        return a call that runs it (what benchmarks time), giving a [B, 1] tensor or array."""
         dense, offsets, indices = check_batch(self.arch, dense_x, lS_o, lS_i)
-        args = to_tvm([dense, offsets, *indices])
-        return lambda: self._main(*args, *self._weights)
+        batch = dense.shape[0]
+        plan = pick(batch, self._buckets)
+        if len(plan) == 1 and plan[0][1] in (0, batch):
+            fn = self._buckets[batch] if plan[0][1] else self._main
+            args = to_tvm([dense, offsets, *indices])
+            return lambda: fn(*args, *self._weights)
+        calls, start = [], 0
+        for rows, size in plan:
+            piece = slice_batch(dense, offsets, indices, start, rows, size or rows)
+            calls.append((self._buckets[size] if size else self._main, rows,
+                          to_tvm([piece[0], piece[1], *piece[2]])))
+            start += rows
+
+        def run():
+            outs = [fn(*args, *self._weights).numpy()[:rows] for fn, rows, args in calls]
+            return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+        return run
 
     def predict(self, dense_x, lS_o, lS_i) -> np.ndarray:
         """Validate the batch (reference layout) and run it; returns float32 [B, 1]."""
-        return self.bind(dense_x, lS_o, lS_i)().numpy()
+        out = self.bind(dense_x, lS_o, lS_i)()
+        return out.numpy() if isinstance(out, tvm.runtime.Tensor) else out
 
     def time_per_batch(self, dense_x, lS_o, lS_i, repeat: int = 20) -> list[float]:
         """Seconds of each of ``repeat`` runs after a warm-up, validation excluded."""

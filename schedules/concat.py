@@ -21,8 +21,9 @@ PARALLEL_MIN_BATCH = 256
 
 
 @functools.lru_cache(maxsize=None)
-def concat_kernel(widths: tuple[int, ...]):
-    """A PrimFunc (x_0, .., x_{n-1}, out) concatenating along the last axis."""
+def concat_kernel(widths: tuple[int, ...], batch: int | None = None):
+    """A PrimFunc (x_0, .., x_{n-1}, out) concatenating along the last axis (B symbolic unless
+    ``batch``)."""
     widths = tuple(int(w) for w in widths)
     total = sum(widths)
     with IRBuilder() as ib:
@@ -30,7 +31,7 @@ def concat_kernel(widths: tuple[int, ...]):
             T.func_name("concat_rows")
             handles = [T.arg(f"x{k}", T.handle()) for k in range(len(widths))]
             result = T.arg("out", T.handle())
-            B = T.int64()
+            B = T.int64() if batch is None else T.int64(batch)
             xs = [T.match_buffer(h, (B, w), "float32") for h, w in zip(handles, widths)]
             out = T.match_buffer(result, (B, total), "float32")
             chunks = (B + CHUNK - 1) // CHUNK

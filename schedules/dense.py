@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import functools
 
+import tvm
 from tvm.script import tirx as T
+
+from .work_split import RULE
 
 ACTIVATIONS = ("none", "relu", "sigmoid")
 
@@ -52,8 +55,11 @@ def pack_kernel(n: int, k: int, nr: int):
 
 @functools.lru_cache(maxsize=None)
 def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
-                 parallel: bool = True):
-    """The packed dense kernel (x, Wp, b, y) for one layer shape; M symbolic."""
+                 parallel: bool = True, batch: int | None = None):
+    """The packed dense kernel (x, Wp, b, y) for one layer shape; M symbolic unless ``batch``.
+
+    With a static M the row-tile loops are serial blocks for the ``dlrmc_work`` schedule.
+    """
     if act not in ACTIVATIONS:
         raise ValueError(f"activation {act!r} is not one of {ACTIVATIONS}")
     N, K, MR, NR = int(n), int(k), int(mr), int(nr)
@@ -61,7 +67,13 @@ def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
     G = next(g for g in (4, 2, 1) if NB % g == 0)
     ragged = N % NR != 0
     epi = _epilogue(act)
-    loop = T.parallel if parallel else T.serial
+    static = batch is not None
+    M = tvm.tirx.Var("M", "int64") if batch is None else int(batch)
+    # Static M: serial loops that the dlrmc_work schedule splits and parallelises (or tunes).
+    loop = T.serial if static or not parallel else T.parallel
+    tail_loop = T.serial if static else T.parallel
+    tuned = {"schedule_rule": RULE} if static and parallel else {}
+    tail_tuned = tuned if static and int(batch) % MR > 1 else {}
 
     @T.macro
     def tail(A, W, Bv, C, M, vt):
@@ -82,7 +94,6 @@ def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
 
     @T.prim_func(private=True, s_tir=True)
     def dense(a: T.handle, w: T.handle, bias: T.handle, c: T.handle):
-        M = T.int64()
         A = T.match_buffer(a, (M, K), "float32")
         W = T.match_buffer(w, (NB, K, NR), "float32")
         Bv = T.match_buffer(bias, (N,), "float32")
@@ -91,6 +102,7 @@ def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
             for tile in loop(M // MR * NB):
                 with T.sblock("tile"):
                     vt = T.axis.spatial(M // MR * NB, tile)
+                    T.sblock_attr(tuned)
                     T.reads(A[0:M, 0:K], W[0:NB, 0:K, 0:NR], Bv[0:N])
                     T.writes(C[0:M, 0:N])
                     acc = T.sblock_alloc_buffer((MR, NR), "float32")
@@ -111,9 +123,10 @@ def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
         # time, so 2G independent FMA chains hide the FMA latency over the K loop. A single
         # row is not worth waking the thread pool for.
         if parallel and M % MR > 1:
-            for tile in T.parallel(M % MR * (NB // G)):
+            for tile in tail_loop(M % MR * (NB // G)):
                 with T.sblock("tail"):
                     vt = T.axis.spatial(M % MR * (NB // G), tile)
+                    T.sblock_attr(tail_tuned)
                     T.reads(A[0:M, 0:K], W[0:NB, 0:K, 0:NR], Bv[0:N])
                     T.writes(C[0:M, 0:N])
                     tail(A, W, Bv, C, M, vt)

@@ -42,11 +42,12 @@ def embedding_bags_kernel(
     include_last_offset: bool = False,
     padding_idx: int | None = None,
     offset_rows: tuple[int, ...] | None = None,
+    batch: int | None = None,
 ):
     """A PrimFunc (W_0.., I_0.., offsets, [PSW_0..,] out_0..) pooling several tables at once.
 
     ``offset_rows=None``: one table with 1-D offsets. Otherwise table j reads row
-    ``offset_rows[j]`` of a [T, B] offset matrix. V, N and B are symbolic.
+    ``offset_rows[j]`` of a [T, B] offset matrix. V and N are symbolic; B too unless ``batch``.
     """
     if mode not in MODES:
         raise ValueError(f"embedding bag mode {mode!r} is not one of {MODES}")
@@ -70,7 +71,7 @@ def embedding_bags_kernel(
             h_o = T.arg("offsets", T.handle())
             h_s = [T.arg(f"s{j}", T.handle()) for j in range(tables)] if weighted else []
             h_r = [T.arg(f"out{j}", T.handle()) for j in range(tables)]
-            B = T.int64()
+            B = T.int64() if batch is None else T.int64(batch)
             ns = [T.int64() for _ in range(tables)]
             W = [T.match_buffer(h, (T.int64(), D), "float32") for h in h_w]
             I = [T.match_buffer(h, (n,), index_dtype) for h, n in zip(h_i, ns)]

@@ -41,8 +41,12 @@ def output_width(num_features: int, dim: int, self_interaction: bool, prepend_de
 
 @functools.lru_cache(maxsize=None)
 def dot_interaction_kernel(num_features: int, dim: int, self_interaction: bool = False,
-                           prepend_dense: bool = True, lanes: int = 16, stacked: bool = False):
-    """A TIR PrimFunc (f_0, .., f_{F-1}, out), or (features [B, F, D], out) when ``stacked``."""
+                           prepend_dense: bool = True, lanes: int = 16, stacked: bool = False,
+                           batch: int | None = None):
+    """A TIR PrimFunc (f_0, .., f_{F-1}, out), or (features [B, F, D], out) when ``stacked``.
+
+    B is symbolic unless ``batch`` is given.
+    """
     F, D = int(num_features), int(dim)
     FP = -(-F // lanes) * lanes
     extra = 1 if self_interaction else 0
@@ -53,7 +57,7 @@ def dot_interaction_kernel(num_features: int, dim: int, self_interaction: bool =
             T.func_name("dot_interaction")
             handles = [T.arg(f"f{k}", T.handle()) for k in range(1 if stacked else F)]
             result = T.arg("out", T.handle())
-            B = T.int64()
+            B = T.int64() if batch is None else T.int64(batch)
             if stacked:
                 (buf,) = [T.match_buffer(handles[0], (B, F, D), "float32")]
                 inputs = [buf]

@@ -12,6 +12,7 @@ from dlrmc.frontend.model import DLRM
 from dlrmc.runtime import load
 
 torch.set_num_threads(2)
+BUCKETS = (4, 16)
 
 
 def make_batch(arch: Arch, batch: int, rng: np.random.Generator, max_bag: int = 3,
@@ -40,7 +41,10 @@ class Compiled:
         self.arch = arch
         self.model = DLRM(arch, seed=seed).eval()
         self._perturb()
-        compile_model(self.model, arch, "llvm", str(path), log=lambda _: None)
+        # Small buckets, so the batches the tests run take every path: exact bucket, padded
+        # bucket, split over the largest bucket, and the any-batch entry.
+        compile_model(self.model, arch, "llvm", str(path), log=lambda _: None,
+                      buckets=BUCKETS)
         self.path = path
         self.runtime = load(str(path))
 

@@ -8,6 +8,7 @@ import torch
 import tvm
 
 from dlrmc.compiler import dynamo_backend
+from dlrmc.compiler.build import TRANSFORM_PARAMS, build
 from dlrmc.compiler.fx_passes import fuse_dot_interaction
 from dlrmc.compiler.lower import LoweringError, lower
 from dlrmc.frontend.arch import PRESETS, Arch
@@ -118,7 +119,6 @@ def test_embedding_bag_variants_lower_correctly(dtype):
     import tvm
     from tvm import relax
 
-    from dlrmc.compiler.build import build
 
     model = _Bags().eval()
     rng = np.random.default_rng(0)
@@ -137,8 +137,8 @@ def test_embedding_bag_variants_lower_correctly(dtype):
         ep = torch.export.export(model, batch(5), dynamic_shapes=(
             {0: n_dim}, {0: b_dim}, {0: b_dim + 1}, {0: n_dim}))
     lowered = lower(ep, tvm.target.Target({"kind": "llvm"}))
-    vm = relax.VirtualMachine(build(lowered, tvm.target.Target({"kind": "llvm"})), tvm.cpu())
-    params = vm["main_transform_params"]([tvm.runtime.tensor(p) for p in lowered.params])
+    vm = relax.VirtualMachine(build(lowered, tvm.target.Target({"kind": "llvm"}))[0], tvm.cpu())
+    params = vm[TRANSFORM_PARAMS]([tvm.runtime.tensor(p) for p in lowered.params])
     for b in (1, 4, 33):
         args = batch(b)
         got = vm["main"](*[tvm.runtime.tensor(a.numpy()) for a in args], *params).numpy()
@@ -167,7 +167,6 @@ def test_linear_without_bias_and_without_activation():
     import tvm
     from tvm import relax
 
-    from dlrmc.compiler.build import build
 
     class Mlp(torch.nn.Module):
         def __init__(self):
@@ -184,9 +183,9 @@ def test_linear_without_bias_and_without_activation():
                                  dynamic_shapes=({0: torch.export.Dim("b", min=1)},))
     lowered = lower(ep, tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
     assert "dense_19x7_none" in [gv.name_hint for gv in lowered.mod.get_global_vars()]
-    vm = relax.VirtualMachine(build(lowered, tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})),
+    vm = relax.VirtualMachine(build(lowered, tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))[0],
                               tvm.cpu())
-    params = vm["main_transform_params"]([tvm.runtime.tensor(p) for p in lowered.params])
+    params = vm[TRANSFORM_PARAMS]([tvm.runtime.tensor(p) for p in lowered.params])
     for b in (1, 6, 13):
         x = torch.randn(b, 7)
         with torch.no_grad():

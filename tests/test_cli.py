@@ -32,7 +32,7 @@ def test_compile_checkpoint_then_run(tmp_path):
     res = run("dlrm-compile", "--target", "llvm -mcpu=skylake-avx512", "--load-model",
               str(tmp_path / "m.pt"), "-o", str(out), "--check", "7")
     for stage in ("export", "lower", "build", "write"):
-        assert f"[dlrm-compile] {stage}" in res.stdout
+        assert f"[dlrmc] {stage}" in res.stdout
     assert "max |dlrmc - PyTorch| over batch 7" in res.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["arch"]["interaction_itself"] is True

@@ -22,7 +22,7 @@ CONFIGS = [
     Arch(10, (20, 10, 30, 4), (3, 10), (6, 1), pooling="max", interaction_itself=True),
     Arch(33, (1000, 17), (13, 64, 33), (32, 16, 1), interaction_op="cat", pooling="mean"),
 ]
-BATCHES = (1, 2, 37, 256, 1000)
+BATCHES = (1, 2, 4, 13, 16, 37, 256, 1000)   # with conftest.BUCKETS: every entry path
 
 
 @pytest.mark.parametrize("arch", CONFIGS, ids=lambda a: f"T{a.num_tables}d{a.sparse_feature_size}"
@@ -78,7 +78,7 @@ def test_each_x86_vector_width_matches_pytorch(tmp_path, target):
 
     arch = Arch(24, (50, 40, 30), (13, 70, 24), (33, 1))
     model = DLRM(arch, seed=4).eval()
-    compile_model(model, arch, target, str(tmp_path / "a"), log=lambda _: None)
+    compile_model(model, arch, target, str(tmp_path / "a"), log=lambda _: None, buckets=(8,))
     runtime = load(str(tmp_path / "a"))
     rng = np.random.default_rng(5)
     for batch in (1, 7, 300):

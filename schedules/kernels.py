@@ -1,0 +1,54 @@
+"""Our kernels by name, each tagged with the recipe that built it.
+
+``make(name, **args)`` calls the named generator and records ``{"kernel", "args"}`` in the
+PrimFunc's ``dlrmc.kernel`` attribute, so a later stage can rebuild the same kernel at a
+static batch (``at_batch``: what a batch bucket runs and MetaSchedule tunes) without knowing
+which converter made it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import tvm
+
+from .concat import concat_kernel
+from .dense import dense_kernel
+from .embedding_bag import embedding_bags_kernel
+from .interaction import dot_interaction_kernel
+
+KERNEL_ATTR = "dlrmc.kernel"
+GENERATORS = {
+    "embedding_bags": embedding_bags_kernel,
+    "dot_interaction": dot_interaction_kernel,
+    "concat_rows": concat_kernel,
+    "dense": dense_kernel,
+}
+
+
+def _hashable(value):
+    return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
+
+
+def make(name: str, **args) -> tvm.tirx.PrimFunc:
+    """The kernel ``GENERATORS[name](**args)``, tagged with its recipe."""
+    func = GENERATORS[name](**{k: _hashable(v) for k, v in args.items()})
+    recipe = json.dumps({"kernel": name, "args": args}, sort_keys=True)
+    return func.with_attr(KERNEL_ATTR, recipe)
+
+
+def recipe(func) -> dict | None:
+    """The recipe a kernel was made from, or None for a function that is not ours."""
+    if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs is None \
+            or KERNEL_ATTR not in func.attrs:
+        return None
+    return json.loads(str(func.attrs[KERNEL_ATTR]))
+
+
+def at_batch(func: tvm.tirx.PrimFunc, batch: int) -> tvm.tirx.PrimFunc | None:
+    """The same kernel rebuilt for a static ``batch``; None when ``func`` is not ours or
+    does not depend on the batch."""
+    r = recipe(func)
+    if r is None or "batch" not in r["args"]:
+        return None
+    return make(r["kernel"], **{**r["args"], "batch": int(batch)})

@@ -1,0 +1,69 @@
+"""The ``dlrmc_work`` schedule: how a static-batch kernel's work items meet the cores.
+
+Our kernels (``dlrmc.schedules``) hand-write what runs per work item (register tiles, vector
+loops); at a static batch the loop over work items is left serial in a block annotated
+``schedule_rule = "dlrmc_work"`` (``work_split``). This module owns that loop:
+
+- ``apply_default``: one work item per parallel task (what the symbolic-batch kernels do);
+- ``sample``: a MetaSchedule custom rule (registered for the ``cpu`` and ``arm_cpu`` target
+  keys) whose knob is the parallel grain: work items per task, from 1 up to all of them (one
+  task: no thread-pool wake-up). MetaSchedule samples it, measures, and records the trace in
+  the tuning log; ``dlrmc.schedules.tuning`` replays it.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir
+
+from .work_split import RULE
+
+GRAINS = (1, 2, 4, 8, 16, 32)
+
+
+def annotated_blocks(sch: s_tir.Schedule) -> list:
+    """The blocks of ``sch``'s function that are left to this schedule."""
+    return [b for b in sch.get_child_blocks(sch.get_sblock("root"))
+            if sch.get(b).annotations.get("schedule_rule") == RULE]
+
+
+def grains(extent: int) -> list[int]:
+    """The grains worth trying for a loop of ``extent`` work items (``extent``: one task)."""
+    return sorted({g for g in GRAINS if g < extent} | {extent})
+
+
+def _work_loop(sch: s_tir.Schedule, block):
+    loop = sch.get_loops(block)[-1]
+    extent = sch.get(loop).extent
+    if not isinstance(extent, tvm.tirx.IntImm):
+        raise ValueError("the dlrmc_work schedule needs a static number of work items")
+    return loop, int(extent.value)
+
+
+def apply(sch: s_tir.Schedule, block, grain) -> None:
+    """Split the work loop into tasks of ``grain`` items (an int or a sampled variable)."""
+    loop, _ = _work_loop(sch, block)
+    tasks, _ = sch.split(loop, [None, grain])
+    sch.parallel(tasks)
+    sch.unannotate(block, "schedule_rule")
+
+
+def apply_default(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+    """``func`` with every annotated block scheduled one work item per task."""
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    for block in annotated_blocks(sch):
+        apply(sch, block, 1)
+    return sch.mod["main"]
+
+
+def sample(sch: s_tir.Schedule, block) -> list:
+    """The MetaSchedule rule: sample the grain, then apply it."""
+    _, extent = _work_loop(sch, block)
+    choices = grains(extent)
+    grain = sch.sample_categorical(choices, [1.0 / len(choices)] * len(choices))
+    apply(sch, block, grain)
+    return [sch]
+
+
+for _key in ("cpu", "arm_cpu"):
+    tvm.register_global_func(f"s_tir.meta_schedule.{_key}.{RULE}", sample, override=True)

@@ -1,0 +1,283 @@
+"""Batch buckets, the dlrmc_work schedule, dlrm-tune's logs and their replay, RPC tuning."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tvm
+from tvm import s_tir
+
+from dlrmc.frontend.arch import Arch
+from dlrmc.runtime.plan import MAX_PADDING, pick, slice_batch
+from dlrmc.schedules import reference as ref
+from dlrmc.schedules import work_schedule
+from dlrmc.schedules.kernels import make
+
+from conftest import make_batch, torch_predict
+
+TARGET = tvm.target.Target({"kind": "llvm"})
+TINY = Arch(4, (100, 50, 20, 10), (13, 32, 4), (32, 1))
+
+
+def run(*cmd, check=True, **kw):
+    res = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+@pytest.mark.parametrize("buckets", [(), (1,), (4, 16), (1, 64, 512, 2048), (3, 5, 7)])
+def test_pick_covers_the_batch_and_bounds_padding(buckets):
+    for batch in range(1, 5000, 37):
+        plan = pick(batch, buckets)
+        assert sum(rows for rows, _ in plan) == batch
+        for rows, entry in plan:
+            assert entry == 0 or entry in buckets
+            assert entry == 0 or rows <= entry and entry - rows <= MAX_PADDING * entry
+        if buckets and batch in buckets:
+            assert plan == [(batch, batch)]
+        if buckets:
+            assert all(entry == max(buckets) for _, entry in plan[:-1])
+
+
+def test_slice_batch_pads_with_empty_bags():
+    rng = np.random.default_rng(0)
+    dense, offsets, indices = make_batch(TINY, 9, rng, max_bag=4)
+    d, o, i = slice_batch(dense, offsets, indices, 3, 5, 8)
+    np.testing.assert_array_equal(d[:5], dense[3:8])
+    assert not d[5:].any()
+    for t in range(TINY.num_tables):
+        lo, hi = offsets[t, 3], offsets[t, 8]
+        np.testing.assert_array_equal(i[t], indices[t][lo:hi])
+        np.testing.assert_array_equal(o[t, :5], offsets[t, 3:8] - lo)
+        assert (o[t, 5:] == hi - lo).all()          # padding bags: empty, at the end
+
+
+def _run_kernel(func, arrays):
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), TARGET)
+    args = [tvm.runtime.tensor(a) for a in arrays]
+    lib["main"](*args)
+    return [a.numpy() for a in args]
+
+
+def _each_grain(func):
+    """``func`` scheduled with every grain the rule can sample (a few per loop)."""
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    blocks = work_schedule.annotated_blocks(sch)
+    assert blocks, "a static kernel with enough work has a tunable work loop"
+    extent = int(sch.get(sch.get_loops(blocks[0])[-1]).extent)
+    for grain in work_schedule.grains(extent)[::2] + [extent]:
+        s = s_tir.Schedule(tvm.IRModule({"main": func}))
+        for b in work_schedule.annotated_blocks(s):
+            work_schedule.apply(s, b, min(grain, int(s.get(s.get_loops(b)[-1]).extent)))
+        yield grain, s.mod["main"]
+
+
+@pytest.mark.parametrize("batch", [300, 1000])
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False),
+                                           ("max", False)])
+def test_static_embedding_bags_every_grain(batch, mode, weighted):
+    rng = np.random.default_rng(batch)
+    rows, dim = (30, 20, 10), 16
+    func = make("embedding_bags", dim=dim, mode=mode, weighted=weighted, index_dtype="int64",
+                include_last_offset=False, padding_idx=None, offset_rows=[0, 1, 2], batch=batch)
+    sizes = rng.integers(0, 4, (3, batch))
+    offsets = np.stack([np.concatenate([[0], np.cumsum(s)[:-1]]) for s in sizes])
+    idx = [rng.integers(0, r, s.sum()) for r, s in zip(rows, sizes)]
+    tables = [rng.standard_normal((r, dim)).astype(np.float32) for r in rows]
+    psw = [rng.standard_normal(len(i)).astype(np.float32) for i in idx] if weighted else []
+    expect = [ref.embedding_bag(w, i, o, mode, p if weighted else None)
+              for w, i, o, p in zip(tables, idx, offsets, psw or [None] * 3)]
+    for grain, scheduled in _each_grain(func):
+        outs = [np.full((batch, dim), np.nan, np.float32) for _ in rows]
+        got = _run_kernel(scheduled, tables + idx + [offsets] + psw + outs)[-3:]
+        for g, e in zip(got, expect):
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5, err_msg=f"grain {grain}")
+
+
+@pytest.mark.parametrize("batch", [64, 333])
+def test_static_interaction_and_dense_every_grain(batch):
+    rng = np.random.default_rng(batch)
+    feats = [rng.standard_normal((batch, 16)).astype(np.float32) for _ in range(5)]
+    func = make("dot_interaction", num_features=5, dim=16, self_interaction=False,
+                prepend_dense=True, lanes=16, stacked=False, batch=batch)
+    expect = ref.dot_interaction(np.stack(feats, 1), False, True)
+    for grain, scheduled in _each_grain(func):
+        out = np.full(expect.shape, np.nan, np.float32)
+        got = _run_kernel(scheduled, feats + [out])[-1]
+        np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5, err_msg=f"grain {grain}")
+    n, k = 70, 45
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    x = rng.standard_normal((batch, k)).astype(np.float32)
+    packed = np.zeros((-(-n // 32) * 32, k), np.float32)
+    packed[:n] = w
+    packed = np.ascontiguousarray(packed.reshape(-1, 32, k).transpose(0, 2, 1))
+    func = make("dense", n=n, k=k, act="relu", mr=6, nr=32, parallel=True, batch=batch)
+    for grain, scheduled in _each_grain(func):
+        out = np.full((batch, n), np.nan, np.float32)
+        got = _run_kernel(scheduled, [x, packed, b, out])[-1]
+        np.testing.assert_allclose(got, ref.dense(x, w, b, "relu"), rtol=1e-4, atol=1e-4,
+                                   err_msg=f"grain {grain}")
+
+
+# --- dlrm-tune, logs and replay -----------------------------------------------------------
+
+TUNE_MODEL = ["--arch-sparse-feature-size", "4", "--arch-embedding-size", "100-50-20-10",
+              "--arch-mlp-bot", "13-32-4", "--arch-mlp-top", "32-1"]
+
+
+@pytest.fixture(scope="module")
+def tuned_log(tmp_path_factory):
+    log = tmp_path_factory.mktemp("tune") / "log"
+    res = run("dlrm-tune", *TUNE_MODEL, "--buckets", "64,512", "--trials", "8",
+              "--no-progress", "-o", str(log))
+    return log, res
+
+
+def _records(log) -> int:
+    return len((log / "database_tuning_record.json").read_text().splitlines())
+
+
+def test_tune_writes_a_log_with_every_task(tuned_log):
+    log, res = tuned_log
+    manifest = json.loads((log / "dlrmc_tuning.json").read_text())
+    names = [t["name"] for t in manifest["tasks"]]
+    assert {"embedding_bags_4_b64", "embedding_bags_4_b512", "dot_interaction_b512"} <= set(names)
+    assert manifest["buckets"] == [64, 512] and manifest["indices_per_bag"] == 1
+    assert all(t["trials"] >= 1 and t["best_s"] and t["best_s"] < 1 for t in manifest["tasks"])
+    assert _records(log) >= len(names)
+    for name in names:
+        assert name in res.stdout                          # the per-task summary
+
+
+def test_tune_resumes_without_remeasuring(tuned_log, tmp_path):
+    log, _ = tuned_log
+    before = (log / "database_tuning_record.json").read_bytes()
+    res = run("dlrm-tune", *TUNE_MODEL, "--buckets", "64,512", "--trials", "8",
+              "--no-progress", "-o", str(log))
+    assert (log / "database_tuning_record.json").read_bytes() == before
+    assert "wrote" in res.stdout
+    other = run("dlrm-tune", *TUNE_MODEL, "--buckets", "64", "--trials", "8", "--no-progress",
+                "-o", str(log), check=False)
+    assert other.returncode == 2 and "another buckets" in other.stderr
+
+
+def test_log_replays_in_a_fresh_process_with_no_tuning(tuned_log, tmp_path):
+    log, _ = tuned_log
+    before = (log / "database_tuning_record.json").read_bytes()
+    out = tmp_path / "tuned"
+    t0 = time.time()
+    res = run("dlrm-compile", *TUNE_MODEL, "--tuning-log", str(log), "-o", str(out),
+              "--check", "600")
+    assert time.time() - t0 < 60
+    assert "max |dlrmc - PyTorch| over batch 600" in res.stdout
+    assert "warning" not in res.stdout
+    assert (log / "database_tuning_record.json").read_bytes() == before   # nothing measured
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["buckets"] == {"64": "main_b64", "512": "main_b512"}
+    assert set(manifest["tuning_log"]["tuned"]) >= {"embedding_bags_4_b512",
+                                                    "dot_interaction_b512"}
+    assert manifest["tuning_log"]["default"] == []
+    # the tuned artifact equals the default one and PyTorch, at and between the buckets
+    from dlrmc.frontend.model import DLRM
+    from dlrmc.runtime import load
+
+    model = DLRM(Arch(4, (100, 50, 20, 10), (13, 32, 4), (32, 1)), seed=0).eval()
+    runtime = load(str(out))
+    rng = np.random.default_rng(1)
+    for batch in (1, 50, 64, 500, 512, 1200):
+        dense, offsets, indices = make_batch(model.arch, batch, rng, max_bag=5)
+        np.testing.assert_allclose(runtime.predict(dense, offsets, indices),
+                                   torch_predict(model, dense, offsets, indices),
+                                   rtol=1e-5, atol=2e-6, err_msg=f"batch {batch}")
+
+
+def test_mismatched_logs_get_clear_messages(tuned_log, tmp_path):
+    log, _ = tuned_log
+    other_target = run("dlrm-compile", *TUNE_MODEL, "--target", "llvm -mcpu=haswell",
+                       "--tuning-log", str(log), "-o", str(tmp_path / "a"), check=False)
+    assert other_target.returncode == 2
+    assert "was made for another target" in other_target.stderr
+    assert not (tmp_path / "a").exists()
+    other_model = ["--arch-sparse-feature-size", "4", "--arch-embedding-size", "100-50-20-30",
+                   "--arch-mlp-bot", "13-32-4", "--arch-mlp-top", "32-1"]
+    res = run("dlrm-compile", *other_model, "--tuning-log", str(log), "-o", str(tmp_path / "b"))
+    assert "another model architecture" in res.stdout
+    assert "no record for 2 task(s)" in res.stdout
+    assert "embedding_bags_4_b64" in res.stdout and "embedding_bags_4_b512" in res.stdout
+    for name, setup, message in [
+            ("missing", lambda d: None, "does not exist"),
+            ("empty", lambda d: d.mkdir(), "is not a dlrmc tuning log"),
+            ("corrupt", lambda d: (d.mkdir(), (d / "dlrmc_tuning.json").write_text("{oops")),
+             "is corrupt"),
+            ("no-db", lambda d: (d.mkdir(), (d / "dlrmc_tuning.json").write_text(
+                (log / "dlrmc_tuning.json").read_text())), "lacks MetaSchedule's")]:
+        bad = tmp_path / name
+        setup(bad)
+        res = run("dlrm-compile", *TUNE_MODEL, "--tuning-log", str(bad), "-o",
+                  str(tmp_path / f"out-{name}"), check=False)
+        assert res.returncode == 2 and message in res.stderr, (name, res.stderr)
+        assert "Traceback" not in res.stderr
+
+
+def test_tune_rejects_bad_flags(tmp_path):
+    for args, message in [([], "give --trials"), (["--trials", "0"], "must be positive"),
+                          (["--trials", "2", "--rpc-tracker", "h:1"], "go together"),
+                          (["--trials", "2", "--buckets", "0"], "must be positive")]:
+        res = run("dlrm-tune", *TUNE_MODEL, *args, "-o", str(tmp_path / "x"), check=False)
+        assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
+
+
+# --- RPC ------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(port: int, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def test_tuning_through_an_rpc_tracker_and_server(tmp_path):
+    tracker_port, server_port = _free_port(), _free_port()
+    env = dict(os.environ, TVM_NUM_THREADS="2")
+    procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host",
+                               "127.0.0.1", "--port", str(tracker_port), "--port-end",
+                               str(tracker_port + 1)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        _wait_for(tracker_port)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker",
+             f"127.0.0.1:{tracker_port}", "--key", "dlrmc-test", "--host", "127.0.0.1",
+             "--port", str(server_port), "--port-end", str(server_port + 1)], env=env, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL))
+        _wait_for(server_port)
+        log = tmp_path / "rpc"
+        res = run("dlrm-tune", *TUNE_MODEL, "--buckets", "512", "--trials", "2",
+                  "--no-progress", "--rpc-tracker", f"127.0.0.1:{tracker_port}",
+                  "--rpc-key", "dlrmc-test", "-o", str(log), timeout=300)
+        manifest = json.loads((log / "dlrmc_tuning.json").read_text())
+        measured = [t for t in manifest["tasks"] if t["best_s"] is not None]
+        assert measured, res.stdout
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
