@@ -3,7 +3,10 @@
 Everything runs in one process, one system at a time per batch size, on the same batch:
 median and p99 time per batch, samples/s, each peer's time over ours, and a lower bound
 (the MLP's FLOPs at a measured GEMM rate plus the gathered bytes at a measured random-gather
-rate). Output: a terminal table, and optionally JSON and Markdown.
+rate). With ``--tuning-log`` the artifact is compiled from that log and the default-schedule
+artifact runs beside it; each tuning task's trials, best latency and achieved rate are
+printed, and the tuning curve (sum of the tasks' best latencies against trials) is drawn as
+a PNG. Output: a terminal table, and optionally JSON and Markdown.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from ..frontend.source import add_model_args, model_from_args
 from ..runtime import load, set_threads
 from ..runtime.batch import random_batch
 from ..runtime.model import time_calls
+from ..schedules.tuning import read_manifest as read_log_manifest
+from ..schedules.tuning import task_table, tuning_curve
 from .peers import PEERS, PeerUnavailable, build_peer, gather_rate, gemm_rate
 
 
@@ -44,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=30)
     p.add_argument("--peers", default="eager,compile,aoti,ort",
                    help=f"comma-separated subset of {','.join(PEERS)}, or none")
+    p.add_argument("--tuning-log", metavar="LOG_DIR",
+                   help="also compile from this dlrm-tune log, report its tasks, draw its curve")
+    p.add_argument("--curve", default="tuning_curve.png",
+                   help="PNG of the tuning curve (with --tuning-log; default %(default)s)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--markdown", help="write the Markdown table here")
     args = p.parse_args(argv)
@@ -51,15 +60,27 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     set_threads(args.threads)
     model, arch = model_from_args(args)
-    tmp = None
+    tmp = tempfile.TemporaryDirectory(prefix="dlrmc-bench-")
+    log_manifest = read_log_manifest(args.tuning_log) if args.tuning_log else None
+    buckets = log_manifest["buckets"] if log_manifest else None
     if args.artifact:
         artifact = args.artifact
     else:
-        tmp = tempfile.TemporaryDirectory(prefix="dlrmc-bench-")
         artifact = f"{tmp.name}/model"
-        compile_model(model, arch, args.target, artifact)
+        compile_model(model, arch, args.target, artifact, buckets=buckets)
     ours = load(artifact, threads=args.threads)
     systems: dict[str, object] = {}
+    tuning = None
+    if args.tuning_log:
+        compile_model(model, arch, args.target, f"{tmp.name}/tuned", tuning_log=args.tuning_log)
+        systems["dlrmc-default"] = ours.bind
+        ours = load(f"{tmp.name}/tuned", threads=args.threads)
+        print(task_table(log_manifest))
+        xs, ys = tuning_curve(args.tuning_log, log_manifest)
+        plot_curve(xs, ys, args.curve)
+        print(f"tuning curve: {args.curve}")
+        tuning = {"log": args.tuning_log, "tasks": log_manifest["tasks"],
+                  "curve": {"trials": xs, "sum_best_s": ys}}
     for name in [n for n in args.peers.split(",") if n and n != "none"]:
         t0 = time.perf_counter()
         try:
@@ -81,13 +102,16 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             expected = model(*tb).numpy()
             run = ours.bind(dense, offsets, indices)
-            diff = float(np.abs(run().numpy() - expected).max())
+            diff = float(np.abs(np.asarray(_numpy(run())) - expected).max())
             for name, fn in [("dlrmc", run)] + list(systems.items()):
                 if isinstance(fn, str):
                     row["systems"][name] = {"unavailable": fn}
                     continue
                 time.sleep(0.2)  # let the other runtime's spinning threads go to sleep
-                call = fn if name == "dlrmc" else (lambda f=fn: f(*tb))
+                if name == "dlrmc-default":
+                    call = fn(dense, offsets, indices)
+                else:
+                    call = fn if name == "dlrmc" else (lambda f=fn: f(*tb))
                 t = np.array(time_calls(call, 3, args.repeat))
                 row["systems"][name] = {"median_us": float(np.median(t) * 1e6),
                                         "p99_us": float(np.percentile(t, 99) * 1e6),
@@ -106,13 +130,35 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"arch": arch.to_dict(), "threads": args.threads, "bag_size": args.bag_size,
                        "target": ours.manifest["target"], "gemm_flops": rate_flops,
-                       "gather_bytes_per_s": rate_bytes, "results": results}, f, indent=1)
+                       "gather_bytes_per_s": rate_bytes, "results": results,
+                       "tuning": tuning}, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(table + "\n")
-    if tmp is not None:
-        tmp.cleanup()
+    tmp.cleanup()
     return 0
+
+
+def _numpy(out):
+    return out.numpy() if hasattr(out, "numpy") else out
+
+
+def plot_curve(trials: list[int], seconds: list[float], path: str) -> None:
+    """The tuning curve as a PNG (matplotlib, from the ``bench`` extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(trials, [s * 1e6 for s in seconds], marker=".")
+    ax.set_xlabel("trials (all tasks)")
+    ax.set_ylabel("sum of the tasks' best latency (us)")
+    ax.set_title("dlrm-tune: best latency against trials")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def markdown(results: list[dict]) -> str:
@@ -129,7 +175,8 @@ def markdown(results: list[dict]) -> str:
             ratio = s["median_us"] / r["systems"]["dlrmc"]["median_us"]
             extra = "" if name == "dlrmc" else f", {ratio:.2f}x"
             cells.append(f"{s['median_us']:,.0f} us ({s['p99_us']:,.0f}{extra})")
-        label = "dlrmc (this artifact)" if name == "dlrmc" else PEERS[name]
+        label = {"dlrmc": "dlrmc (this artifact)",
+                 "dlrmc-default": "dlrmc, default schedules"}.get(name) or PEERS[name]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("| lower bound | " + " | ".join(f"{r['bound_us']:,.0f} us" for r in results) + " |")
     return "\n".join(lines)

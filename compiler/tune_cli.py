@@ -16,25 +16,13 @@ import tvm
 from tqdm import tqdm
 
 from ..frontend.source import add_model_args, model_from_args
-from ..schedules.tuning import extract_tasks, make_runner, tune
+from ..schedules.tuning import extract_tasks, make_runner, task_table, tune
 from ..targets import parse_target, resolved
 from .build import prepare, tuning_identity
 from .buckets import DEFAULT_BUCKETS, parse_buckets
 from .cli import USER_ERRORS
 
 TRIALS_PER_TASK_WITH_BUDGET = 64   # --time-budget alone: this many per task, or until time
-
-
-def _print_summary(result: dict) -> None:
-    print(f"{'task':<34} {'trials':>6} {'best':>11}  rate")
-    for t in result["tasks"]:
-        best = t["best_s"]
-        if best is None:
-            print(f"{t['name']:<34} {t['trials']:>6} {'-':>11}  -")
-            continue
-        rate = t["work"] / best / 1e9
-        unit = "GFLOP/s" if t["unit"] == "FLOP" else "GB/s"
-        print(f"{t['name']:<34} {t['trials']:>6} {best * 1e6:>8.1f} us  {rate:.1f} {unit}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                       runner=runner, progress=progress)
         if bar is not None:
             bar.close()
-        _print_summary(result)
+        print(task_table(result))
         print(f"wrote {args.output}; use it with dlrm-compile --tuning-log {args.output}")
     except USER_ERRORS as e:
         print(f"dlrm-tune: error: {e}", file=sys.stderr)

@@ -281,3 +281,20 @@ def test_tuning_through_an_rpc_tracker_and_server(tmp_path):
         for p in procs:
             p.terminate()
             p.wait(10)
+
+
+def test_bench_with_a_tuning_log(tuned_log, tmp_path):
+    log, _ = tuned_log
+    out, curve = tmp_path / "b.json", tmp_path / "curve.png"
+    res = run("dlrm-bench", *TUNE_MODEL, "--tuning-log", str(log), "--peers", "none",
+              "--batches", "1,64", "--repeat", "3", "--json", str(out), "--curve", str(curve),
+              timeout=600)
+    data = json.loads(out.read_text())
+    for r in data["results"]:
+        assert set(r["systems"]) == {"dlrmc", "dlrmc-default"}
+        assert r["max_abs_diff_vs_eager"] < 1e-5
+    tasks = data["tuning"]["tasks"]
+    assert tasks and all(t["name"] in res.stdout for t in tasks)
+    assert "GB/s" in res.stdout and "GFLOP/s" in res.stdout
+    assert data["tuning"]["curve"]["trials"] and curve.read_bytes()[:4] == b"\x89PNG"
+    assert "| dlrmc, default schedules |" in res.stdout
