@@ -196,6 +196,14 @@ def _skip_tensor_intrinsics() -> None:
         sys.modules[name] = types.ModuleType(name, "not loaded by dlrmc: no tensorization")
 
 
+def _measure_on_every_core() -> None:
+    """Runner workers' initializer: TVM's default thread count is half the cores on x86;
+    measure with all of them, as the runtime runs (``dlrmc.runtime.set_threads``)."""
+    from ..runtime.model import set_threads
+
+    set_threads()
+
+
 def make_runner(rpc_tracker: str | None = None, rpc_key: str | None = None,
                 timeout_s: float = 30):
     """A local runner, or an RPC runner on the tracker ``HOST:PORT`` for devices of ``rpc_key``."""
@@ -203,7 +211,8 @@ def make_runner(rpc_tracker: str | None = None, rpc_key: str | None = None,
                                           enable_cpu_cache_flush=False)
     if rpc_tracker is None:
         return ms.runner.LocalRunner(timeout_sec=timeout_s, evaluator_config=evaluator,
-                                     f_alloc_argument=alloc_arguments)
+                                     f_alloc_argument=alloc_arguments,
+                                     initializer=_measure_on_every_core)
     host, _, port = rpc_tracker.rpartition(":")
     if not host or not port.isdigit() or not rpc_key:
         raise ValueError(f"--rpc-tracker wants HOST:PORT and --rpc-key a key, got "

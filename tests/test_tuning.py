@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -260,15 +261,15 @@ def test_tuning_through_an_rpc_tracker_and_server(tmp_path):
     env = dict(os.environ, TVM_NUM_THREADS="2")
     procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host",
                                "127.0.0.1", "--port", str(tracker_port), "--port-end",
-                               str(tracker_port + 1)], env=env,
+                               str(tracker_port + 1)], env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
         _wait_for(tracker_port)
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker",
              f"127.0.0.1:{tracker_port}", "--key", "dlrmc-test", "--host", "127.0.0.1",
-             "--port", str(server_port), "--port-end", str(server_port + 1)], env=env, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL))
+             "--port", str(server_port), "--port-end", str(server_port + 1)], env=env,
+            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         _wait_for(server_port)
         log = tmp_path / "rpc"
         res = run("dlrm-tune", *TUNE_MODEL, "--buckets", "512", "--trials", "2",
@@ -278,8 +279,8 @@ def test_tuning_through_an_rpc_tracker_and_server(tmp_path):
         measured = [t for t in manifest["tasks"] if t["best_s"] is not None]
         assert measured, res.stdout
     finally:
-        for p in procs:
-            p.terminate()
+        for p in procs:    # the server's session workers too: each runs in its own group
+            os.killpg(p.pid, signal.SIGTERM)
             p.wait(10)
 
 
