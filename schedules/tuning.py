@@ -308,9 +308,10 @@ def tune(tasks: list[Task], target: tvm.target.Target, log_dir: str, trials: int
             warnings.simplefilter("ignore")
             ms.tune_tasks(
                 tasks=contexts, task_weights=[1.0] * len(todo), work_dir=log_dir,
+                # MetaSchedule counts this run's trials only: cap each task at what it lacks
                 max_trials_global=sum(per_task - done[t.name] for t in todo),
-                max_trials_per_task=per_task,
-                num_trials_per_iter=min(8, per_task), builder=ms.builder.LocalBuilder(
+                max_trials_per_task=max(per_task - done[t.name] for t in todo),
+                num_trials_per_iter=min(8, max(per_task - done[t.name] for t in todo)), builder=ms.builder.LocalBuilder(
                     max_workers=1, timeout_sec=60, f_build=build_kernel),
                 runner=runner or make_runner(), database=db, cost_model="random",
                 measure_callbacks=[ms.measure_callback.AddToDatabase(),
