@@ -24,6 +24,7 @@ from tvm.script import tirx as T
 from .work_split import RULE
 
 ACTIVATIONS = ("none", "relu", "sigmoid")
+STATIC_PARALLEL_MIN_MACS = 1 << 20   # ~5 us on one core: worth waking the thread pool
 
 
 def _epilogue(act: str):
@@ -69,6 +70,9 @@ def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
     epi = _epilogue(act)
     static = batch is not None
     M = tvm.tirx.Var("M", "int64") if batch is None else int(batch)
+    # ``parallel`` is the caller's hint from the layer's size; a static batch with enough
+    # work in all (a small layer at a large batch) goes parallel too.
+    parallel = parallel or (static and M * N * K >= STATIC_PARALLEL_MIN_MACS)
     # Static M: serial loops that the dlrmc_work schedule splits and parallelises (or tunes).
     loop = T.serial if static or not parallel else T.parallel
     tail_loop = T.serial if static else T.parallel
