@@ -75,7 +75,7 @@ def build(lowered: Lowered, target: tvm.target.Target, tuning_log: str | None = 
           expect: dict | None = None, log: Callable[[str], None] = print
           ) -> tuple[relax.VMExecutable, dict]:
     """Compile the lowered module for ``target``; returns it and which kernels were tuned."""
-    mod, summary = schedule_kernels(lowered.mod, tuning_log, expect, warn=log)
+    mod, summary = schedule_kernels(lowered.mod, target, tuning_log, expect, warn=log)
     mod = relax.transform.LiftTransformParams(shared_transform=True)(mod)
     mod = relax.get_pipeline("zero")(mod)
     return tvm.compile(mod, target), summary

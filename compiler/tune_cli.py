@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         model, arch = model_from_args(args)
         lowered = prepare(model, arch, tgt, buckets)
         del model
-        tasks = extract_tasks(lowered.mod, args.indices_per_bag)
+        tasks = extract_tasks(lowered.mod, tgt, args.indices_per_bag)
         trials = args.trials or TRIALS_PER_TASK_WITH_BUDGET * len(tasks)
         manifest = {**tuning_identity(arch, tgt), "target_string": args.target,
                     "arch": arch.to_dict(), "buckets": list(buckets),

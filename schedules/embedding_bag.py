@@ -43,11 +43,14 @@ def embedding_bags_kernel(
     padding_idx: int | None = None,
     offset_rows: tuple[int, ...] | None = None,
     batch: int | None = None,
+    prefetch: int = 0,
 ):
     """A PrimFunc (W_0.., I_0.., offsets, [PSW_0..,] out_0..) pooling several tables at once.
 
     ``offset_rows=None``: one table with 1-D offsets. Otherwise table j reads row
     ``offset_rows[j]`` of a [T, B] offset matrix. V and N are symbolic; B too unless ``batch``.
+    ``prefetch`` > 0: while pooling index p, prefetch the row of index p + ``prefetch``
+    (a tuning knob; 0 leaves it to the hardware).
     """
     if mode not in MODES:
         raise ValueError(f"embedding bag mode {mode!r} is not one of {MODES}")
@@ -100,6 +103,16 @@ def embedding_bags_kernel(
                         end = T.if_then_else(b + 1 < B, offset(j, T.min(b + 1, B - 1)), ns[j])
                     with T.serial(end - begin) as p:
                         row = T.Cast("int64", I[j][begin + p])
+                        if prefetch:
+                            ahead = begin + p + prefetch
+                            with T.If(ahead < ns[j]):
+                                with T.Then():
+                                    ahead_row = T.Cast("int64", I[j][T.min(ahead, ns[j] - 1)])
+                                    for line in range(0, D, 16):   # 64-byte cache lines
+                                        T.evaluate(T.call_llvm_intrin(
+                                            "void", "llvm.prefetch.p0",
+                                            T.address_of(W[j][ahead_row, line]), T.int32(0),
+                                            T.int32(3), T.int32(1)))
 
                         def accumulate():
                             if counted:

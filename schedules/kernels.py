@@ -45,6 +45,26 @@ def recipe(func) -> dict | None:
     return json.loads(str(func.attrs[KERNEL_ATTR]))
 
 
+PREFETCH_CHOICES = (0, 4, 16)   # rows ahead an embedding kernel may prefetch
+
+
+def variants(r: dict, knobs) -> list[dict]:
+    """The discrete knobs of a kernel worth measuring, as argument overrides (``{}`` is the
+    kernel as lowered): GEMM micro-tile heights that fit the target's registers, and the
+    embedding kernels' prefetch distance. Each override is its own MetaSchedule task."""
+    a = r["args"]
+    if r["kernel"] == "dense":
+        return [{} if m == a["mr"] else {"mr": m} for m in knobs.mr_choices(a["nr"])] or [{}]
+    if r["kernel"] == "embedding_bags":
+        return [{} if d == a.get("prefetch", 0) else {"prefetch": d} for d in PREFETCH_CHOICES]
+    return [{}]
+
+
+def with_args(r: dict, override: dict) -> tvm.tirx.PrimFunc:
+    """The kernel of recipe ``r`` with some arguments overridden."""
+    return make(r["kernel"], **{**r["args"], **override})
+
+
 def at_batch(func: tvm.tirx.PrimFunc, batch: int) -> tvm.tirx.PrimFunc | None:
     """The same kernel rebuilt for a static ``batch``; None when ``func`` is not ours or
     does not depend on the batch."""

@@ -22,7 +22,7 @@ import sys
 import time
 import types
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -33,7 +33,8 @@ from tvm.s_tir import meta_schedule as ms
 
 from . import work_schedule
 from .interaction import num_pairs
-from .kernels import recipe
+from ..targets.knobs import cpu_knobs
+from .kernels import KERNEL_ATTR, recipe, variants, with_args
 
 LOG_MANIFEST = "dlrmc_tuning.json"
 LOG_FORMAT = 1
@@ -53,6 +54,8 @@ class Task:
     mod: tvm.IRModule          # the kernel with every shape static, as function "main"
     work: float                # FLOPs (dense, interaction) or bytes moved (embeddings, concat)
     unit: str                  # "FLOP" or "B"
+    function: str = ""         # the kernel's name in the module
+    override: dict = field(default_factory=dict)   # the variant's knobs (kernels.variants)
 
 
 def _call_site_shapes(mod: tvm.IRModule) -> dict[str, list]:
@@ -111,21 +114,31 @@ def _has_work_loops(func: tvm.tirx.PrimFunc) -> bool:
     return bool(work_schedule.annotated_blocks(sch))
 
 
-def extract_tasks(mod: tvm.IRModule, indices_per_bag: int = 1) -> list[Task]:
-    """The tunable kernels of ``mod``'s bucket functions, in module order."""
+def _variant_name(kernel: str, override: dict) -> str:
+    return kernel + ("[" + ",".join(f"{k}={v}" for k, v in sorted(override.items())) + "]"
+                     if override else "")
+
+
+def extract_tasks(mod: tvm.IRModule, target: tvm.target.Target,
+                  indices_per_bag: int = 1) -> list[Task]:
+    """The tunable kernels of ``mod``'s bucket functions, each in every variant of its
+    discrete knobs (``dlrmc.schedules.kernels.variants``), in module order."""
     shapes = _call_site_shapes(mod)
+    knobs = cpu_knobs(target)
     tasks = []
     for gv, func in mod.functions.items():
         r = recipe(func)
         if r is None or r["args"].get("batch") is None or not _has_work_loops(func):
             continue
         batch = int(r["args"]["batch"])
-        static = _static_task_func(func, shapes[gv.name_hint], batch * indices_per_bag)
         work, unit = _work(r, batch, indices_per_bag)
-        tasks.append(Task(gv.name_hint, r["kernel"], batch,
-                          tvm.IRModule({"main": static.without_attr("dlrmc.kernel").with_attr(
-                              "global_symbol", "main")}), work,
-                          unit))
+        for override in variants(r, knobs):
+            static = _static_task_func(with_args(r, override), shapes[gv.name_hint],
+                                       batch * indices_per_bag)
+            task_mod = tvm.IRModule({"main": static.without_attr(KERNEL_ATTR).with_attr(
+                "global_symbol", "main")})
+            tasks.append(Task(_variant_name(gv.name_hint, override), r["kernel"], batch,
+                              task_mod, work, unit, gv.name_hint, override))
     return tasks
 
 
@@ -406,12 +419,13 @@ def open_database(log_dir: str):
                              f"{str(e).splitlines()[-1]}") from None
 
 
-def schedule_kernels(mod: tvm.IRModule, log_dir: str | None = None,
-                     expect: dict | None = None,
+def schedule_kernels(mod: tvm.IRModule, target: tvm.target.Target,
+                     log_dir: str | None = None, expect: dict | None = None,
                      warn: Callable[[str], None] = print) -> tuple[tvm.IRModule, dict]:
-    """Schedule every kernel's work loops: from the tuning log where it has the task, else by
-    default. ``expect`` (target, model hash) is checked against the log's manifest. Returns
-    the module and a summary {"tuned": [...], "default": [...]}."""
+    """Schedule every kernel's work loops: where the tuning log has records for the kernel,
+    rebuild it as its fastest measured variant and replay that variant's best trace; else
+    the default schedule. ``expect`` (target, model hash) is checked against the log's
+    manifest. Returns the module and a summary {"tuned": {kernel: variant}, "default": [...]}."""
     db, per_bag = None, 1
     if log_dir is not None:
         manifest = read_manifest(log_dir)
@@ -425,21 +439,24 @@ def schedule_kernels(mod: tvm.IRModule, log_dir: str | None = None,
                 warn(f"warning: {problem}")
         db = open_database(log_dir)
         per_bag = int(manifest.get("indices_per_bag", 1))
-    tasks = {t.name: t for t in extract_tasks(mod, per_bag)}
-    summary = {"tuned": [], "default": []}
+    best: dict[str, tuple] = {}          # kernel -> (seconds, task, record)
+    if db is not None:
+        for task in extract_tasks(mod, target, per_bag):
+            for record in _records(db, task):
+                secs = _best([record])
+                if secs is not None and secs < best.get(task.function, (1e30,))[0]:
+                    best[task.function] = (secs, task, record)
+    summary = {"tuned": {}, "default": []}
     for gv, func in list(mod.functions.items()):
         if not isinstance(func, tvm.tirx.PrimFunc) or not _has_work_loops(func):
             continue
-        task = tasks.get(gv.name_hint)
-        record = None
-        if db is not None and task is not None:
-            best = _records(db, task)
-            record = next((r for r in best if r.run_secs and _best([r]) is not None), None)
-        if record is not None:
-            sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+        if gv.name_hint in best:
+            _, task, record = best[gv.name_hint]
+            variant = with_args(recipe(func), task.override)
+            sch = s_tir.Schedule(tvm.IRModule({"main": variant}))
             record.trace.apply_to_schedule(sch, remove_postproc=True)
             mod[gv] = sch.mod["main"]
-            summary["tuned"].append(gv.name_hint)
+            summary["tuned"][gv.name_hint] = task.name
         else:
             mod[gv] = work_schedule.apply_default(func)
             summary["default"].append(gv.name_hint)

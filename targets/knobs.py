@@ -18,7 +18,13 @@ class CpuKnobs:
     lanes: int           # float32 lanes of one vector register
     mr: int              # rows of a GEMM micro-tile
     nr: int              # columns of a GEMM micro-tile (a multiple of ``lanes``)
+    registers: int = 16  # vector registers (what bounds a micro-tile: MR*NR/lanes accumulators)
     parallel_min_macs: int = 1 << 16   # below this a layer runs on one thread
+
+    def mr_choices(self, nr: int) -> list[int]:
+        """Micro-tile heights whose accumulators, panel loads and broadcast fit the registers."""
+        vecs = max(nr // self.lanes, 1)
+        return [m for m in (4, 6, 8, 12) if m * vecs + vecs + 1 <= self.registers]
 
     @property
     def name(self) -> str:
@@ -30,9 +36,9 @@ def cpu_knobs(target: Target) -> CpuKnobs:
     """Knobs for an llvm target: AVX-512 (32 zmm), AVX2 (16 ymm), NEON (32 q), else SSE."""
     feats = set(codegen.llvm_get_cpu_features(target))
     if "avx512f" in feats:
-        return CpuKnobs(lanes=16, mr=6, nr=32)    # 12 accumulators + 2 panel + 1 broadcast
+        return CpuKnobs(lanes=16, mr=6, nr=32, registers=32)  # 12 acc + 2 panel + 1 broadcast
     if "avx2" in feats or "avx" in feats:
         return CpuKnobs(lanes=8, mr=6, nr=16)     # 12 + 2 + 1 of 16 ymm
     if "neon" in feats:
-        return CpuKnobs(lanes=4, mr=6, nr=16)     # 24 + 4 + 1 of 32 q registers
+        return CpuKnobs(lanes=4, mr=6, nr=16, registers=32)   # 24 + 4 + 1 of 32 q registers
     return CpuKnobs(lanes=4, mr=4, nr=8)          # 8 + 2 + 1 of 16 xmm

@@ -81,14 +81,15 @@ def _each_grain(func):
         yield grain, s.mod["main"]
 
 
-@pytest.mark.parametrize("batch", [300, 1000])
+@pytest.mark.parametrize("batch,prefetch", [(300, 0), (1000, 16), (257, 4)])
 @pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False),
                                            ("max", False)])
-def test_static_embedding_bags_every_grain(batch, mode, weighted):
+def test_static_embedding_bags_every_grain(batch, prefetch, mode, weighted):
     rng = np.random.default_rng(batch)
     rows, dim = (30, 20, 10), 16
     func = make("embedding_bags", dim=dim, mode=mode, weighted=weighted, index_dtype="int64",
-                include_last_offset=False, padding_idx=None, offset_rows=[0, 1, 2], batch=batch)
+                include_last_offset=False, padding_idx=None, offset_rows=[0, 1, 2], batch=batch,
+                prefetch=prefetch)
     sizes = rng.integers(0, 4, (3, batch))
     offsets = np.stack([np.concatenate([[0], np.cumsum(s)[:-1]]) for s in sizes])
     idx = [rng.integers(0, r, s.sum()) for r, s in zip(rows, sizes)]
@@ -121,12 +122,13 @@ def test_static_interaction_and_dense_every_grain(batch):
     packed = np.zeros((-(-n // 32) * 32, k), np.float32)
     packed[:n] = w
     packed = np.ascontiguousarray(packed.reshape(-1, 32, k).transpose(0, 2, 1))
-    func = make("dense", n=n, k=k, act="relu", mr=6, nr=32, parallel=True, batch=batch)
-    for grain, scheduled in _each_grain(func):
-        out = np.full((batch, n), np.nan, np.float32)
-        got = _run_kernel(scheduled, [x, packed, b, out])[-1]
-        np.testing.assert_allclose(got, ref.dense(x, w, b, "relu"), rtol=1e-4, atol=1e-4,
-                                   err_msg=f"grain {grain}")
+    for mr in (4, 6, 8, 12):           # every micro-tile height AVX-512 registers allow
+        func = make("dense", n=n, k=k, act="relu", mr=mr, nr=32, parallel=True, batch=batch)
+        for grain, scheduled in _each_grain(func):
+            out = np.full((batch, n), np.nan, np.float32)
+            got = _run_kernel(scheduled, [x, packed, b, out])[-1]
+            np.testing.assert_allclose(got, ref.dense(x, w, b, "relu"), rtol=1e-4, atol=1e-4,
+                                       err_msg=f"MR {mr}, grain {grain}")
 
 
 # --- dlrm-tune, logs and replay -----------------------------------------------------------
@@ -299,3 +301,18 @@ def test_bench_with_a_tuning_log(tuned_log, tmp_path):
     assert "GB/s" in res.stdout and "GFLOP/s" in res.stdout
     assert data["tuning"]["curve"]["trials"] and curve.read_bytes()[:4] == b"\x89PNG"
     assert "| dlrmc, default schedules |" in res.stdout
+
+
+def test_variants_fit_the_target_registers():
+    from dlrmc.schedules.kernels import variants
+    from dlrmc.targets import parse_target
+    from dlrmc.targets.knobs import cpu_knobs
+
+    dense = {"kernel": "dense", "args": {"mr": 6, "nr": 32}}
+    avx512 = cpu_knobs(parse_target("llvm -mcpu=skylake-avx512"))
+    assert variants(dense, avx512) == [{"mr": 4}, {}, {"mr": 8}, {"mr": 12}]
+    avx2 = cpu_knobs(parse_target("llvm -mcpu=haswell"))
+    assert variants({"kernel": "dense", "args": {"mr": 6, "nr": 16}}, avx2) == [{"mr": 4}, {}]
+    bags = {"kernel": "embedding_bags", "args": {"prefetch": 0}}
+    assert {} in variants(bags, avx2) and {"prefetch": 16} in variants(bags, avx2)
+    assert variants({"kernel": "concat_rows", "args": {}}, avx2) == [{}]
