@@ -24,7 +24,7 @@ import torch
 from ..compiler.build import compile_model
 from ..frontend.source import add_model_args, model_from_args
 from ..runtime import load, set_threads
-from ..runtime.batch import random_batch
+from ..runtime.batch import add_random_batch_args, batch_from_args
 from ..runtime.model import time_calls
 from ..schedules.tuning import read_manifest as read_log_manifest
 from ..schedules.tuning import task_table, tuning_curve
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifact", help="benchmark this artifact (compiled from the same model "
                                       "flags and seed) instead of compiling one")
     p.add_argument("--batches", default="1,64,512,2048")
-    p.add_argument("--bag-size", type=int, default=1, help="indices per bag (default 1)")
+    add_random_batch_args(p)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=30)
     p.add_argument("--peers", default="eager,compile,aoti,ort",
@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in [n for n in args.peers.split(",") if n and n != "none"]:
         t0 = time.perf_counter()
         try:
+            if name == "ort" and not args.fixed_bags:
+                raise PeerUnavailable("our ONNX export of the bags needs fixed bag sizes")
             systems[name] = build_peer(name, model, arch, args.bag_size, args.threads)
             print(f"prepared {PEERS[name]} in {time.perf_counter() - t0:.1f} s", flush=True)
         except Exception as e:  # noqa: BLE001 - a peer that fails to build is reported, not fatal
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{rate_bytes / 1e9:.2f} GB/s", flush=True)
     results = []
     for batch in (int(b) for b in args.batches.split(",")):
-        dense, offsets, indices = random_batch(ours.arch, batch, args.bag_size, seed=batch)
+        dense, offsets, indices = batch_from_args(ours.arch, batch, args, seed=batch)
         tb = (torch.from_numpy(dense), torch.from_numpy(offsets),
               [torch.from_numpy(i) for i in indices])
         row = {"batch": batch, "systems": {}}
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "p99_us": float(np.percentile(t, 99) * 1e6),
                                         "samples_per_s": float(batch / np.median(t))}
         bound = (mlp_flops(arch) * batch / rate_flops
-                 + batch * arch.num_tables * args.bag_size * arch.sparse_feature_size * 4 / rate_bytes)
+                 + sum(len(i) for i in indices) * arch.sparse_feature_size * 4 / rate_bytes)
         row["bound_us"] = bound * 1e6
         row["max_abs_diff_vs_eager"] = diff
         results.append(row)

@@ -2,25 +2,64 @@
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 
 
-def random_batch(arch: dict, batch: int, bag_size: int = 1, seed: int = 0, empty_bags: float = 0.0):
+DISTRIBUTIONS = ("uniform", "zipf")
+
+
+def random_batch(arch: dict, batch: int, bag_size: int = 1, seed: int = 0,
+                 empty_bags: float = 0.0, fixed: bool = True, distribution: str = "uniform",
+                 zipf_alpha: float = 1.05):
     """dense_x [B, D] float32, lS_o [T, B] int64, lS_i list of T int64 arrays.
 
-    Bags hold ``bag_size`` indices each (uniform over the table), a fraction ``empty_bags`` none.
+    The reference's random input mode: each bag holds ``bag_size`` indices (its
+    ``--num-indices-per-lookup``) when ``fixed`` (``--num-indices-per-lookup-fixed``), else
+    between 1 and ``bag_size``; a fraction ``empty_bags`` holds none. Indices are uniform over
+    the table, or ``zipf``: row ranks from a Zipf law of exponent ``zipf_alpha`` (a few hot
+    rows), scattered over the table by a fixed multiplicative hash.
     """
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"index distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    if bag_size < 1:
+        raise ValueError(f"indices per lookup must be positive, got {bag_size}")
     rng = np.random.default_rng(seed)
     rows = arch["embedding_sizes"]
     dense = rng.random((batch, arch["mlp_bot"][0]), dtype=np.float32)
     offsets, indices = [], []
-    for n in rows:
-        sizes = np.full(batch, bag_size, np.int64)
+    for t, n in enumerate(rows):
+        sizes = (np.full(batch, bag_size, np.int64) if fixed
+                 else rng.integers(1, bag_size + 1, batch))
         if empty_bags:
             sizes[rng.random(batch) < empty_bags] = 0
         offsets.append(np.concatenate([[0], np.cumsum(sizes)[:-1]]))
-        indices.append(rng.integers(0, n, int(sizes.sum()), dtype=np.int64))
+        count = int(sizes.sum())
+        if distribution == "uniform":
+            indices.append(rng.integers(0, n, count, dtype=np.int64))
+        else:
+            ranks = (rng.zipf(zipf_alpha, count) - 1) % n
+            indices.append((ranks * 2654435761 + 97 * t) % n)
     return dense, np.stack(offsets).astype(np.int64), indices
+
+
+def add_random_batch_args(parser) -> None:
+    """The reference's random-input flags (dlrm-run --random, dlrm-bench)."""
+    parser.add_argument("--num-indices-per-lookup", "--bag-size", dest="bag_size", type=int,
+                        default=1, help="indices per bag (default 1, one-hot)")
+    parser.add_argument("--num-indices-per-lookup-fixed", dest="fixed_bags",
+                        action=argparse.BooleanOptionalAction, default=True,
+                        help="every bag holds exactly that many (default); --no-... draws "
+                             "1..N per bag, as the reference does without the flag")
+    parser.add_argument("--index-distribution", choices=DISTRIBUTIONS, default="uniform")
+    parser.add_argument("--zipf-alpha", type=float, default=1.05,
+                        help="Zipf exponent for --index-distribution zipf")
+
+
+def batch_from_args(arch: dict, batch: int, args, seed: int):
+    return random_batch(arch, batch, args.bag_size, seed, fixed=args.fixed_bags,
+                        distribution=args.index_distribution, zipf_alpha=args.zipf_alpha)
 
 
 def load_npz(path: str, num_tables: int):

@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from ..artifact import ArtifactError
-from .batch import load_npz, random_batch
+from .batch import add_random_batch_args, batch_from_args, load_npz
 from .model import load
 from .validate import InputError
 
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", help=".npz with dense_x, lS_o, and lS_i [T, N] or lS_i_0..lS_i_{T-1}")
     src.add_argument("--random", type=int, metavar="B", help="run a synthetic batch of B samples")
-    p.add_argument("--bag-size", type=int, default=1, help="indices per bag for --random (default 1)")
+    add_random_batch_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="write the predictions [B, 1] to this .npy file")
     p.add_argument("--repeat", type=int, default=20, help="timed runs (default 20)")
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if args.random < 1:
                 raise InputError("--random needs a batch size >= 1")
-            batch = random_batch(model.arch, args.random, args.bag_size, args.seed)
+            batch = batch_from_args(model.arch, args.random, args, args.seed)
         preds = model.predict(*batch)
         times = model.time_per_batch(*batch, repeat=max(1, args.repeat))
     except (ArtifactError, InputError, ValueError, OSError) as e:

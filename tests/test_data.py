@@ -135,3 +135,25 @@ def test_synthetic_logs_are_deterministic_and_realistic(tmp_path):
     top = np.bincount(col).max() / len(col)
     assert top > 20 / d["counts"][2]
     assert d["counts"].max() <= 5001
+
+
+def test_reference_random_input_mode():
+    from dlrmc.runtime.batch import random_batch
+
+    arch = {"embedding_sizes": [1000, 50, 7], "mlp_bot": [13, 8]}
+    d, o, i = random_batch(arch, 300, bag_size=5, seed=1)
+    assert d.shape == (300, 13) and o.shape == (3, 300)
+    assert all(len(x) == 1500 for x in i) and (np.diff(o, axis=1) == 5).all()
+    _, o, i = random_batch(arch, 300, bag_size=5, seed=1, fixed=False)
+    sizes = np.diff(np.concatenate([o, [[len(x)] for x in i]], axis=1), axis=1)
+    assert sizes.min() == 1 and sizes.max() == 5 and len(set(sizes.ravel())) == 5
+    _, _, uni = random_batch(arch, 4000, bag_size=1, seed=2)
+    _, _, zipf = random_batch(arch, 4000, bag_size=1, seed=2, distribution="zipf")
+    for x, rows in zip(zipf, arch["embedding_sizes"]):
+        assert x.min() >= 0 and x.max() < rows
+    share = lambda x: np.bincount(x).max() / len(x)  # noqa: E731
+    assert share(zipf[0]) > 5 * share(uni[0])          # a hot row under Zipf
+    with pytest.raises(ValueError, match="distribution"):
+        random_batch(arch, 4, distribution="normal")
+    res = subprocess.run(["dlrm-run", "--help"], capture_output=True, text=True)
+    assert "--num-indices-per-lookup" in res.stdout and "--index-distribution" in res.stdout
