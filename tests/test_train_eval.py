@@ -1,0 +1,96 @@
+"""dlrm-train on synthetic Criteo data, its reference-format checkpoint, and dlrm-eval."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from dlrmc.bench.eval_cli import metrics
+from dlrmc.frontend.checkpoint import load_model
+from dlrmc.frontend.criteo import preprocess
+from dlrmc.frontend.synth import generate
+
+ARCH = ["--arch-sparse-feature-size", "8", "--arch-mlp-bot", "13-32-8", "--arch-mlp-top", "32-1"]
+
+
+def run(*cmd, check=True):
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{cmd}: {res.returncode}\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    generate(str(d / "s.txt"), 30000, seed=7, max_vocab=1000)
+    preprocess(str(d / "s.txt"), str(d / "s.npz"))
+    res = run("dlrm-train", "--data", str(d / "s.npz"), *ARCH, "--optimizer", "adagrad",
+              "--learning-rate", "0.05", "--mini-batch-size", "128", "--nepochs", "1",
+              "--print-freq", "50", "--save-model", str(d / "m.pt"), "--threads", "2")
+    return d, res
+
+
+def test_train_prints_the_reference_lines_and_saves_its_checkpoint(trained):
+    d, res = trained
+    lines = res.stdout.splitlines()
+    assert any(re.fullmatch(r"Finished training it \d+/\d+ of epoch 0, [\d.]+ ms/it, "
+                            r"loss [\d.]+", ln) for ln in lines), res.stdout
+    assert any(re.fullmatch(r"Testing at - \d+/\d+ of epoch 0,", ln) for ln in lines)
+    assert any(re.fullmatch(r" loss [\d.]+, accuracy [\d.]+ %, best [\d.]+ %", ln)
+               for ln in lines)
+    ckpt = torch.load(d / "m.pt", weights_only=True)
+    assert {"epoch", "nepochs", "iter", "state_dict", "train_acc", "test_acc",
+            "opt_state_dict"} <= set(ckpt)
+    assert "emb_l.0.weight" in ckpt["state_dict"] and "bot_l.0.weight" in ckpt["state_dict"]
+    model = load_model(str(d / "m.pt"))          # our loader, as for reference checkpoints
+    assert model.arch.sparse_feature_size == 8 and len(model.arch.embedding_sizes) == 26
+
+
+def test_compiled_artifact_evaluates_like_pytorch(trained):
+    d, _ = trained
+    run("dlrm-compile", "--load-model", str(d / "m.pt"), "--buckets", "64", "-o",
+        str(d / "m.dlrmc"))
+    res = run("dlrm-eval", str(d / "m.dlrmc"), "--data", str(d / "s.npz"), "--split", "test",
+              "--batch-size", "1000")
+    rows = {ln.split()[0]: ln.split()[1:] for ln in res.stdout.splitlines()
+            if ln.startswith(("dlrmc", "pytorch"))}
+    auc_ours, auc_ref = float(rows["dlrmc"][0]), float(rows["pytorch"][0])
+    assert abs(auc_ours - auc_ref) <= 1e-6
+    assert auc_ours > 0.6, res.stdout          # it learned something
+    assert float(res.stdout.split("prediction:")[1]) < 1e-5
+    bad = run("dlrm-eval", str(d / "m.dlrmc"), "--data", str(d / "s.txt"), check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def _auc_by_ranks(y, p):
+    """The Mann-Whitney form of AUC, written independently of scikit-learn."""
+    order = np.argsort(p, kind="mergesort")
+    ranks = np.empty(len(p))
+    sorted_p = p[order]
+    i = 0
+    while i < len(p):                       # average ranks over ties
+        j = i
+        while j + 1 < len(p) and sorted_p[j + 1] == sorted_p[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    pos = y == 1
+    return (ranks[pos].sum() - pos.sum() * (pos.sum() + 1) / 2) / (pos.sum() * (~pos).sum())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_metrics_agree_with_an_independent_computation(seed):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(500) < 0.3).astype(np.float32)
+    p = np.clip(rng.random(500) * 0.6 + y * 0.3, 0, 1).astype(np.float32)
+    p[:50] = np.round(p[:50], 1)            # ties
+    m = metrics(y, p)
+    assert m["auc"] == pytest.approx(_auc_by_ranks(y, p.astype(np.float64)), abs=1e-12)
+    pc = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+    assert m["log_loss"] == pytest.approx(-np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc)))
+    assert m["accuracy"] == pytest.approx(np.mean((p > 0.5) == (y == 1)))
