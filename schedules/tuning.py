@@ -296,7 +296,8 @@ def tune(tasks: list[Task], target: tvm.target.Target, log_dir: str, trials: int
     db = ms.database.JSONDatabase(work_dir=log_dir)
     per_task = math.ceil(trials / len(tasks))
     done = {t.name: min(len(_records(db, t)), per_task) for t in tasks}
-    todo = [t for t in tasks if done[t.name] < per_task]
+    # Least-measured first: a time budget cut short last time resumes where it stopped.
+    todo = sorted((t for t in tasks if done[t.name] < per_task), key=lambda t: done[t.name])
     total = per_task * len(tasks)
     state = {"done": sum(done.values()), "best": {}}
 

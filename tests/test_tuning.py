@@ -316,3 +316,17 @@ def test_variants_fit_the_target_registers():
     bags = {"kernel": "embedding_bags", "args": {"prefetch": 0}}
     assert {} in variants(bags, avx2) and {"prefetch": 16} in variants(bags, avx2)
     assert variants({"kernel": "concat_rows", "args": {}}, avx2) == [{}]
+
+
+def test_time_budget_stops_tuning_and_resumes_the_least_measured(tmp_path):
+    log = tmp_path / "budget"
+    args = ["dlrm-tune", *TUNE_MODEL, "--buckets", "512", "--trials", "400",
+            "--time-budget", "0.001", "--no-progress", "-o", str(log)]
+    run(*args)
+    first = json.loads((log / "dlrmc_tuning.json").read_text())["tasks"]
+    measured = [t["name"] for t in first if t["trials"]]
+    assert 0 < len(measured) < len(first)              # stopped after the first batch
+    run(*args)
+    second = json.loads((log / "dlrmc_tuning.json").read_text())["tasks"]
+    newly = [t["name"] for t, old in zip(second, first) if t["trials"] > old["trials"]]
+    assert newly and not set(newly) & set(measured)    # the unmeasured tasks went first
