@@ -26,8 +26,8 @@ from ..frontend.source import add_model_args, model_from_args
 from ..runtime import load, set_threads
 from ..runtime.batch import add_random_batch_args, batch_from_args
 from ..runtime.model import time_calls
-from ..schedules.tuning import read_manifest as read_log_manifest
-from ..schedules.tuning import task_table, tuning_curve
+from ..schedules.tuning_log import read_manifest as read_log_manifest
+from ..schedules.tuning_log import task_table, tuning_curve
 from .peers import PEERS, PeerUnavailable, build_peer, gather_rate, gemm_rate
 
 

@@ -21,8 +21,9 @@ from tvm import relax
 from ..artifact import write_artifact
 from ..frontend.arch import Arch
 from ..frontend.export import export_model
-from ..schedules.tuning import model_hash, schedule_kernels
-from ..schedules.tuning import read_manifest as read_log_manifest
+from ..schedules.tuning import model_hash
+from ..schedules.tuning_log import schedule_kernels
+from ..schedules.tuning_log import read_manifest as read_log_manifest
 from ..targets import parse_target, requirements, resolved
 from .buckets import DEFAULT_BUCKETS, add_buckets, entry_name
 from .lower import Lowered, lower

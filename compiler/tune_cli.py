@@ -16,7 +16,10 @@ import tvm
 from tqdm import tqdm
 
 from ..frontend.source import add_model_args, model_from_args
-from ..schedules.tuning import extract_tasks, make_runner, task_table, tune
+from ..schedules.measure import make_runner
+from ..schedules.tasks import extract_tasks
+from ..schedules.tuning import tune
+from ..schedules.tuning_log import task_table
 from ..targets import parse_target, resolved
 from .build import prepare, tuning_identity
 from .buckets import DEFAULT_BUCKETS, parse_buckets
