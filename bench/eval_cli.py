@@ -19,18 +19,21 @@ from ..artifact import ArtifactError, read_weights
 from ..frontend.arch import Arch
 from ..frontend.dataset import ProcessedData
 from ..frontend.model import DLRM
+from ..schedules.embedding_bag import dequantize_rows
 from ..runtime import load
 from ..runtime.validate import InputError
 
 
 def torch_model(runtime) -> DLRM:
-    """PyTorch eager with the artifact's weights (the reference's state_dict names)."""
+    """PyTorch eager with the artifact's weights (the reference's state_dict names); quantised
+    tables enter dequantised, so both systems compute with the same numbers."""
     arch = Arch(**{k: tuple(v) if isinstance(v, list) else v
                    for k, v in runtime.manifest["arch"].items()})
     model = DLRM(arch, init=False)
     names = [t["name"] for t in runtime.manifest["weights"]["tensors"]]
-    state = {n: torch.from_numpy(np.array(w)) for n, w in
-             zip(names, read_weights(runtime.path, runtime.manifest))}
+    # quantised tables (--emb-quant) as the float rows they stand for
+    state = {n: torch.from_numpy(dequantize_rows(w) if w.dtype == np.uint8 else np.array(w))
+             for n, w in zip(names, read_weights(runtime.path, runtime.manifest))}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

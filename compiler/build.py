@@ -60,13 +60,14 @@ def _stage(log: Callable[[str], None], name: str, fn, *args, **kwargs):
 
 
 def prepare(model: torch.nn.Module, arch: Arch, target: tvm.target.Target, buckets=(),
-            log: Callable[[str], None] = print) -> Lowered:
-    """Export and lower ``model``; its module gains ``main_b{B}`` for every bucket."""
+            log: Callable[[str], None] = print, emb_quant: str | None = None) -> Lowered:
+    """Export and lower ``model`` (tables quantised with ``emb_quant``); its module gains
+    ``main_b{B}`` for every bucket."""
     if target.kind.name != "llvm":
         raise BuildError(f"dlrmc does not build for target kind {target.kind.name!r} yet; "
                          "use an llvm target")
     ep = _stage(log, "export", export_model, model, arch)
-    lowered = _stage(log, "lower", lower, ep, target)
+    lowered = _stage(log, "lower", lower, ep, target, emb_quant=emb_quant)
     if buckets:
         lowered.mod = add_buckets(lowered.mod, buckets)
     return lowered
@@ -84,16 +85,16 @@ def build(lowered: Lowered, target: tvm.target.Target, tuning_log: str | None = 
 
 def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_dir: str,
                   log: Callable[[str], None] = print, buckets=None,
-                  tuning_log: str | None = None) -> dict:
+                  tuning_log: str | None = None, emb_quant: str | None = None) -> dict:
     """Compile ``model`` for ``target`` into the artifact directory ``out_dir``; return its
     manifest. ``buckets``: static batch sizes compiled beside the symbolic batch (default:
     the tuning log's, else ``DEFAULT_BUCKETS``); ``tuning_log``: a ``dlrm-tune`` directory
-    whose schedules are replayed."""
+    whose schedules are replayed; ``emb_quant``: "int8" stores the tables row-wise quantised."""
     tgt = parse_target(target)
     if buckets is None:
         buckets = read_log_manifest(tuning_log)["buckets"] if tuning_log else DEFAULT_BUCKETS
     buckets = tuple(sorted({int(b) for b in buckets}))
-    lowered = prepare(model, arch, tgt, buckets, log)
+    lowered = prepare(model, arch, tgt, buckets, log, emb_quant)
     executable, summary = _stage(log, "build", build, lowered, tgt, tuning_log,
                                  tuning_identity(arch, tgt), log)
     inputs, dims = input_spec(arch)
@@ -106,6 +107,7 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
         "arch": arch.to_dict(),
         "entry": "main",
         "buckets": {str(b): entry_name(b) for b in buckets},
+        "emb_quant": emb_quant,
         "transform_params": TRANSFORM_PARAMS,
         "inputs": inputs,
         "dynamic_dims": dims,

@@ -14,6 +14,7 @@ from ..frontend.checkpoint import CheckpointError
 from ..frontend.source import add_model_args, model_from_args
 from ..targets import TargetError, parse_target
 from ..schedules.tuning_log import read_manifest as read_log_manifest
+from ..schedules.embedding_bag import QUANTS
 from .buckets import DEFAULT_BUCKETS, parse_buckets
 from .build import BuildError, compile_model
 from .lower import LoweringError
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
                         "'none' for the any-batch entry only)")
     p.add_argument("--tuning-log", metavar="LOG_DIR",
                    help="replay the schedules dlrm-tune recorded in LOG_DIR (no tuning runs)")
+    p.add_argument("--emb-quant", choices=QUANTS,
+                   help="store the embedding tables row-wise quantised (FBGEMM's fused 8-bit "
+                        "layout: codes, float32 scale and bias per row)")
     add_model_args(p)
     args = p.parse_args(argv)
     # torch.export's own pytree deprecation notice, not the user's concern.
@@ -66,11 +70,13 @@ def main(argv: list[str] | None = None) -> int:
             read_log_manifest(args.tuning_log)
         model, arch = model_from_args(args)
         compile_model(model, arch, args.target, args.output, buckets=buckets,
-                      tuning_log=args.tuning_log)
+                      tuning_log=args.tuning_log, emb_quant=args.emb_quant)
         print(f"wrote {args.output}")
         if args.check:
             diff = check_artifact(model, args.output, args.check, args.seed)
-            if diff > 1e-4:
+            # int8 tables are compared with the fp32 model: the quantisation error shows
+            tolerance = 1e-4 if args.emb_quant is None else 5e-2
+            if diff > tolerance:
                 print("dlrm-compile: error: the artifact disagrees with PyTorch", file=sys.stderr)
                 return 1
     except USER_ERRORS as e:

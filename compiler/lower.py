@@ -28,10 +28,11 @@ import numpy as np
 import torch
 import tvm
 from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
 from ..schedules.dense import pack_kernel
-from ..schedules.embedding_bag import MODES
+from ..schedules.embedding_bag import FUSED_EXTRA, MODES, QUANTS, quantize_rows
 from ..schedules.interaction import output_width
 from ..schedules.kernels import make
 from ..targets.knobs import CpuKnobs, cpu_knobs
@@ -63,7 +64,16 @@ def _table(weight: relax.Expr, node) -> int:
     return int(wshape[1])
 
 
-def _convert_embedding_bag(node, importer) -> relax.Expr:
+def _quantized(weights: list, quant: str | None, tables: set) -> None:
+    if quant is not None:
+        for w in weights:
+            if not isinstance(w, relax.Var):
+                raise LoweringError("only embedding tables that are model parameters can be "
+                                    "quantised")
+            tables.add(w.name)
+
+
+def _convert_embedding_bag(node, importer, quant=None, tables=None) -> relax.Expr:
     a = embedding_bag_args(node)
     env, bb = importer.env, importer.block_builder
     weight, indices, offsets = env[a["weight"]], env[a["indices"]], env[a["offsets"]]
@@ -77,9 +87,10 @@ def _convert_embedding_bag(node, importer) -> relax.Expr:
     args = [weight, indices, offsets]
     if a["per_sample_weights"] is not None:
         args.append(env[a["per_sample_weights"]])
+    _quantized([weight], quant, tables)
     kernel = make("embedding_bags", dim=dim, mode=mode, weighted=len(args) == 4,
                   index_dtype=index_dtype, include_last_offset=last, padding_idx=pad,
-                  offset_rows=None, batch=None)
+                  offset_rows=None, batch=None, quant=quant)
     gv = bb.add_func(kernel, f"embedding_bag_{mode}_{dim}")
     batch = _static_dims(offsets, "offsets", node)[0] - (1 if last else 0)
     out = bb.emit(relax.call_tir(gv, args, relax.TensorType((batch, dim), "float32")))
@@ -87,16 +98,17 @@ def _convert_embedding_bag(node, importer) -> relax.Expr:
     return bb.emit(relax.Tuple([out]))
 
 
-def _convert_embedding_bags(node, importer) -> relax.Expr:
+def _convert_embedding_bags(node, importer, quant=None, tables=None) -> relax.Expr:
     weights, indices, offsets, psw, mode, rows = node.args
     env, bb = importer.env, importer.block_builder
     ws, ids = [env[w] for w in weights], [env[i] for i in indices]
     dims = {_table(w, node) for w in ws}
     index_dtype = str(ids[0].ty.dtype)
     off = _as_dtype(bb, env[offsets], index_dtype)
+    _quantized(ws, quant, tables)
     kernel = make("embedding_bags", dim=dims.pop(), mode=MODES[mode], weighted=bool(psw),
                   index_dtype=index_dtype, include_last_offset=False, padding_idx=None,
-                  offset_rows=list(rows), batch=None)
+                  offset_rows=list(rows), batch=None, quant=quant)
     gv = bb.add_func(kernel, f"embedding_bags_{len(ws)}")
     batch = _static_dims(off, "offsets", node)[1]
     out_ty = [relax.TensorType((batch, w.ty.shape[1]), "float32") for w in ws]
@@ -172,14 +184,21 @@ def _convert_linear(node, importer, knobs: CpuKnobs) -> relax.Expr:
     return bb.emit(relax.call_tir(gv, [x, packed, bias], relax.TensorType((batch, n), "float32")))
 
 
-def converters(knobs: CpuKnobs, stock: dict) -> dict:
-    """The ATen and dlrmc ops we lower ourselves, for one target's knobs (``stock``: TVM's)."""
+def converters(knobs: CpuKnobs, stock: dict, emb_quant: str | None = None,
+               quantized: set | None = None) -> dict:
+    """The ATen and dlrmc ops we lower ourselves, for one target's knobs (``stock``: TVM's).
+    With ``emb_quant`` the embedding kernels read quantised tables; the names of the table
+    parameters they read are added to ``quantized``."""
+    def bag(node, imp):
+        return _convert_embedding_bag(node, imp, emb_quant, quantized)
+
     return {
         "cat.default": lambda node, imp: _convert_cat(node, imp, stock["cat.default"]),
         "select.int": _convert_select,
-        "_embedding_bag.default": _convert_embedding_bag,
-        "_embedding_bag_forward_only.default": _convert_embedding_bag,
-        "embedding_bags.default": _convert_embedding_bags,
+        "_embedding_bag.default": bag,
+        "_embedding_bag_forward_only.default": bag,
+        "embedding_bags.default": lambda node, imp: _convert_embedding_bags(
+            node, imp, emb_quant, quantized),
         "dot_interaction.default": lambda node, imp: _convert_dot_interaction(node, imp, knobs),
         "linear.default": lambda node, importer: _convert_linear(node, importer, knobs),
     }
@@ -196,18 +215,23 @@ class Lowered:
 
 
 def lower(ep: torch.export.ExportedProgram, target: tvm.target.Target,
-          unwrap_single_output: bool = True) -> Lowered:
+          unwrap_single_output: bool = True, emb_quant: str | None = None) -> Lowered:
     """Decompose, rewrite our patterns, import into Relax and detach the parameters.
 
     ``main`` returns its one output bare when ``unwrap_single_output``, else always a tuple.
+    ``emb_quant="int8"``: the embedding tables become row-wise quantised parameters
+    (``schedules.embedding_bag.quantize_rows``), read by the embedding kernels as such.
     """
+    if emb_quant is not None and emb_quant not in QUANTS:
+        raise LoweringError(f"--emb-quant must be one of {', '.join(QUANTS)}, got {emb_quant!r}")
     ep = ep.run_decompositions()
     batch_embedding_bags(ep)
     fuse_dot_interaction(ep)
     fuse_linear(ep)
     importer = ExportedProgramImporter()
     stock = importer.create_convert_map()
-    convert_map = converters(cpu_knobs(target), stock)
+    quantized: set[str] = set()
+    convert_map = converters(cpu_knobs(target), stock, emb_quant, quantized)
     unsupported = sorted({n.target.__name__ for n in ep.graph.nodes if n.op == "call_function"
                           and n.target.__name__ not in convert_map
                           and n.target.__name__ not in stock})
@@ -223,4 +247,35 @@ def lower(ep: torch.export.ExportedProgram, target: tvm.target.Target,
     params = [np.from_dlpack(t) for t in detached.get("main", [])]
     if len(names) != len(params):
         raise LoweringError("parameter count of the Relax module does not match the program")
+    if quantized:
+        mod, params = _quantize_tables(mod, params, num_inputs, quantized)
     return Lowered(mod, names, params, num_inputs)
+
+
+@mutator
+class _Retype(PyExprMutator):
+    """Replace ``main``'s parameter variables by name."""
+
+    def __init__(self, mod: tvm.IRModule, new_vars: dict):
+        super().__init__(mod)
+        self.new_vars = new_vars
+
+    def visit_var_(self, var):
+        return self.new_vars.get(var.name, var)
+
+
+def _quantize_tables(mod: tvm.IRModule, params: list, num_inputs: int, tables: set):
+    """``main`` with the named table parameters as fused uint8 [V, D + 8], and their values."""
+    main = mod["main"]
+    new_vars, new_params, values = {}, [], list(params)
+    for k, p in enumerate(main.params):
+        if p.name in tables:
+            v = relax.Var(p.name, relax.TensorType(
+                (p.ty.shape[0], p.ty.shape[1] + FUSED_EXTRA), "uint8"))
+            new_vars[p.name] = v
+            values[k - num_inputs] = quantize_rows(params[k - num_inputs])
+            p = v
+        new_params.append(p)
+    body = _Retype(mod, new_vars).visit_expr(main.body)
+    mod["main"] = relax.Function(new_params, body, main.ret_ty, main.is_pure, main.attrs)
+    return mod, values

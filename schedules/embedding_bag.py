@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as T
 
 from .work_split import split_work
 
 MODES = ("sum", "mean", "max")
+QUANTS = ("int8",)
+FUSED_EXTRA = 8           # bytes after a quantised row's codes: float32 scale, float32 bias
 PARALLEL_MIN_BAGS = 256   # bags (all tables) below which one thread does the work
 CHUNK = 64                # bags per work item
 
@@ -44,13 +48,16 @@ def embedding_bags_kernel(
     offset_rows: tuple[int, ...] | None = None,
     batch: int | None = None,
     prefetch: int = 0,
+    quant: str | None = None,
 ):
     """A PrimFunc (W_0.., I_0.., offsets, [PSW_0..,] out_0..) pooling several tables at once.
 
     ``offset_rows=None``: one table with 1-D offsets. Otherwise table j reads row
     ``offset_rows[j]`` of a [T, B] offset matrix. V and N are symbolic; B too unless ``batch``.
     ``prefetch`` > 0: while pooling index p, prefetch the row of index p + ``prefetch``
-    (a tuning knob; 0 leaves it to the hardware).
+    (a tuning knob; 0 leaves it to the hardware). ``quant="int8"``: the tables are row-wise
+    quantised in FBGEMM's fused layout (``quantize_rows``), uint8 [V, D + 8], dequantised
+    here as code * scale + bias.
     """
     if mode not in MODES:
         raise ValueError(f"embedding bag mode {mode!r} is not one of {MODES}")
@@ -76,7 +83,23 @@ def embedding_bags_kernel(
             h_r = [T.arg(f"out{j}", T.handle()) for j in range(tables)]
             B = T.int64() if batch is None else T.int64(batch)
             ns = [T.int64() for _ in range(tables)]
-            W = [T.match_buffer(h, (T.int64(), D), "float32") for h in h_w]
+            if quant is None:
+                W = [T.match_buffer(h, (T.int64(), D), "float32") for h in h_w]
+            else:
+                W = [T.match_buffer(h, (T.int64(), D + FUSED_EXTRA), "uint8") for h in h_w]
+
+            def fused_float(table, row, at):
+                """The float32 stored little-endian at bytes ``at``..``at``+3 of a fused row."""
+                word = T.Cast("uint32", table[row, at])
+                for b in range(1, 4):
+                    word = word | (T.Cast("uint32", table[row, at + b]) << T.uint32(8 * b))
+                return T.reinterpret("float32", word)
+
+            def value(j, row, d):
+                if quant is None:
+                    return W[j][row, d]
+                return (T.Cast("float32", W[j][row, d]) * fused_float(W[j], row, D)
+                        + fused_float(W[j], row, D + 4))
             I = [T.match_buffer(h, (n,), index_dtype) for h, n in zip(h_i, ns)]
             if stacked:
                 O = T.match_buffer(h_o, (T.int64(), B), index_dtype)
@@ -108,10 +131,12 @@ def embedding_bags_kernel(
                             with T.If(ahead < ns[j]):
                                 with T.Then():
                                     ahead_row = T.Cast("int64", I[j][T.min(ahead, ns[j] - 1)])
-                                    for line in range(0, D, 16):   # 64-byte cache lines
+                                    row_bytes = D * 4 if quant is None else D + FUSED_EXTRA
+                                    for line in range(0, row_bytes, 64):   # cache lines
                                         T.evaluate(T.call_llvm_intrin(
                                             "void", "llvm.prefetch.p0",
-                                            T.address_of(W[j][ahead_row, line]), T.int32(0),
+                                            T.address_of(W[j][ahead_row, line // (
+                                                4 if quant is None else 1)]), T.int32(0),
                                             T.int32(3), T.int32(1)))
 
                         def accumulate():
@@ -119,11 +144,11 @@ def embedding_bags_kernel(
                                 T.buffer_store(cnt, cnt[0] + T.int64(1), [0])
                             with T.vectorized(D) as d:
                                 if is_max:
-                                    v = T.max(acc[d], W[j][row, d])
+                                    v = T.max(acc[d], value(j, row, d))
                                 elif weighted:
-                                    v = acc[d] + W[j][row, d] * S[j][begin + p]
+                                    v = acc[d] + value(j, row, d) * S[j][begin + p]
                                 else:
-                                    v = acc[d] + W[j][row, d]
+                                    v = acc[d] + value(j, row, d)
                                 T.buffer_store(acc, v, [d])
 
                         if pad is None:
@@ -157,6 +182,32 @@ def embedding_bags_kernel(
 
             split_work(tables * chunks, B * tables >= PARALLEL_MIN_BAGS, "bags", work)
     return ib.get()
+
+
+def quantize_rows(weight: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+    """float32 [V, D] -> FBGEMM's fused 8-bit row-wise layout, uint8 [V, D + 8]: per row the
+    codes round((w - min) / scale) with scale = (max - min) / 255, then scale and bias (= min)
+    as little-endian float32."""
+    rows, dim = weight.shape
+    out = np.empty((rows, dim + FUSED_EXTRA), np.uint8)
+    for start in range(0, rows, chunk):
+        w = np.asarray(weight[start:start + chunk], np.float32)
+        lo, hi = w.min(axis=1), w.max(axis=1)
+        scale = ((hi - lo) / 255).astype(np.float32)
+        safe = np.where(scale > 0, scale, 1).astype(np.float32)
+        out[start:start + chunk, :dim] = np.clip(np.rint((w - lo[:, None]) / safe[:, None]), 0,
+                                                 255)
+        out[start:start + chunk, dim:dim + 4] = scale.astype("<f4").view(np.uint8).reshape(-1, 4)
+        out[start:start + chunk, dim + 4:] = lo.astype("<f4").view(np.uint8).reshape(-1, 4)
+    return out
+
+
+def dequantize_rows(fused: np.ndarray) -> np.ndarray:
+    """The float32 rows a fused 8-bit table stands for (what the kernel computes with)."""
+    dim = fused.shape[1] - FUSED_EXTRA
+    scale = np.ascontiguousarray(fused[:, dim:dim + 4]).view("<f4")
+    bias = np.ascontiguousarray(fused[:, dim + 4:]).view("<f4")
+    return (fused[:, :dim].astype(np.float32) * scale + bias).astype(np.float32)
 
 
 def embedding_bag_kernel(dim: int, mode: str = "sum", weighted: bool = False,

@@ -18,7 +18,8 @@ def _arguments(args_info) -> list[np.ndarray]:
     infos = [(str(i[1]), [int(s) for s in i[2]]) for i in args_info]
     is_float = [dtype.startswith("float") for dtype, _ in infos]
     lead = 0
-    while lead < len(infos) and is_float[lead] and len(infos[lead][1]) == 2:
+    while lead < len(infos) and infos[lead][0] in ("float32", "uint8") \
+            and len(infos[lead][1]) == 2:   # tables: float32, or quantised uint8 rows
         lead += 1
     index_of = {lead + k: k for k in range(lead) if lead + k < len(infos)
                 and not is_float[lead + k] and len(infos[lead + k][1]) == 1}
@@ -29,6 +30,8 @@ def _arguments(args_info) -> list[np.ndarray]:
             arrays.append(np.ones(shape, dtype))
         elif is_float[pos]:
             arrays.append(rng.standard_normal(shape).astype(dtype))
+        elif dtype == "uint8":
+            arrays.append(rng.integers(0, 256, shape).astype(dtype))
         elif pos in index_of:
             rows = max(infos[index_of[pos]][1][0], 1)
             arrays.append(rng.integers(0, rows, shape).astype(dtype))
