@@ -32,8 +32,10 @@ def torch_model(runtime) -> DLRM:
     model = DLRM(arch, init=False)
     names = [t["name"] for t in runtime.manifest["weights"]["tensors"]]
     # quantised tables (--emb-quant) as the float rows they stand for
-    state = {n: torch.from_numpy(dequantize_rows(w) if w.dtype == np.uint8 else np.array(w))
-             for n, w in zip(names, read_weights(runtime.path, runtime.manifest))}
+    quant = runtime.manifest.get("emb_quant")
+    state = {n: torch.from_numpy(
+        dequantize_rows(w, arch.sparse_feature_size, quant) if w.dtype == np.uint8
+        else np.array(w)) for n, w in zip(names, read_weights(runtime.path, runtime.manifest))}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

@@ -32,7 +32,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
 from ..schedules.dense import pack_kernel
-from ..schedules.embedding_bag import FUSED_EXTRA, MODES, QUANTS, quantize_rows
+from ..schedules.embedding_bag import MODES, QUANTS, fused_width, quantize_rows
 from ..schedules.interaction import output_width
 from ..schedules.kernels import make
 from ..targets.knobs import CpuKnobs, cpu_knobs
@@ -248,7 +248,7 @@ def lower(ep: torch.export.ExportedProgram, target: tvm.target.Target,
     if len(names) != len(params):
         raise LoweringError("parameter count of the Relax module does not match the program")
     if quantized:
-        mod, params = _quantize_tables(mod, params, num_inputs, quantized)
+        mod, params = _quantize_tables(mod, params, num_inputs, quantized, emb_quant)
     return Lowered(mod, names, params, num_inputs)
 
 
@@ -264,16 +264,16 @@ class _Retype(PyExprMutator):
         return self.new_vars.get(var.name, var)
 
 
-def _quantize_tables(mod: tvm.IRModule, params: list, num_inputs: int, tables: set):
-    """``main`` with the named table parameters as fused uint8 [V, D + 8], and their values."""
+def _quantize_tables(mod: tvm.IRModule, params: list, num_inputs: int, tables: set, quant: str):
+    """``main`` with the named table parameters as fused uint8 rows, and their values."""
     main = mod["main"]
     new_vars, new_params, values = {}, [], list(params)
     for k, p in enumerate(main.params):
         if p.name in tables:
             v = relax.Var(p.name, relax.TensorType(
-                (p.ty.shape[0], p.ty.shape[1] + FUSED_EXTRA), "uint8"))
+                (p.ty.shape[0], fused_width(int(p.ty.shape[1]), quant)), "uint8"))
             new_vars[p.name] = v
-            values[k - num_inputs] = quantize_rows(params[k - num_inputs])
+            values[k - num_inputs] = quantize_rows(params[k - num_inputs], quant)
             p = v
         new_params.append(p)
     body = _Retype(mod, new_vars).visit_expr(main.body)

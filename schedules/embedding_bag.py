@@ -31,8 +31,17 @@ from tvm.tirx.script.builder import ir as T
 from .work_split import split_work
 
 MODES = ("sum", "mean", "max")
-QUANTS = ("int8",)
+QUANTS = ("int8", "int4")
 FUSED_EXTRA = 8           # bytes after a quantised row's codes: float32 scale, float32 bias
+
+
+def code_bytes(dim: int, quant: str) -> int:
+    """Bytes of a quantised row's codes: one per value (int8), or two values a byte (int4)."""
+    return dim if quant == "int8" else (dim + 1) // 2
+
+
+def fused_width(dim: int, quant: str) -> int:
+    return code_bytes(dim, quant) + FUSED_EXTRA
 PARALLEL_MIN_BAGS = 256   # bags (all tables) below which one thread does the work
 CHUNK = 64                # bags per work item
 
@@ -55,9 +64,9 @@ def embedding_bags_kernel(
     ``offset_rows=None``: one table with 1-D offsets. Otherwise table j reads row
     ``offset_rows[j]`` of a [T, B] offset matrix. V and N are symbolic; B too unless ``batch``.
     ``prefetch`` > 0: while pooling index p, prefetch the row of index p + ``prefetch``
-    (a tuning knob; 0 leaves it to the hardware). ``quant="int8"``: the tables are row-wise
-    quantised in FBGEMM's fused layout (``quantize_rows``), uint8 [V, D + 8], dequantised
-    here as code * scale + bias.
+    (a tuning knob; 0 leaves it to the hardware). ``quant="int8"`` / ``"int4"``: the tables
+    are row-wise quantised in FBGEMM's fused layout (``quantize_rows``), uint8
+    [V, ``fused_width``], dequantised here as code * scale + bias.
     """
     if mode not in MODES:
         raise ValueError(f"embedding bag mode {mode!r} is not one of {MODES}")
@@ -86,7 +95,8 @@ def embedding_bags_kernel(
             if quant is None:
                 W = [T.match_buffer(h, (T.int64(), D), "float32") for h in h_w]
             else:
-                W = [T.match_buffer(h, (T.int64(), D + FUSED_EXTRA), "uint8") for h in h_w]
+                C = code_bytes(D, quant)
+                W = [T.match_buffer(h, (T.int64(), C + FUSED_EXTRA), "uint8") for h in h_w]
 
             def fused_float(table, row, at):
                 """The float32 stored little-endian at bytes ``at``..``at``+3 of a fused row."""
@@ -98,8 +108,12 @@ def embedding_bags_kernel(
             def value(j, row, d):
                 if quant is None:
                     return W[j][row, d]
-                return (T.Cast("float32", W[j][row, d]) * fused_float(W[j], row, D)
-                        + fused_float(W[j], row, D + 4))
+                if quant == "int8":
+                    code = W[j][row, d]
+                else:   # value 2i in the low nibble of byte i, 2i+1 in the high one
+                    code = (W[j][row, d // 2] >> T.Cast("uint8", (d % 2) * 4)) & T.uint8(15)
+                return (T.Cast("float32", code) * fused_float(W[j], row, C)
+                        + fused_float(W[j], row, C + 4))
             I = [T.match_buffer(h, (n,), index_dtype) for h, n in zip(h_i, ns)]
             if stacked:
                 O = T.match_buffer(h_o, (T.int64(), B), index_dtype)
@@ -131,7 +145,8 @@ def embedding_bags_kernel(
                             with T.If(ahead < ns[j]):
                                 with T.Then():
                                     ahead_row = T.Cast("int64", I[j][T.min(ahead, ns[j] - 1)])
-                                    row_bytes = D * 4 if quant is None else D + FUSED_EXTRA
+                                    row_bytes = D * 4 if quant is None else fused_width(D,
+                                                                                         quant)
                                     for line in range(0, row_bytes, 64):   # cache lines
                                         T.evaluate(T.call_llvm_intrin(
                                             "void", "llvm.prefetch.p0",
@@ -184,30 +199,43 @@ def embedding_bags_kernel(
     return ib.get()
 
 
-def quantize_rows(weight: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
-    """float32 [V, D] -> FBGEMM's fused 8-bit row-wise layout, uint8 [V, D + 8]: per row the
-    codes round((w - min) / scale) with scale = (max - min) / 255, then scale and bias (= min)
-    as little-endian float32."""
+def quantize_rows(weight: np.ndarray, quant: str = "int8", chunk: int = 1 << 20) -> np.ndarray:
+    """float32 [V, D] -> FBGEMM's fused row-wise layout, uint8 [V, ``fused_width``]: per row
+    the codes round((w - min) / scale) with scale = (max - min) / 255 (int8) or / 15 (int4,
+    two codes a byte, the even value in the low nibble), then scale and bias (= min) as
+    little-endian float32."""
+    if quant not in QUANTS:
+        raise ValueError(f"quantisation must be one of {QUANTS}, got {quant!r}")
     rows, dim = weight.shape
-    out = np.empty((rows, dim + FUSED_EXTRA), np.uint8)
+    levels, c = (255 if quant == "int8" else 15), code_bytes(dim, quant)
+    out = np.empty((rows, c + FUSED_EXTRA), np.uint8)
     for start in range(0, rows, chunk):
         w = np.asarray(weight[start:start + chunk], np.float32)
         lo, hi = w.min(axis=1), w.max(axis=1)
-        scale = ((hi - lo) / 255).astype(np.float32)
+        scale = ((hi - lo) / levels).astype(np.float32)
         safe = np.where(scale > 0, scale, 1).astype(np.float32)
-        out[start:start + chunk, :dim] = np.clip(np.rint((w - lo[:, None]) / safe[:, None]), 0,
-                                                 255)
-        out[start:start + chunk, dim:dim + 4] = scale.astype("<f4").view(np.uint8).reshape(-1, 4)
-        out[start:start + chunk, dim + 4:] = lo.astype("<f4").view(np.uint8).reshape(-1, 4)
+        codes = np.clip(np.rint((w - lo[:, None]) / safe[:, None]), 0, levels).astype(np.uint8)
+        if quant == "int4":
+            if dim % 2:
+                codes = np.concatenate([codes, np.zeros((len(codes), 1), np.uint8)], axis=1)
+            codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        part = out[start:start + chunk]
+        part[:, :c] = codes
+        part[:, c:c + 4] = scale.astype("<f4").view(np.uint8).reshape(-1, 4)
+        part[:, c + 4:] = lo.astype("<f4").view(np.uint8).reshape(-1, 4)
     return out
 
 
-def dequantize_rows(fused: np.ndarray) -> np.ndarray:
-    """The float32 rows a fused 8-bit table stands for (what the kernel computes with)."""
-    dim = fused.shape[1] - FUSED_EXTRA
-    scale = np.ascontiguousarray(fused[:, dim:dim + 4]).view("<f4")
-    bias = np.ascontiguousarray(fused[:, dim + 4:]).view("<f4")
-    return (fused[:, :dim].astype(np.float32) * scale + bias).astype(np.float32)
+def dequantize_rows(fused: np.ndarray, dim: int | None = None, quant: str = "int8") -> np.ndarray:
+    """The float32 rows [V, dim] a fused table stands for (what the kernel computes with)."""
+    c = fused.shape[1] - FUSED_EXTRA
+    dim = dim if dim is not None else (c if quant == "int8" else 2 * c)
+    codes = fused[:, :c]
+    if quant == "int4":
+        codes = np.stack([codes & 15, codes >> 4], axis=2).reshape(len(codes), -1)
+    scale = np.ascontiguousarray(fused[:, c:c + 4]).view("<f4")
+    bias = np.ascontiguousarray(fused[:, c + 4:]).view("<f4")
+    return (codes[:, :dim].astype(np.float32) * scale + bias).astype(np.float32)
 
 
 def embedding_bag_kernel(dim: int, mode: str = "sum", weighted: bool = False,
