@@ -4,12 +4,18 @@ Streams a split (``--split train|test|val|all``, the reference's Kaggle split) t
 artifact and through PyTorch eager running the artifact's own weights (rebuilt from
 ``weights.bin``), and prints AUC, log loss and accuracy of both (scikit-learn's metrics) and
 the largest prediction difference.
+
+``--compare VARIANTS --load-model CKPT`` instead compiles the checkpoint once per variant
+(``fp32``, ``int8-emb``, ``int4-emb``: ``dlrm-compile --emb-quant``) and prints one table:
+variant, AUC, delta AUC against fp32, log loss, accuracy, time per batch of 512, and the
+weight file's size.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -61,14 +67,57 @@ def evaluate(runtime, data: ProcessedData, split: str, batch_size: int) -> dict:
             "max_abs_diff": float(np.abs(ours - ref).max()) if len(y) else 0.0}
 
 
+VARIANTS = {"fp32": None, "int8-emb": "int8", "int4-emb": "int4"}
+
+
+def compare(checkpoint: str, variants: list[str], data: ProcessedData, split: str,
+            batch_size: int) -> list[dict]:
+    """Compile ``checkpoint`` per variant, evaluate each, time a batch of 512."""
+    import os
+    import tempfile
+
+    from ..compiler.build import compile_model
+    from ..frontend.checkpoint import load_model
+
+    model = load_model(checkpoint)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dlrm-eval-") as tmp:
+        for name in variants:
+            out = os.path.join(tmp, name)
+            compile_model(model, model.arch, None, out, log=lambda _: None, buckets=(512,),
+                          emb_quant=VARIANTS[name])
+            runtime = load(out)
+            result = evaluate(runtime, data, split, batch_size)
+            dense, offsets, indices, _ = next(data.batches(split, 512))
+            times = runtime.time_per_batch(dense, offsets, indices, repeat=20)
+            rows.append({"variant": name, **result["dlrmc"], "ms_512": float(np.median(times))
+                         * 1e3, "rows_512": len(dense),
+                         "weights_mb": os.path.getsize(os.path.join(out, "weights.bin")) / 1e6})
+    base = next((r["auc"] for r in rows if r["variant"] == "fp32"), None)
+    for r in rows:
+        r["delta_auc"] = None if base is None else r["auc"] - base
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dlrm-eval", description=__doc__)
-    p.add_argument("artifact")
+    p = argparse.ArgumentParser(prog="dlrm-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("artifact", nargs="?", help="the artifact to evaluate (not with --compare)")
+    p.add_argument("--compare", metavar="VARIANTS",
+                   help=f"comma-separated subset of {','.join(VARIANTS)}: compile --load-model "
+                        "once per variant and compare them")
+    p.add_argument("--load-model", metavar="CKPT", help="checkpoint for --compare")
     p.add_argument("--data", required=True, help="processed .npz (dlrm-data criteo)")
     p.add_argument("--split", default="test", choices=("train", "test", "val", "all"))
     p.add_argument("--max-ind-range", type=int)
     p.add_argument("--batch-size", type=int, default=4096)
     args = p.parse_args(argv)
+    if bool(args.compare) == bool(args.artifact) or bool(args.compare) != bool(args.load_model):
+        p.error("give an ARTIFACT, or --compare VARIANTS with --load-model CKPT")
+    if args.compare:
+        # torch.export's own pytree deprecation notice, not the user's concern
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return _compare_main(args)
     try:
         runtime = load(args.artifact)
         data = ProcessedData.load(args.data, args.max_ind_range)
@@ -82,6 +131,28 @@ def main(argv: list[str] | None = None) -> int:
         m = result[name]
         print(f"{name:<10} {m['auc']:>9.6f} {m['log_loss']:>9.6f} {m['accuracy'] * 100:>8.3f}%")
     print(f"max |dlrmc - PyTorch| prediction: {result['max_abs_diff']:.3g}")
+    return 0
+
+
+def _compare_main(args) -> int:
+    variants = [v for v in args.compare.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        print(f"dlrm-eval: error: unknown variant(s) {', '.join(unknown) or '(none)'}; choose "
+              f"from {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    try:
+        data = ProcessedData.load(args.data, args.max_ind_range)
+        rows = compare(args.load_model, variants, data, args.split, args.batch_size)
+    except (ArtifactError, InputError, ValueError, OSError) as e:
+        print(f"dlrm-eval: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{'variant':<10} {'AUC':>9} {'dAUC':>10} {'log loss':>9} {'accuracy':>9} "
+          f"{'ms@512':>8} {'weights':>10}")
+    for r in rows:
+        delta = "-" if r["delta_auc"] is None else f"{r['delta_auc']:+.6f}"
+        print(f"{r['variant']:<10} {r['auc']:>9.6f} {delta:>10} {r['log_loss']:>9.6f} "
+              f"{r['accuracy'] * 100:>8.3f}% {r['ms_512']:>8.3f} {r['weights_mb']:>7.2f} MB")
     return 0
 
 

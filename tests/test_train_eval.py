@@ -94,3 +94,22 @@ def test_metrics_agree_with_an_independent_computation(seed):
     pc = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
     assert m["log_loss"] == pytest.approx(-np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc)))
     assert m["accuracy"] == pytest.approx(np.mean((p > 0.5) == (y == 1)))
+
+
+def test_eval_compare_variants(trained):
+    d, _ = trained
+    res = run("dlrm-eval", "--compare", "fp32,int8-emb,int4-emb", "--load-model", str(d / "m.pt"),
+              "--data", str(d / "s.npz"), "--batch-size", "2000")
+    rows = {ln.split()[0]: ln.split() for ln in res.stdout.splitlines()
+            if ln.startswith(("fp32", "int8-emb", "int4-emb"))}
+    assert set(rows) == {"fp32", "int8-emb", "int4-emb"}
+    assert float(rows["fp32"][2]) == 0.0
+    assert abs(float(rows["int8-emb"][2])) < 0.01 and abs(float(rows["int4-emb"][2])) < 0.03
+    sizes = {k: float(v[-2]) for k, v in rows.items()}
+    assert sizes["int4-emb"] < sizes["int8-emb"] < sizes["fp32"]
+    assert all(float(v[5]) > 0 for v in rows.values())           # ms per batch of 512
+    for args, message in [(["--compare", "fp16", "--load-model", str(d / "m.pt")],
+                           "unknown variant"),
+                          (["--compare", "fp32"], "--load-model")]:
+        bad = run("dlrm-eval", *args, "--data", str(d / "s.npz"), check=False)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
