@@ -6,7 +6,9 @@ artifact and through PyTorch eager running the artifact's own weights (rebuilt f
 the largest prediction difference.
 
 ``--compare VARIANTS --load-model CKPT`` instead compiles the checkpoint once per variant
-(``fp32``, ``int8-emb``, ``int4-emb``: ``dlrm-compile --emb-quant``) and prints one table:
+(``fp32``; ``int8-emb``, ``int4-emb``: ``dlrm-compile --emb-quant``; ``bf16``, ``fp16``:
+``--precision``; ``int8-mlp``: ``--mlp-quant int8`` calibrated on 4096 training rows) and
+prints one table:
 variant, AUC, delta AUC against fp32, log loss, accuracy, time per batch of 512, and the
 weight file's size.
 """
@@ -67,7 +69,10 @@ def evaluate(runtime, data: ProcessedData, split: str, batch_size: int) -> dict:
             "max_abs_diff": float(np.abs(ours - ref).max()) if len(y) else 0.0}
 
 
-VARIANTS = {"fp32": None, "int8-emb": "int8", "int4-emb": "int4"}
+VARIANTS = {"fp32": {}, "int8-emb": {"emb_quant": "int8"}, "int4-emb": {"emb_quant": "int4"},
+            "bf16": {"precision": "bf16"}, "fp16": {"precision": "fp16"},
+            "int8-mlp": {"mlp_quant": "int8"}}
+CALIBRATION_ROWS = 4096
 
 
 def compare(checkpoint: str, variants: list[str], data: ProcessedData, split: str,
@@ -84,8 +89,11 @@ def compare(checkpoint: str, variants: list[str], data: ProcessedData, split: st
     with tempfile.TemporaryDirectory(prefix="dlrm-eval-") as tmp:
         for name in variants:
             out = os.path.join(tmp, name)
+            options = dict(VARIANTS[name])
+            if "mlp_quant" in options:
+                options["calibration"] = data.sample(CALIBRATION_ROWS, model.arch.embedding_sizes)
             compile_model(model, model.arch, None, out, log=lambda _: None, buckets=(512,),
-                          emb_quant=VARIANTS[name])
+                          **options)
             runtime = load(out)
             result = evaluate(runtime, data, split, batch_size)
             dense, offsets, indices, _ = next(data.batches(split, 512))

@@ -60,14 +60,16 @@ def _stage(log: Callable[[str], None], name: str, fn, *args, **kwargs):
 
 
 def prepare(model: torch.nn.Module, arch: Arch, target: tvm.target.Target, buckets=(),
-            log: Callable[[str], None] = print, emb_quant: str | None = None) -> Lowered:
-    """Export and lower ``model`` (tables quantised with ``emb_quant``); its module gains
-    ``main_b{B}`` for every bucket."""
+            log: Callable[[str], None] = print, emb_quant: str | None = None,
+            **numerics) -> Lowered:
+    """Export and lower ``model`` (tables quantised with ``emb_quant``; ``numerics``:
+    ``lower``'s precision, mlp_quant and calibration); its module gains ``main_b{B}`` for
+    every bucket."""
     if target.kind.name != "llvm":
         raise BuildError(f"dlrmc does not build for target kind {target.kind.name!r} yet; "
                          "use an llvm target")
     ep = _stage(log, "export", export_model, model, arch)
-    lowered = _stage(log, "lower", lower, ep, target, emb_quant=emb_quant)
+    lowered = _stage(log, "lower", lower, ep, target, emb_quant=emb_quant, **numerics)
     if buckets:
         lowered.mod = add_buckets(lowered.mod, buckets)
     return lowered
@@ -85,16 +87,21 @@ def build(lowered: Lowered, target: tvm.target.Target, tuning_log: str | None = 
 
 def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_dir: str,
                   log: Callable[[str], None] = print, buckets=None,
-                  tuning_log: str | None = None, emb_quant: str | None = None) -> dict:
+                  tuning_log: str | None = None, emb_quant: str | None = None,
+                  precision: str = "fp32", mlp_quant: str | None = None,
+                  calibration=None) -> dict:
     """Compile ``model`` for ``target`` into the artifact directory ``out_dir``; return its
     manifest. ``buckets``: static batch sizes compiled beside the symbolic batch (default:
     the tuning log's, else ``DEFAULT_BUCKETS``); ``tuning_log``: a ``dlrm-tune`` directory
-    whose schedules are replayed; ``emb_quant``: "int8" stores the tables row-wise quantised."""
+    whose schedules are replayed; ``emb_quant``: "int8" stores the tables row-wise quantised;
+    ``precision``: the dense layers' and interaction's type; ``mlp_quant`` "int8": int8 dense
+    layers calibrated on ``calibration`` (batches of (dense_x, lS_o, [lS_i_k]))."""
     tgt = parse_target(target)
     if buckets is None:
         buckets = read_log_manifest(tuning_log)["buckets"] if tuning_log else DEFAULT_BUCKETS
     buckets = tuple(sorted({int(b) for b in buckets}))
-    lowered = prepare(model, arch, tgt, buckets, log, emb_quant)
+    lowered = prepare(model, arch, tgt, buckets, log, emb_quant, precision=precision,
+                      mlp_quant=mlp_quant, calibration=calibration)
     executable, summary = _stage(log, "build", build, lowered, tgt, tuning_log,
                                  tuning_identity(arch, tgt), log)
     inputs, dims = input_spec(arch)
@@ -108,6 +115,8 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
         "entry": "main",
         "buckets": {str(b): entry_name(b) for b in buckets},
         "emb_quant": emb_quant,
+        "precision": precision,
+        "mlp_quant": mlp_quant,
         "transform_params": TRANSFORM_PARAMS,
         "inputs": inputs,
         "dynamic_dims": dims,

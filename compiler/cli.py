@@ -18,6 +18,7 @@ from ..schedules.embedding_bag import QUANTS
 from .buckets import DEFAULT_BUCKETS, parse_buckets
 from .build import BuildError, compile_model
 from .lower import LoweringError
+from .numerics import MLP_QUANTS, PRECISIONS
 
 USER_ERRORS = (ArtifactError, CheckpointError, TargetError, LoweringError, BuildError, ValueError,
                OSError)
@@ -59,8 +60,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--emb-quant", choices=QUANTS,
                    help="store the embedding tables row-wise quantised (FBGEMM's fused 8-bit "
                         "layout: codes, float32 scale and bias per row)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="type the MLPs and the interaction multiply in (fp32 accumulation; "
+                        "AVX-512 BF16 instructions where the target has them)")
+    p.add_argument("--mlp-quant", choices=MLP_QUANTS,
+                   help="int8 MLPs: per-channel weight scales, activation scales calibrated on "
+                        "--calibration-data (AVX-512 VNNI where the target has it)")
+    p.add_argument("--calibration-data", metavar="NPZ",
+                   help="processed Criteo .npz (dlrm-data criteo) whose training rows calibrate "
+                        "--mlp-quant")
+    p.add_argument("--calibration-rows", type=int, default=4096, metavar="N",
+                   help="rows of the training split to calibrate on (default 4096)")
+    p.add_argument("--max-ind-range", type=int, metavar="N",
+                   help="hash the calibration data's categories modulo N, as the model was "
+                        "trained")
     add_model_args(p)
     args = p.parse_args(argv)
+    if args.mlp_quant and not args.calibration_data:
+        p.error("--mlp-quant int8 needs --calibration-data NPZ (a sample of the training data)")
     # torch.export's own pytree deprecation notice, not the user's concern.
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     try:
@@ -69,13 +86,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.tuning_log:
             read_log_manifest(args.tuning_log)
         model, arch = model_from_args(args)
+        calibration = None
+        if args.mlp_quant:
+            from ..frontend.dataset import ProcessedData
+            data = ProcessedData.load(args.calibration_data, args.max_ind_range)
+            calibration = data.sample(args.calibration_rows, arch.embedding_sizes)
         compile_model(model, arch, args.target, args.output, buckets=buckets,
-                      tuning_log=args.tuning_log, emb_quant=args.emb_quant)
+                      tuning_log=args.tuning_log, emb_quant=args.emb_quant,
+                      precision=args.precision, mlp_quant=args.mlp_quant,
+                      calibration=calibration)
         print(f"wrote {args.output}")
         if args.check:
             diff = check_artifact(model, args.output, args.check, args.seed)
-            # int8 tables are compared with the fp32 model: the quantisation error shows
-            tolerance = 1e-4 if args.emb_quant is None else 5e-2
+            # reduced-precision builds are compared with the fp32 model: their error shows
+            exact = args.emb_quant is None and args.precision == "fp32" and not args.mlp_quant
+            tolerance = 1e-4 if exact else 5e-2
             if diff > tolerance:
                 print("dlrm-compile: error: the artifact disagrees with PyTorch", file=sys.stderr)
                 return 1

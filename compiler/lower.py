@@ -14,7 +14,9 @@ TVM's ExportedProgram importer handles everything except:
   row-concat kernel instead of TVM's element-wise one;
 - Linear layers, which ``fx_passes.fuse_linear`` rewrites into ``dlrmc::linear`` nodes,
   lowered to weight packing (lifted to load time by ``build``) and our dense kernel, blocked
-  with the target's knobs.
+  with the target's knobs; in bf16/fp16 (``precision``) or int8 (``mlp_quant``, with the
+  calibrated input ranges of ``numerics.linear_input_ranges``) the packing rounds or
+  quantises the weights and the kernel is ``schedules.dense_lowp``'s.
 
 Parameters stay inputs of ``main`` (after the user inputs) so the weights never enter the
 compiled code; ``lower`` returns them, in order, beside the module.
@@ -32,12 +34,14 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
 from ..schedules.dense import pack_kernel
+from ..schedules.dense_lowp import pack_lowp_kernel, quantize_pack_kernel, words
 from ..schedules.embedding_bag import MODES, QUANTS, fused_width, quantize_rows
 from ..schedules.interaction import output_width
 from ..schedules.kernels import make
 from ..targets.knobs import CpuKnobs, cpu_knobs
 from . import torch_ops  # noqa: F401  (registers torch.ops.dlrmc)
 from .fx_passes import batch_embedding_bags, embedding_bag_args, fuse_dot_interaction, fuse_linear
+from .numerics import MLP_QUANTS, PRECISIONS, activation_qparams, linear_input_ranges
 
 
 class LoweringError(ValueError):
@@ -115,7 +119,16 @@ def _convert_embedding_bags(node, importer, quant=None, tables=None) -> relax.Ex
     return bb.emit(relax.call_tir(gv, ws + ids + [off] + [env[s] for s in psw], out_ty))
 
 
-def _convert_dot_interaction(node, importer, knobs: CpuKnobs) -> relax.Expr:
+@dataclass(frozen=True)
+class Numerics:
+    """How the dense layers and the interaction compute (``dlrmc.compiler.numerics``)."""
+
+    precision: str = "fp32"
+    mlp_quant: str | None = None
+    ranges: dict | None = None     # dlrmc::linear node name -> calibrated input (min, max)
+
+
+def _convert_dot_interaction(node, importer, knobs: CpuKnobs, numerics: Numerics) -> relax.Expr:
     features, itself, prepend = node.args
     bb = importer.block_builder
     inputs = [importer.env[f] for f in features]
@@ -126,7 +139,8 @@ def _convert_dot_interaction(node, importer, knobs: CpuKnobs) -> relax.Expr:
         raise LoweringError(f"{node.name}: the interaction needs static feature count and width")
     num, dim = int(num), int(dim)
     kernel = make("dot_interaction", num_features=num, dim=dim, self_interaction=bool(itself),
-                  prepend_dense=bool(prepend), lanes=knobs.lanes, stacked=stacked, batch=None)
+                  prepend_dense=bool(prepend), lanes=knobs.lanes, stacked=stacked, batch=None,
+                  precision=numerics.precision)
     gv = bb.add_func(kernel, "dot_interaction")
     width = output_width(num, dim, bool(itself), bool(prepend))
     out_ty = relax.TensorType((shapes[0][0], width), "float32")
@@ -164,7 +178,30 @@ def _convert_select(node, importer) -> relax.Expr:
     return bb.emit(relax.op.squeeze(part, [dim]))
 
 
-def _convert_linear(node, importer, knobs: CpuKnobs) -> relax.Expr:
+def _pack_weights(bb, w, bias, n: int, k: int, nr: int, numerics: Numerics, node):
+    """The packed weights (and the int8 epilogue terms, else the bias) and the kernel's
+    extra recipe arguments."""
+    nb = -(-n // nr)
+    if numerics.mlp_quant == "int8":
+        lo, hi = numerics.ranges[node.name]
+        x_scale, x_zero = activation_qparams(lo, hi)
+        gv = bb.add_func(quantize_pack_kernel(n, k, nr, x_scale, x_zero), f"quantize_{n}x{k}")
+        out = bb.emit(relax.call_tir(gv, [w, bias], [
+            relax.TensorType((nb, words(k, "int8"), nr), "int32"),
+            relax.TensorType((2, n), "float32")]))
+        return bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1)), {
+            "kind": "int8", "x_scale": x_scale, "x_zero": x_zero}
+    kind = numerics.precision
+    if kind == "fp32":
+        gv = bb.add_func(pack_kernel(n, k, nr), f"pack_{n}x{k}")
+        return bb.emit(relax.call_tir(gv, [w], relax.TensorType((nb, k, nr), "float32"))), bias, {}
+    gv = bb.add_func(pack_lowp_kernel(n, k, nr, kind), f"pack_{kind}_{n}x{k}")
+    dtype = "float16" if kind == "fp16" else "int32"
+    packed = bb.emit(relax.call_tir(gv, [w], relax.TensorType((nb, words(k, kind), nr), dtype)))
+    return packed, bias, {"kind": kind}
+
+
+def _convert_linear(node, importer, knobs: CpuKnobs, numerics: Numerics) -> relax.Expr:
     x_node, w_node, b_node, act = node.args
     env, bb = importer.env, importer.block_builder
     x, w = env[x_node], env[w_node]
@@ -174,18 +211,21 @@ def _convert_linear(node, importer, knobs: CpuKnobs) -> relax.Expr:
         raise LoweringError(f"{node.name}: Linear layers must be float32")
     n, k = int(n), int(k)
     nr = knobs.nr if n > knobs.lanes else knobs.lanes
-    nb = -(-n // nr)
-    pack = bb.add_func(pack_kernel(n, k, nr), f"pack_{n}x{k}")
-    packed = bb.emit(relax.call_tir(pack, [w], relax.TensorType((nb, k, nr), "float32")))
     bias = env[b_node] if b_node is not None else relax.const(np.zeros(n, np.float32))
-    kernel = make("dense", n=n, k=k, act=act, mr=knobs.mr, nr=nr,
-                  parallel=n * k >= knobs.parallel_min_macs, batch=None)
-    gv = bb.add_func(kernel, f"dense_{n}x{k}_{act}")
+    packed, bias, lowp = _pack_weights(bb, w, bias, n, k, nr, numerics, node)
+    args = dict(n=n, k=k, act=act, mr=knobs.mr, nr=nr, parallel=n * k >= knobs.parallel_min_macs,
+                batch=None)
+    if lowp:
+        kernel = make("dense_lowp", **args, **lowp, dot=knobs.has_dot(lowp["kind"], nr))
+        name = f"dense_{lowp['kind']}_{n}x{k}_{act}"
+    else:
+        kernel, name = make("dense", **args), f"dense_{n}x{k}_{act}"
+    gv = bb.add_func(kernel, name)
     return bb.emit(relax.call_tir(gv, [x, packed, bias], relax.TensorType((batch, n), "float32")))
 
 
 def converters(knobs: CpuKnobs, stock: dict, emb_quant: str | None = None,
-               quantized: set | None = None) -> dict:
+               quantized: set | None = None, numerics: Numerics = Numerics()) -> dict:
     """The ATen and dlrmc ops we lower ourselves, for one target's knobs (``stock``: TVM's).
     With ``emb_quant`` the embedding kernels read quantised tables; the names of the table
     parameters they read are added to ``quantized``."""
@@ -199,8 +239,9 @@ def converters(knobs: CpuKnobs, stock: dict, emb_quant: str | None = None,
         "_embedding_bag_forward_only.default": bag,
         "embedding_bags.default": lambda node, imp: _convert_embedding_bags(
             node, imp, emb_quant, quantized),
-        "dot_interaction.default": lambda node, imp: _convert_dot_interaction(node, imp, knobs),
-        "linear.default": lambda node, importer: _convert_linear(node, importer, knobs),
+        "dot_interaction.default": lambda node, imp: _convert_dot_interaction(node, imp, knobs,
+                                                                              numerics),
+        "linear.default": lambda node, imp: _convert_linear(node, imp, knobs, numerics),
     }
 
 
@@ -215,23 +256,34 @@ class Lowered:
 
 
 def lower(ep: torch.export.ExportedProgram, target: tvm.target.Target,
-          unwrap_single_output: bool = True, emb_quant: str | None = None) -> Lowered:
+          unwrap_single_output: bool = True, emb_quant: str | None = None,
+          precision: str = "fp32", mlp_quant: str | None = None, calibration=None) -> Lowered:
     """Decompose, rewrite our patterns, import into Relax and detach the parameters.
 
     ``main`` returns its one output bare when ``unwrap_single_output``, else always a tuple.
     ``emb_quant="int8"``: the embedding tables become row-wise quantised parameters
     (``schedules.embedding_bag.quantize_rows``), read by the embedding kernels as such.
+    ``precision``: what the dense layers and interaction multiply in; ``mlp_quant="int8"``:
+    int8 dense layers, calibrated on ``calibration`` (batches of exported inputs).
     """
     if emb_quant is not None and emb_quant not in QUANTS:
         raise LoweringError(f"--emb-quant must be one of {', '.join(QUANTS)}, got {emb_quant!r}")
+    if precision not in PRECISIONS:
+        raise LoweringError(f"--precision must be one of {', '.join(PRECISIONS)}, got "
+                            f"{precision!r}")
+    if mlp_quant is not None and mlp_quant not in MLP_QUANTS:
+        raise LoweringError(f"--mlp-quant must be one of {', '.join(MLP_QUANTS)}, got "
+                            f"{mlp_quant!r}")
     ep = ep.run_decompositions()
     batch_embedding_bags(ep)
     fuse_dot_interaction(ep)
     fuse_linear(ep)
+    ranges = linear_input_ranges(ep, calibration or []) if mlp_quant else None
+    numerics = Numerics(precision, mlp_quant, ranges)
     importer = ExportedProgramImporter()
     stock = importer.create_convert_map()
     quantized: set[str] = set()
-    convert_map = converters(cpu_knobs(target), stock, emb_quant, quantized)
+    convert_map = converters(cpu_knobs(target), stock, emb_quant, quantized, numerics)
     unsupported = sorted({n.target.__name__ for n in ep.graph.nodes if n.op == "call_function"
                           and n.target.__name__ not in convert_map
                           and n.target.__name__ not in stock})

@@ -57,6 +57,24 @@ class ProcessedData:
                    [np.ascontiguousarray(cats[:, k]) for k in range(NUM_CAT)],
                    np.asarray(self.y[take], np.float32))
 
+    def sample(self, rows: int, table_sizes, split: str = "train", batch_size: int = 1024):
+        """The first ``rows`` rows of ``split`` as (dense_x, lS_o, lS_i) batches for a model
+        with ``table_sizes`` rows per table (a calibration sample); an index outside its
+        table is an error naming the column."""
+        out, left = [], int(rows)
+        for dense, offsets, indices, _ in self.batches(split, min(batch_size, max(rows, 1))):
+            if left <= 0:
+                break
+            for k, (idx, size) in enumerate(zip(indices, table_sizes)):
+                if len(idx) and (idx.min() < 0 or idx.max() >= size):
+                    raise ValueError(f"the data's categorical column {k} has index "
+                                     f"{int(idx.max())}, outside the model's table of {size} "
+                                     "rows (was the model trained with --max-ind-range?)")
+            take = min(left, len(dense))
+            out.append((dense[:take], offsets[:, :take], [i[:take] for i in indices]))
+            left -= take
+        return out
+
     def num_batches(self, split: str, batch_size: int) -> int:
         n = len(self.y) if split == "all" else len(kaggle_split(len(self.y), split))
         return -(-n // batch_size)

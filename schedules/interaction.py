@@ -23,6 +23,7 @@ import functools
 from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as T
 
+from .dense_lowp import round_to
 from .work_split import split_work
 
 CHUNK = 16          # samples per work item
@@ -42,10 +43,11 @@ def output_width(num_features: int, dim: int, self_interaction: bool, prepend_de
 @functools.lru_cache(maxsize=None)
 def dot_interaction_kernel(num_features: int, dim: int, self_interaction: bool = False,
                            prepend_dense: bool = True, lanes: int = 16, stacked: bool = False,
-                           batch: int | None = None):
+                           batch: int | None = None, precision: str = "fp32"):
     """A TIR PrimFunc (f_0, .., f_{F-1}, out), or (features [B, F, D], out) when ``stacked``.
 
-    B is symbolic unless ``batch`` is given.
+    B is symbolic unless ``batch`` is given. ``precision`` bf16/fp16: the features are
+    rounded to that type before the fp32 dot products (their products are exact in fp32).
     """
     F, D = int(num_features), int(dim)
     FP = -(-F // lanes) * lanes
@@ -79,7 +81,7 @@ def dot_interaction_kernel(num_features: int, dim: int, self_interaction: bool =
                     row = vc * CHUNK + s
                     for k in range(F):
                         with T.serial(D) as d:
-                            T.buffer_store(tt, feature(k, row, d), [d, k])
+                            T.buffer_store(tt, round_to(precision, feature(k, row, d)), [d, k])
                     if prepend_dense:
                         with T.vectorized(D) as d:
                             T.buffer_store(out, feature(0, row, d), [row, d])

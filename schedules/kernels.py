@@ -14,6 +14,7 @@ import tvm
 
 from .concat import concat_kernel
 from .dense import dense_kernel
+from .dense_lowp import dense_lowp_kernel
 from .embedding_bag import embedding_bags_kernel
 from .interaction import dot_interaction_kernel
 
@@ -23,6 +24,7 @@ GENERATORS = {
     "dot_interaction": dot_interaction_kernel,
     "concat_rows": concat_kernel,
     "dense": dense_kernel,
+    "dense_lowp": dense_lowp_kernel,
 }
 
 
@@ -53,7 +55,7 @@ def variants(r: dict, knobs) -> list[dict]:
     kernel as lowered): GEMM micro-tile heights that fit the target's registers, and the
     embedding kernels' prefetch distance. Each override is its own MetaSchedule task."""
     a = r["args"]
-    if r["kernel"] == "dense":
+    if r["kernel"] in ("dense", "dense_lowp"):
         return [{} if m == a["mr"] else {"mr": m} for m in knobs.mr_choices(a["nr"])] or [{}]
     if r["kernel"] == "embedding_bags":
         return [{} if d == a.get("prefetch", 0) else {"prefetch": d} for d in PREFETCH_CHOICES]

@@ -76,7 +76,7 @@ def _static_task_func(func: tvm.tirx.PrimFunc, arg_shapes: list, fill: int) -> t
 
 def _work(r: dict, batch: int, per_bag: int) -> tuple[float, str]:
     a = r["args"]
-    if r["kernel"] == "dense":
+    if r["kernel"] in ("dense", "dense_lowp"):
         return 2.0 * batch * a["n"] * a["k"], "FLOP"
     if r["kernel"] == "dot_interaction":
         return 2.0 * batch * num_pairs(a["num_features"], a["self_interaction"]) * a["dim"], "FLOP"

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from tvm.target import Target, codegen
 
 
+DOT_ISA = {"bf16": "avx512bf16", "int8": "avx512vnni"}   # what a dense kind's dot needs
+
+
 @dataclass(frozen=True)
 class CpuKnobs:
     """Register-blocking parameters for one CPU target."""
@@ -20,6 +23,12 @@ class CpuKnobs:
     nr: int              # columns of a GEMM micro-tile (a multiple of ``lanes``)
     registers: int = 16  # vector registers (what bounds a micro-tile: MR*NR/lanes accumulators)
     parallel_min_macs: int = 1 << 16   # below this a layer runs on one thread
+    features: frozenset = frozenset()  # the target's CPU features (LLVM's names)
+
+    def has_dot(self, kind: str, nr: int) -> bool:
+        """Whether the dense kernel of ``kind`` may use the target's dot-product instruction
+        (AVX-512 BF16 ``vdpbf16ps`` for bf16, AVX-512 VNNI ``vpdpbusd`` for int8)."""
+        return DOT_ISA.get(kind) in self.features and nr % 16 == 0
 
     def mr_choices(self, nr: int) -> list[int]:
         """Micro-tile heights whose accumulators, panel loads and broadcast fit the registers."""
@@ -34,11 +43,11 @@ class CpuKnobs:
 
 def cpu_knobs(target: Target) -> CpuKnobs:
     """Knobs for an llvm target: AVX-512 (32 zmm), AVX2 (16 ymm), NEON (32 q), else SSE."""
-    feats = set(codegen.llvm_get_cpu_features(target))
-    if "avx512f" in feats:
-        return CpuKnobs(lanes=16, mr=6, nr=32, registers=32)  # 12 acc + 2 panel + 1 broadcast
+    feats = frozenset(str(f) for f in codegen.llvm_get_cpu_features(target))
+    if "avx512f" in feats:   # 12 acc + 2 panel + 1 broadcast of 32 zmm
+        return CpuKnobs(lanes=16, mr=6, nr=32, registers=32, features=feats)
     if "avx2" in feats or "avx" in feats:
-        return CpuKnobs(lanes=8, mr=6, nr=16)     # 12 + 2 + 1 of 16 ymm
-    if "neon" in feats:
-        return CpuKnobs(lanes=4, mr=6, nr=16, registers=32)   # 24 + 4 + 1 of 32 q registers
-    return CpuKnobs(lanes=4, mr=4, nr=8)          # 8 + 2 + 1 of 16 xmm
+        return CpuKnobs(lanes=8, mr=6, nr=16, features=feats)     # 12 + 2 + 1 of 16 ymm
+    if "neon" in feats:   # 24 + 4 + 1 of 32 q registers
+        return CpuKnobs(lanes=4, mr=6, nr=16, registers=32, features=feats)
+    return CpuKnobs(lanes=4, mr=4, nr=8, features=feats)          # 8 + 2 + 1 of 16 xmm
