@@ -69,3 +69,28 @@ def dense(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, act: str =
     elif act == "sigmoid":
         y = 1 / (1 + np.exp(-y))
     return y.astype(np.float32)
+
+
+def round_to(x: np.ndarray, kind: str) -> np.ndarray:
+    """float32 values rounded to bf16 / fp16 (to nearest even), as float32; fp32 unchanged."""
+    x = np.ascontiguousarray(x, np.float32)
+    if kind == "fp16":
+        return x.astype(np.float16).astype(np.float32)
+    if kind == "bf16":
+        bits = x.view(np.uint32).astype(np.uint64)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return bits.astype(np.uint32).view(np.float32)
+    return x
+
+
+def dense_int8(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, act: str,
+               x_scale: float, x_zero: int) -> np.ndarray:
+    """``dense`` with x quantised to uint8 (``x_scale``, ``x_zero``) and the weights to int8
+    per output channel; see ``dlrmc.schedules.dense_lowp``."""
+    f32 = np.float32        # the contract's steps are float32 operations, rounded to even
+    weight, x = weight.astype(f32), x.astype(f32)
+    w_scale = np.maximum(np.abs(weight).max(axis=1), f32(1e-30)) / f32(127)
+    wq = np.clip(np.rint(weight / w_scale[:, None]), -127, 127)
+    xq = np.clip(np.rint(x * f32(1.0 / x_scale)) + f32(x_zero), 0, 255)
+    deq_x = (xq - x_zero) * x_scale
+    return dense(deq_x, wq * w_scale[:, None], bias, act)

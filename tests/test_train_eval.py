@@ -98,18 +98,48 @@ def test_metrics_agree_with_an_independent_computation(seed):
 
 def test_eval_compare_variants(trained):
     d, _ = trained
-    res = run("dlrm-eval", "--compare", "fp32,int8-emb,int4-emb", "--load-model", str(d / "m.pt"),
+    names = ("fp32", "int8-emb", "int4-emb", "bf16", "fp16", "int8-mlp")
+    res = run("dlrm-eval", "--compare", ",".join(names), "--load-model", str(d / "m.pt"),
               "--data", str(d / "s.npz"), "--batch-size", "2000")
-    rows = {ln.split()[0]: ln.split() for ln in res.stdout.splitlines()
-            if ln.startswith(("fp32", "int8-emb", "int4-emb"))}
-    assert set(rows) == {"fp32", "int8-emb", "int4-emb"}
+    rows = {ln.split()[0]: ln.split() for ln in res.stdout.splitlines() if ln.startswith(names)}
+    assert set(rows) == set(names)
     assert float(rows["fp32"][2]) == 0.0
-    assert abs(float(rows["int8-emb"][2])) < 0.01 and abs(float(rows["int4-emb"][2])) < 0.03
+    delta = {k: abs(float(v[2])) for k, v in rows.items()}
+    assert delta["int8-emb"] < 0.01 and delta["int4-emb"] < 0.03, res.stdout
+    assert delta["bf16"] < 0.002 and delta["fp16"] < 0.001 and delta["int8-mlp"] < 0.005, res.stdout
+    assert 0 < delta["fp16"] + delta["bf16"]        # they did compute in lower precision
     sizes = {k: float(v[-2]) for k, v in rows.items()}
-    assert sizes["int4-emb"] < sizes["int8-emb"] < sizes["fp32"]
+    assert sizes["int4-emb"] < sizes["int8-emb"] < sizes["fp32"] == sizes["bf16"]
     assert all(float(v[5]) > 0 for v in rows.values())           # ms per batch of 512
-    for args, message in [(["--compare", "fp16", "--load-model", str(d / "m.pt")],
+    for args, message in [(["--compare", "fp8", "--load-model", str(d / "m.pt")],
                            "unknown variant"),
                           (["--compare", "fp32"], "--load-model")]:
         bad = run("dlrm-eval", *args, "--data", str(d / "s.npz"), check=False)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+
+
+@pytest.mark.parametrize("options,tolerance", [(["--precision", "bf16"], 0.02),
+                                               (["--precision", "fp16"], 0.005),
+                                               (["--mlp-quant", "int8"], 0.05)])
+def test_reduced_precision_artifacts_stay_near_fp32(trained, options, tolerance):
+    """Each variant of the trained model against PyTorch's fp32 predictions on real rows,
+    at a bucket batch (64) and at the any-batch entry (37)."""
+    from dlrmc.frontend.dataset import ProcessedData
+    from dlrmc.runtime import load
+
+    d, _ = trained
+    out = d / ("m-" + "-".join(options).replace("--", ""))
+    run("dlrm-compile", "--load-model", str(d / "m.pt"), "--buckets", "64", "-o", str(out),
+        "--calibration-data", str(d / "s.npz"), *options)
+    compiled, model = load(str(out)), load_model(str(d / "m.pt")).eval()
+    assert compiled.manifest["precision"] == options[1] or compiled.manifest["mlp_quant"] == "int8"
+    data = ProcessedData.load(str(d / "s.npz"))
+    worst = 0.0
+    for batch in (64, 37):
+        dense, offsets, indices, _ = next(data.batches("test", batch))
+        ours = compiled.predict(dense, offsets, indices)
+        with torch.no_grad():
+            want = model(torch.from_numpy(dense), torch.from_numpy(offsets),
+                         [torch.from_numpy(i) for i in indices]).numpy()
+        worst = max(worst, float(np.abs(ours - want).max()))
+    assert 0 < worst < tolerance

@@ -1,0 +1,173 @@
+"""Reduced precision: the bf16/fp16/int8 dense kernels and the rounded interaction against the
+numpy oracles (themselves checked against PyTorch), calibration, and whole models compiled
+with --precision / --mlp-quant staying close to fp32."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+from dlrmc.compiler.numerics import activation_qparams
+from dlrmc.schedules import reference as ref
+from dlrmc.schedules import work_schedule
+from dlrmc.schedules.dense_lowp import dense_lowp_kernel, pack_lowp_kernel, quantize_pack_kernel
+from dlrmc.schedules.interaction import dot_interaction_kernel
+from dlrmc.targets import parse_target
+from dlrmc.targets.knobs import cpu_knobs
+
+HOST = parse_target("host")
+PORTABLE = tvm.target.Target({"kind": "llvm"})
+HOST_KNOBS = cpu_knobs(HOST)
+
+
+def _compile(func, target):
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)["main"]
+
+
+def _dots(kind):
+    """(dot, target) pairs to test: the portable words, and the instruction where the host
+    has it."""
+    cases = [(False, PORTABLE)]
+    if HOST_KNOBS.has_dot(kind, 16):
+        cases.append((True, HOST))
+    return cases
+
+
+def _t(a):
+    return tvm.runtime.tensor(a)
+
+
+def test_rounding_oracle_matches_pytorch():
+    x = np.random.default_rng(0).standard_normal(10000).astype(np.float32) * 100
+    x[:4] = [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 0]      # ties to even
+    t = torch.from_numpy(x)
+    np.testing.assert_array_equal(ref.round_to(x, "bf16"), t.to(torch.bfloat16).float().numpy())
+    np.testing.assert_array_equal(ref.round_to(x, "fp16"), t.half().float().numpy())
+
+
+def test_int8_oracle_matches_pytorch_fake_quantisation():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((20, 37)).astype(np.float32)
+    w = rng.standard_normal((9, 37)).astype(np.float32)
+    b = rng.standard_normal(9).astype(np.float32)
+    scale, zero = activation_qparams(x.min(), x.max())
+    xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+    xq = torch.fake_quantize_per_tensor_affine(xt, scale, zero, 0, 255)
+    w_scale = wt.abs().amax(1) / 127
+    wq = torch.fake_quantize_per_channel_affine(wt, w_scale, torch.zeros(9, dtype=torch.int32),
+                                                0, -127, 127)
+    want = torch.relu(torch.nn.functional.linear(xq, wq, torch.from_numpy(b))).numpy()
+    np.testing.assert_allclose(ref.dense_int8(x, w, b, "relu", scale, zero), want, rtol=1e-4,
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("lo,hi", [(0.0, 3.0), (-1.0, 1.0), (-5.0, -1.0), (2.0, 2.0), (0, 0)])
+def test_activation_qparams_cover_the_range_and_zero(lo, hi):
+    scale, zero = activation_qparams(lo, hi)
+    assert 0 <= zero <= 255 and scale > 0
+    assert (0 - zero) * scale <= min(lo, 0) + scale and (255 - zero) * scale >= max(hi, 0) - scale
+    with pytest.raises(ValueError, match="non-finite"):
+        activation_qparams(float("nan"), 1.0)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp16", "int8"])
+@pytest.mark.parametrize("n,k", [(1, 7), (16, 13), (33, 64), (40, 367)])
+def test_lowp_dense_kernels_match_oracle(kind, n, k):
+    rng = np.random.default_rng(n * 1000 + k)
+    w = (rng.standard_normal((n, k)) * 0.2).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    nr = 16
+    for dot, target in _dots(kind):
+        for act in ("relu", "sigmoid"):
+            xs = [rng.standard_normal((m, k)).astype(np.float32) for m in (1, 5, 6, 13, 64)]
+            if kind == "int8":
+                x_scale, x_zero = activation_qparams(min(x.min() for x in xs),
+                                                     max(x.max() for x in xs))
+                packed = _t(np.zeros((-(-n // nr), -(-k // 4), nr), np.int32))
+                terms = _t(np.zeros((2, n), np.float32))
+                _compile(quantize_pack_kernel(n, k, nr, x_scale, x_zero), target)(
+                    _t(w), _t(b), packed, terms)
+                fn = _compile(dense_lowp_kernel(n, k, act, 6, nr, True, None, kind, dot, x_scale,
+                                                x_zero), target)
+                args, want = (packed, terms), lambda x: ref.dense_int8(x, w, b, act, x_scale,
+                                                                      x_zero)
+            else:
+                per = 2 if kind == "bf16" else 1
+                dtype = np.int32 if kind == "bf16" else np.float16
+                packed = _t(np.zeros((-(-n // nr), -(-k // per), nr), dtype))
+                _compile(pack_lowp_kernel(n, k, nr, kind), target)(_t(w), packed)
+                fn = _compile(dense_lowp_kernel(n, k, act, 6, nr, True, None, kind, dot), target)
+                args, want = (packed, _t(b)), lambda x: ref.dense(
+                    ref.round_to(x, kind), ref.round_to(w, kind), b, act)
+            for x in xs:
+                y = _t(np.full((len(x), n), np.nan, np.float32))
+                fn(_t(x), *args, y)
+                np.testing.assert_allclose(y.numpy(), want(x), rtol=2e-4, atol=2e-4,
+                                           err_msg=f"{kind} dot={dot} act={act} M={len(x)}")
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_lowp_dense_static_batch(kind, batch):
+    """The bucket form: static batch, work loops under the dlrmc_work schedule."""
+    rng = np.random.default_rng(batch)
+    n, k, nr = 64, 256, 32
+    w = (rng.standard_normal((n, k)) * 0.1).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    x = rng.random((batch, k), dtype=np.float32)
+    for dot, target in _dots(kind):
+        if kind == "int8":
+            scale, zero = activation_qparams(0, 1)
+            packed, bias = _t(np.zeros((2, k // 4, nr), np.int32)), _t(np.zeros((2, n), np.float32))
+            _compile(quantize_pack_kernel(n, k, nr, scale, zero), target)(_t(w), _t(b), packed,
+                                                                          bias)
+            want = ref.dense_int8(x, w, b, "relu", scale, zero)
+        else:
+            scale, zero = 1.0, 0
+            packed, bias = _t(np.zeros((2, k // 2, nr), np.int32)), _t(b)
+            _compile(pack_lowp_kernel(n, k, nr, kind), target)(_t(w), packed)
+            want = ref.dense(ref.round_to(x, kind), ref.round_to(w, kind), b, "relu")
+        func = dense_lowp_kernel(n, k, "relu", 6, nr, True, batch, kind, dot, scale, zero)
+        fn = _compile(work_schedule.apply_default(func), target)
+        y = _t(np.full((batch, n), np.nan, np.float32))
+        fn(_t(x), packed, bias, y)
+        np.testing.assert_allclose(y.numpy(), want, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp16"])
+def test_interaction_rounds_its_inputs(kind):
+    rng = np.random.default_rng(3)
+    t = rng.standard_normal((70, 5, 16)).astype(np.float32)
+    fn = _compile(dot_interaction_kernel(5, 16, False, True, 16, True, None, kind), PORTABLE)
+    out = _t(np.zeros((70, 16 + 10), np.float32))
+    fn(_t(t), out)
+    want = ref.dot_interaction(ref.round_to(t, kind), False, True)
+    want[:, :16] = t[:, 0]                 # x itself passes through unrounded
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
+    assert np.abs(out.numpy() - ref.dot_interaction(t, False, True)).max() > 0   # it did round
+
+
+def test_bad_kernel_configuration():
+    with pytest.raises(ValueError, match="precision"):
+        dense_lowp_kernel(4, 4, "relu", kind="fp8")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        dense_lowp_kernel(4, 4, "relu", nr=8, kind="bf16", dot=True)
+
+
+def test_compile_cli_numerics_errors(tmp_path):
+    def run(*args):
+        return subprocess.run(["dlrm-compile", "--preset", "tiny", "-o", str(tmp_path / "a"),
+                               *args], capture_output=True, text=True, timeout=300)
+    res = run("--mlp-quant", "int8")
+    assert res.returncode == 2 and "--calibration-data" in res.stderr
+    res = run("--precision", "fp8")
+    assert res.returncode == 2 and "invalid choice" in res.stderr
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    res = run("--mlp-quant", "int8", "--calibration-data", str(bad))
+    assert res.returncode == 2 and "Traceback" not in res.stderr and res.stderr.strip()
+    assert not (tmp_path / "a").exists()
