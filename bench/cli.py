@@ -6,7 +6,9 @@ median and p99 time per batch, samples/s, each peer's time over ours, and a lowe
 rate). With ``--tuning-log`` the artifact is compiled from that log and the default-schedule
 artifact runs beside it; each tuning task's trials, best latency and achieved rate are
 printed, and the tuning curve (sum of the tasks' best latencies against trials) is drawn as
-a PNG. Output: a terminal table, and optionally JSON and Markdown.
+a PNG. With ``--precision bf16|fp16`` or ``--mlp-quant int8`` the artifact is built so (int8
+calibrated on the benchmark's own random batches) and the fp32 artifact runs beside it as
+``dlrmc-fp32``. Output: a terminal table, and optionally JSON and Markdown.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from ..compiler.build import compile_model
+from ..compiler.numerics import MLP_QUANTS, PRECISIONS
 from ..frontend.source import add_model_args, model_from_args
 from ..runtime import load, set_threads
 from ..runtime.batch import add_random_batch_args, batch_from_args
@@ -53,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also compile from this dlrm-tune log, report its tasks, draw its curve")
     p.add_argument("--curve", default="tuning_curve.png",
                    help="PNG of the tuning curve (with --tuning-log; default %(default)s)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="build our artifact in this precision (fp32 runs beside it)")
+    p.add_argument("--mlp-quant", choices=MLP_QUANTS, help="int8 MLPs (fp32 runs beside it)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--markdown", help="write the Markdown table here")
     args = p.parse_args(argv)
@@ -63,15 +69,22 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="dlrmc-bench-")
     log_manifest = read_log_manifest(args.tuning_log) if args.tuning_log else None
     buckets = log_manifest["buckets"] if log_manifest else None
+    numerics = {"precision": args.precision, "mlp_quant": args.mlp_quant}
+    if args.mlp_quant:
+        numerics["calibration"] = [batch_from_args(arch.to_dict(), 1024, args, seed=1)]
+    reduced = args.precision != "fp32" or args.mlp_quant is not None
     if args.artifact:
         artifact = args.artifact
     else:
         artifact = f"{tmp.name}/model"
-        compile_model(model, arch, args.target, artifact, buckets=buckets)
+        compile_model(model, arch, args.target, artifact, buckets=buckets, **numerics)
     # Weights mapped from the file, not copied: the peers hold their own copies (multi-hot
     # tables are 8.6 GB). Warm-up runs fault in the rows a batch touches.
     ours = load(artifact, threads=args.threads, mmap=True)
     systems: dict[str, object] = {}
+    if reduced and not args.artifact:
+        compile_model(model, arch, args.target, f"{tmp.name}/fp32", buckets=buckets)
+        systems["dlrmc-fp32"] = load(f"{tmp.name}/fp32", threads=args.threads, mmap=True).bind
     tuning = None
     if args.tuning_log:
         compile_model(model, arch, args.target, f"{tmp.name}/tuned", tuning_log=args.tuning_log)
@@ -112,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                     row["systems"][name] = {"unavailable": fn}
                     continue
                 time.sleep(0.2)  # let the other runtime's spinning threads go to sleep
-                if name == "dlrmc-default":
+                if name in ("dlrmc-default", "dlrmc-fp32"):
                     call = fn(dense, offsets, indices)
                 else:
                     call = fn if name == "dlrmc" else (lambda f=fn: f(*tb))
@@ -180,7 +193,8 @@ def markdown(results: list[dict]) -> str:
             extra = "" if name == "dlrmc" else f", {ratio:.2f}x"
             cells.append(f"{s['median_us']:,.0f} us ({s['p99_us']:,.0f}{extra})")
         label = {"dlrmc": "dlrmc (this artifact)",
-                 "dlrmc-default": "dlrmc, default schedules"}.get(name) or PEERS[name]
+                 "dlrmc-default": "dlrmc, default schedules",
+                 "dlrmc-fp32": "dlrmc, fp32"}.get(name) or PEERS[name]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("| lower bound | " + " | ".join(f"{r['bound_us']:,.0f} us" for r in results) + " |")
     return "\n".join(lines)

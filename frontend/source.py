@@ -18,6 +18,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     add_arch_args(parser)
     parser.add_argument("--load-model", metavar="PATH",
                         help="checkpoint from facebookresearch/dlrm --save-model, or a state_dict")
+    parser.add_argument("--onnx", metavar="PATH",
+                        help="an ONNX export of a DLRM (facebookresearch/dlrm --save-onnx, "
+                             "torch.onnx.export with or without dynamo; external data beside it)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the random weights when no checkpoint is given")
 
@@ -25,6 +28,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def model_from_args(args: argparse.Namespace, log=print) -> tuple[DLRM, Arch]:
     """The eval-mode model and its architecture that ``args`` describe."""
     given = given_fields(args)
+    if getattr(args, "onnx", None):
+        if args.load_model or args.preset or given:
+            raise ValueError("--onnx carries its own architecture and weights: give it alone, "
+                             "without --load-model, --preset or --arch-* flags")
+        from .onnx_import import model_from_onnx
+        return model_from_onnx(args.onnx, log)
     if args.load_model:
         if args.preset:
             given = {**PRESETS[args.preset].to_dict(), **given}

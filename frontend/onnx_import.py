@@ -1,0 +1,267 @@
+"""DLRMs that arrive as ONNX files: recognise the DLRM in the graph, rebuild it, prove it.
+
+Exporters spell DLRM differently: facebookresearch/dlrm's ``--save-onnx`` (TorchScript
+exporter, opset 11) and ``torch.onnx.export(dynamo=True)`` turn each EmbeddingBag into a Loop
+over bags (Slice of the indices, Gather of table rows, ReduceSum), the ATen-fallback export
+into an ``ATen`` node, fixed-size bags into Gather + ReduceSum; the interaction's
+``Z[:, li, lj]`` becomes a Gather (or GatherND) on the flattened Gram matrix. Rather than
+pattern-match each spelling op by op, we read the model's structure from what every spelling
+shares, then check the result against the ONNX graph itself:
+
+- tables: 2-D float initializers that a Gather (at any depth, Loop bodies included) or an
+  ATen ``embedding_bag`` reads rows of, in the order the graph first uses them; pooling from
+  the Reduce op beside the Gather (sum / mean / max);
+- dense layers: Gemm (or MatMul + Add) with initializer weights; a layer whose input depends
+  on no table is in the bottom MLP, the rest in the top MLP, in graph order;
+- interaction: ``dot`` when a MatMul multiplies two computed tensors (the Gram matrix), else
+  ``cat``; whether the diagonal is kept follows from the top MLP's input width.
+
+The rebuilt model is our ``DLRM`` (the reference's layout) with the initializers as weights,
+so an ONNX model gets the same export, kernels, tuning and artifact as a torch one. Before it
+is used, it and the ONNX graph (run by ``onnx.reference.ReferenceEvaluator``) predict a small
+random batch; any disagreement is an error naming the largest difference. Weights stored as
+external data (tables over 2 GB need it) are read from beside the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from .arch import Arch
+from .model import DLRM
+
+REDUCE_MODES = {"ReduceSum": "sum", "ReduceMean": "mean", "ReduceMax": "max"}
+VERIFY_TOLERANCE = 1e-4
+
+
+class OnnxImportError(ValueError):
+    """An ONNX file dlrmc cannot read as a DLRM, with the reason."""
+
+
+def load_onnx(path: str) -> onnx.ModelProto:
+    """The model with its external data, checked by ONNX's own checker."""
+    if not os.path.isfile(path):
+        raise OnnxImportError(f"{path}: no such ONNX file")
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises several types for garbage
+        raise OnnxImportError(f"{path} is not an ONNX model ({type(e).__name__}: {e})") from e
+    base = os.path.dirname(os.path.abspath(path))
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            where = {e.key: e.value for e in init.external_data}.get("location", "")
+            if not os.path.isfile(os.path.join(base, where)):
+                raise OnnxImportError(f"{path}: initializer {init.name!r} is stored in external "
+                                      f"data file {where!r}, which is missing from {base}")
+    try:
+        onnx.load_external_data_for_model(model, base)
+        onnx.checker.check_model(model)
+    except Exception as e:  # noqa: BLE001
+        raise OnnxImportError(f"{path} is not a valid ONNX model: {e}") from e
+    return model
+
+
+def _walk(graph, depth=0):
+    """(node, the graph holding it) for every node, subgraphs (Loop/If bodies) included."""
+    for node in graph.node:
+        yield node, graph
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _walk(attr.g, depth + 1)
+
+
+def _find_tables(model, inits) -> list[tuple[str, str]]:
+    """(initializer name, pooling mode) of each embedding table, in first-use order."""
+    tables, seen = [], set()
+    for node, graph in _walk(model.graph):
+        name = node.input[0] if node.input else ""
+        arr = inits.get(name)
+        is_bag = node.op_type == "Gather" or (node.op_type == "ATen" and any(
+            a.name == "operator" and b"embedding_bag" in a.s for a in node.attribute))
+        if not is_bag or arr is None or arr.ndim != 2 or arr.dtype != np.float32 or name in seen:
+            continue
+        if node.op_type == "Gather" and any(a.name == "axis" and a.i != 0 for a in node.attribute):
+            continue
+        modes = {REDUCE_MODES[n.op_type] for n in graph.node if n.op_type in REDUCE_MODES}
+        if node.op_type == "ATen":
+            mode_attr = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+            modes = {("sum", "mean", "max")[mode_attr.get("mode", 0)]}
+        seen.add(name)
+        tables.append((name, modes.pop() if len(modes) == 1 else "sum"))
+    return tables
+
+
+def _dense_layers(model, inits) -> list[dict]:
+    """Gemm / MatMul(+Add) layers with initializer weights: W [N, K], bias, input name."""
+    layers = []
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    for node in model.graph.node:
+        if node.op_type == "Gemm" and len(node.input) >= 2 and node.input[1] in inits:
+            attrs = {a.name: (a.i if a.type == onnx.AttributeProto.INT else a.f)
+                     for a in node.attribute}
+            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 \
+                    or attrs.get("beta", 1.0) != 1.0:
+                raise OnnxImportError(f"Gemm node {node.name!r}: only alpha = beta = 1 without "
+                                      "transA is a dense layer dlrmc knows")
+            w = inits[node.input[1]]
+            w = w if attrs.get("transB", 0) else w.T
+            bias = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            layers.append({"node": node, "input": node.input[0], "weight": w, "bias": bias})
+        elif node.op_type == "MatMul" and node.input[1] in inits and inits[node.input[1]].ndim == 2:
+            bias = None
+            for c in consumers.get(node.output[0], []):
+                other = [i for i in c.input if i != node.output[0]]
+                if c.op_type == "Add" and other and other[0] in inits:
+                    bias = inits[other[0]]
+            layers.append({"node": node, "input": node.input[0], "weight": inits[node.input[1]].T,
+                           "bias": bias})
+    return layers
+
+
+def _table_dependent(model, table_names: set) -> set:
+    """Names of main-graph tensors computed from any table (directly or via a subgraph)."""
+    dependent = set()
+    for node in model.graph.node:
+        reads = set(node.input)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                reads |= {i for n, _ in _walk(attr.g) for i in n.input}
+        if reads & (table_names | dependent):
+            dependent.update(node.output)
+    return dependent
+
+
+def _gram_matmul(model, inits) -> bool:
+    return any(n.op_type == "MatMul" and not (set(n.input) & set(inits))
+               for n in model.graph.node)
+
+
+def recognise(model: onnx.ModelProto) -> tuple[Arch, dict[str, np.ndarray]]:
+    """The DLRM architecture of ``model`` and its weights in our DLRM's state_dict names."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    tables = _find_tables(model, inits)
+    if not tables:
+        ops = ", ".join(f"{op} x{n}" for op, n in Counter(
+            n.op_type for n in model.graph.node).most_common(8))
+        raise OnnxImportError("no embedding tables found (no Gather or ATen embedding_bag "
+                              "reads rows of a 2-D float initializer); dlrmc compiles DLRM-like "
+                              f"graphs, this one has {ops}")
+    dims = {inits[t].shape[1] for t, _ in tables}
+    modes = {m for _, m in tables}
+    if len(dims) != 1 or len(modes) != 1:
+        raise OnnxImportError(f"tables differ in width {sorted(dims)} or pooling {sorted(modes)}"
+                              "; dlrmc's DLRM has one of each")
+    dependent = _table_dependent(model, {t for t, _ in tables})
+    layers = _dense_layers(model, inits)
+    bottom = [ly for ly in layers if ly["input"] not in dependent]
+    top = [ly for ly in layers if ly["input"] in dependent]
+    if not bottom or not top:
+        raise OnnxImportError(f"found {len(bottom)} bottom and {len(top)} top dense layers; a "
+                              "DLRM has both")
+    for part in (bottom, top):
+        for a, b in zip(part, part[1:]):
+            if a["weight"].shape[0] != b["weight"].shape[1]:
+                raise OnnxImportError(f"dense layers {a['node'].name!r} -> {b['node'].name!r} "
+                                      "do not chain; not a DLRM MLP")
+    dim = int(dims.pop())
+    mlp_bot = (int(bottom[0]["weight"].shape[1]),) + tuple(int(ly["weight"].shape[0])
+                                                           for ly in bottom)
+    mlp_top = tuple(int(ly["weight"].shape[0]) for ly in top)
+    top_in = int(top[0]["weight"].shape[1])
+    op = "dot" if _gram_matmul(model, inits) else "cat"
+    itself = False
+    if op == "dot":
+        f = len(tables) + 1
+        pairs = top_in - mlp_bot[-1]
+        if pairs not in (f * (f - 1) // 2, f * (f + 1) // 2):
+            raise OnnxImportError(f"the top MLP takes {top_in} inputs, which no dot interaction "
+                                  f"of {f} features of width {mlp_bot[-1]} gives")
+        itself = pairs == f * (f + 1) // 2
+    try:
+        arch = Arch(dim, tuple(int(inits[t].shape[0]) for t, _ in tables), mlp_bot, mlp_top,
+                    interaction_op=op, interaction_itself=itself, pooling=modes.pop())
+    except ValueError as e:
+        raise OnnxImportError(f"the graph's DLRM is not consistent: {e}") from e
+    state = {f"emb_l.{k}.weight": inits[t] for k, (t, _) in enumerate(tables)}
+    for prefix, part in (("bot_l", bottom), ("top_l", top)):
+        for i, ly in enumerate(part):
+            state[f"{prefix}.{2 * i}.weight"] = np.ascontiguousarray(ly["weight"], np.float32)
+            bias = ly["bias"] if ly["bias"] is not None else np.zeros(ly["weight"].shape[0])
+            state[f"{prefix}.{2 * i}.bias"] = np.asarray(bias, np.float32).reshape(-1)
+    return arch, state
+
+
+def _verification_feed(model, arch: Arch, seed: int = 0) -> tuple[dict, tuple]:
+    """A small random batch in the ONNX graph's inputs and in our model's."""
+    rng = np.random.default_rng(seed)
+    inputs = [i for i in model.graph.input
+              if i.name not in {x.name for x in model.graph.initializer}]
+    if len(inputs) != 2 + arch.num_tables:
+        raise OnnxImportError(f"the graph takes {len(inputs)} inputs; a DLRM export takes "
+                              f"dense_x, offsets and one index list per table "
+                              f"({2 + arch.num_tables})")
+
+    def static(inp, axis):
+        d = inp.type.tensor_type.shape.dim
+        return d[axis].dim_value if len(d) > axis and d[axis].HasField("dim_value") else None
+
+    batch = static(inputs[0], 0) or 3
+    dense = rng.random((batch, arch.num_dense), dtype=np.float32)
+    offsets, indices = [], []
+    for k, rows in enumerate(arch.embedding_sizes):
+        count = static(inputs[2 + k], 0) or 2 * batch
+        # no empty bags where the count allows: exporters disagree on them (ReduceMean of
+        # nothing is NaN in ONNX, 0 in PyTorch)
+        cuts = (np.sort(rng.choice(np.arange(1, count), batch - 1, replace=False))
+                if count >= batch else np.sort(rng.integers(0, count + 1, batch - 1)))
+        offsets.append(np.concatenate([[0], cuts]))
+        indices.append(rng.integers(0, rows, count))
+    lS_o = np.stack(offsets).astype(np.int64)
+    feed = {inputs[0].name: dense, inputs[1].name: lS_o}
+    for k in range(arch.num_tables):
+        feed[inputs[2 + k].name] = indices[k].astype(np.int64)
+    return feed, (dense, lS_o, [i.astype(np.int64) for i in indices])
+
+
+def verify(model: onnx.ModelProto, dlrm: DLRM) -> float:
+    """Max |ONNX graph - rebuilt model| on a random batch; an error above the tolerance."""
+    from onnx.reference import ReferenceEvaluator
+
+    feed, (dense, offsets, indices) = _verification_feed(model, dlrm.arch)
+    try:
+        want = ReferenceEvaluator(model).run(None, feed)[0]
+    except Exception as e:  # noqa: BLE001 - e.g. an ATen node the evaluator cannot run
+        raise OnnxImportError(f"could not run the ONNX graph to check the rebuilt DLRM "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    with torch.no_grad():
+        ours = dlrm(torch.from_numpy(dense), torch.from_numpy(offsets),
+                    [torch.from_numpy(i) for i in indices]).numpy()
+    diff = float(np.abs(ours.reshape(-1) - np.asarray(want, np.float32).reshape(-1)).max())
+    if not diff <= VERIFY_TOLERANCE:
+        raise OnnxImportError(f"the DLRM read from the graph disagrees with the graph itself "
+                              f"(max difference {diff:.3g}); the graph is not one dlrmc can "
+                              "rebuild")
+    return diff
+
+
+def model_from_onnx(path: str, log=print) -> tuple[DLRM, Arch]:
+    """Our eval-mode DLRM equal to the ONNX file's, checked against it."""
+    model = load_onnx(path)
+    arch, state = recognise(model)
+    dlrm = DLRM(arch).eval()
+    missing = set(dlrm.state_dict()) - set(state)
+    if missing:
+        raise OnnxImportError(f"no weights found for {', '.join(sorted(missing))}")
+    dlrm.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()})
+    diff = verify(model, dlrm)
+    log(f"loaded {path}: {arch.describe()} (matches the ONNX graph to {diff:.2g})")
+    return dlrm, arch

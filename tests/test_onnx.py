@@ -1,0 +1,123 @@
+"""dlrm-compile --onnx: DLRMs exported by both torch exporters (legacy opset 11, dynamo),
+compiled and compared with PyTorch over batch sizes; external data; malformed files."""
+
+from __future__ import annotations
+
+import subprocess
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from dlrmc.compiler.build import compile_model
+from dlrmc.frontend.arch import PRESETS, Arch
+from dlrmc.frontend.export import example_inputs
+from dlrmc.frontend.model import DLRM
+from dlrmc.frontend.onnx_import import OnnxImportError, model_from_onnx
+from dlrmc.runtime import load
+from dlrmc.runtime.batch import random_batch
+
+ARCHS = {"tiny": PRESETS["tiny"],
+         "itself-mean": Arch(4, (30, 20, 10), (13, 16, 4), (8, 1), interaction_itself=True,
+                             pooling="mean")}
+
+
+def export(model: DLRM, path, dynamo: bool) -> None:
+    arch = model.arch
+    d, o, i = example_inputs(arch, 4)
+    names = ["dense_x", "offsets"] + [f"indices_{k}" for k in range(arch.num_tables)]
+    warnings.filterwarnings("ignore")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+        b = torch.export.Dim("batch", min=1)
+        shapes = {"dense_x": {0: b}, "lS_o": {1: b},
+                  "lS_i": [{0: torch.export.Dim(f"n{k}")} for k in range(arch.num_tables)]}
+        torch.onnx.export(model, (d, o, list(i)), str(path), dynamo=True, input_names=names,
+                          output_names=["pred"], dynamic_shapes=shapes)
+    else:   # what facebookresearch/dlrm --save-onnx does: TorchScript exporter, opset 11
+        axes = {"dense_x": {0: "batch_size"}, "offsets": {1: "batch_size"},
+                "pred": {0: "batch_size"}}
+        axes.update({f"indices_{k}": {0: f"n{k}"} for k in range(arch.num_tables)})
+        torch.onnx.export(model, (d, o, list(i)), str(path), dynamo=False, opset_version=11,
+                          input_names=names, output_names=["pred"], dynamic_axes=axes)
+
+
+def _compare(model: DLRM, out_dir) -> None:
+    compiled = load(str(out_dir))
+    for batch in (1, 3, 4, 9, 40):
+        dense, offsets, indices = random_batch(model.arch.to_dict(), batch, bag_size=3, seed=batch)
+        with torch.no_grad():
+            want = model(torch.from_numpy(dense), torch.from_numpy(offsets),
+                         [torch.from_numpy(i) for i in indices]).numpy()
+        np.testing.assert_allclose(compiled.predict(dense, offsets, indices), want, rtol=1e-5,
+                                   atol=1e-5, err_msg=f"batch {batch}")
+
+
+@pytest.mark.parametrize("arch,dynamo", [("tiny", False), ("itself-mean", False), ("tiny", True)])
+def test_exported_dlrm_compiles_and_matches_pytorch(tmp_path, arch, dynamo):
+    torch.manual_seed(3)
+    model = DLRM(ARCHS[arch], seed=3).eval()
+    export(model, tmp_path / "m.onnx", dynamo)
+    rebuilt, got = model_from_onnx(str(tmp_path / "m.onnx"), log=lambda _: None)
+    assert got == model.arch
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(rebuilt.state_dict()[k].numpy(), v.numpy(), err_msg=k)
+    compile_model(rebuilt, got, None, str(tmp_path / "out"), log=lambda _: None, buckets=(4,))
+    _compare(model, tmp_path / "out")
+
+
+def test_external_data_and_cli(tmp_path):
+    model = DLRM(PRESETS["tiny"], seed=5).eval()
+    export(model, tmp_path / "plain.onnx", dynamo=False)
+    proto = onnx.load(str(tmp_path / "plain.onnx"))
+    onnx.save_model(proto, str(tmp_path / "ext.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="ext.weights", size_threshold=0)
+    assert (tmp_path / "ext.weights").stat().st_size > 4 * sum(
+        v.numel() for v in model.state_dict().values()) * 0.99
+    res = subprocess.run(["dlrm-compile", "--onnx", str(tmp_path / "ext.onnx"), "--buckets", "4",
+                          "-o", str(tmp_path / "out"), "--check", "8"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "matches the ONNX graph" in res.stdout
+    _compare(model, tmp_path / "out")
+    (tmp_path / "ext.weights").unlink()
+    with pytest.raises(OnnxImportError, match="external data file 'ext.weights'"):
+        model_from_onnx(str(tmp_path / "ext.onnx"))
+
+
+def _gemm_only(path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w])
+    onnx.save(helper.make_model(graph), str(path))
+
+
+@pytest.mark.parametrize("case,message", [
+    ("garbage", "not an ONNX model"),
+    ("truncated", "ONNX"),
+    ("missing", "no such ONNX file"),
+    ("not-dlrm", "no embedding tables found"),
+    ("with-preset", "give it alone"),
+])
+def test_bad_onnx_files_get_clear_errors(tmp_path, case, message):
+    path = tmp_path / "m.onnx"
+    extra = []
+    if case == "garbage":
+        path.write_bytes(b"\x08\x07garbage" * 100)
+    elif case == "truncated":
+        export(DLRM(PRESETS["tiny"]).eval(), path, dynamo=False)
+        path.write_bytes(path.read_bytes()[:300])
+    elif case == "not-dlrm":
+        _gemm_only(path)
+    elif case == "with-preset":
+        export(DLRM(PRESETS["tiny"]).eval(), path, dynamo=False)
+        extra = ["--preset", "tiny"]
+    res = subprocess.run(["dlrm-compile", "--onnx", str(path), "-o", str(tmp_path / "out"),
+                          *extra], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
