@@ -25,6 +25,7 @@ from ..schedules.tuning import model_hash
 from ..schedules.tuning_log import schedule_kernels
 from ..schedules.tuning_log import read_manifest as read_log_manifest
 from ..targets import parse_target, requirements, resolved
+from ..targets.toolchain import linker
 from .buckets import DEFAULT_BUCKETS, add_buckets, entry_name
 from .lower import Lowered, lower
 
@@ -97,6 +98,7 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
     ``precision``: the dense layers' and interaction's type; ``mlp_quant`` "int8": int8 dense
     layers calibrated on ``calibration`` (batches of (dense_x, lS_o, [lS_i_k]))."""
     tgt = parse_target(target)
+    fcompile = linker(tgt)     # before the build: a missing cross compiler fails fast
     if buckets is None:
         buckets = read_log_manifest(tuning_log)["buckets"] if tuning_log else DEFAULT_BUCKETS
     buckets = tuple(sorted({int(b) for b in buckets}))
@@ -126,5 +128,7 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
         "tuning_log": None if tuning_log is None else {
             "path": str(tuning_log), "tuned": summary["tuned"], "default": summary["default"]},
     }
-    return _stage(log, "write", write_artifact, out_dir, executable.export_library,
-                 zip(lowered.param_names, lowered.params), manifest)
+    export = (executable.export_library if fcompile is None else
+              lambda path: executable.export_library(path, fcompile=fcompile))
+    return _stage(log, "write", write_artifact, out_dir, export,
+                  zip(lowered.param_names, lowered.params), manifest)

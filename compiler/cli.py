@@ -19,6 +19,7 @@ from .buckets import DEFAULT_BUCKETS, parse_buckets
 from .build import BuildError, compile_model
 from .lower import LoweringError
 from .numerics import MLP_QUANTS, PRECISIONS
+from ..frontend.onnx_import import NotADlrm
 
 USER_ERRORS = (ArtifactError, CheckpointError, TargetError, LoweringError, BuildError, ValueError,
                OSError)
@@ -41,6 +42,30 @@ def check_artifact(model: torch.nn.Module, out_dir: str, batch: int, seed: int =
     diff = float(np.abs(ours - ref).max())
     print(f"max |dlrmc - PyTorch| over batch {batch}: {diff:.3g}")
     return diff
+
+
+def _compile_generic(args, why: NotADlrm) -> int:
+    """An ONNX graph that is not a DLRM we recognise: TVM's generic path, with a warning."""
+    from ..frontend.onnx_import import load_onnx, unrecognised_readers
+    from .generic import compile_generic
+
+    proto = load_onnx(args.onnx)
+    nodes = unrecognised_readers(proto)
+    where = ("; ".join(nodes[:8]) + (f" (and {len(nodes) - 8} more)" if len(nodes) > 8 else "")
+             + ": an encoding dlrmc does not recognise") if nodes else "no DLRM structure"
+    print(f"dlrm-compile: warning: {why}. Compiling {args.onnx} through TVM's generic ONNX "
+          f"path instead ({where}); it runs with TVM's default schedules, none of dlrmc's "
+          "kernels, buckets or tuning, and will be slow.", file=sys.stderr)
+    ignored = [flag for flag, on in [("--precision", args.precision != "fp32"),
+                                     ("--mlp-quant", args.mlp_quant), ("--emb-quant", args.emb_quant),
+                                     ("--tuning-log", args.tuning_log), ("--buckets", args.buckets),
+                                     ("--check", args.check)] if on]
+    if ignored:
+        print(f"dlrm-compile: warning: {', '.join(ignored)} apply to DLRMs only; ignored",
+              file=sys.stderr)
+    compile_generic(proto, args.target, args.output, str(why))
+    print(f"wrote {args.output} (generic)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         buckets = None if args.buckets is None else parse_buckets(args.buckets)
         if args.tuning_log:
             read_log_manifest(args.tuning_log)
-        model, arch = model_from_args(args)
+        try:
+            model, arch = model_from_args(args)
+        except NotADlrm as e:
+            if not args.onnx:
+                raise
+            return _compile_generic(args, e)
         calibration = None
         if args.mlp_quant:
             from ..frontend.dataset import ProcessedData

@@ -41,7 +41,32 @@ VERIFY_TOLERANCE = 1e-4
 
 
 class OnnxImportError(ValueError):
-    """An ONNX file dlrmc cannot read as a DLRM, with the reason."""
+    """An ONNX file dlrmc cannot read, with the reason."""
+
+
+class NotADlrm(OnnxImportError):
+    """A valid ONNX graph in which dlrmc does not recognise a DLRM (``unrecognised``: the
+    nodes that read large 2-D initializers in a way dlrmc does not know)."""
+
+    def __init__(self, message: str, unrecognised: list[str] | None = None):
+        super().__init__(message)
+        self.unrecognised = unrecognised or []
+
+
+def unrecognised_readers(model: onnx.ModelProto) -> list[str]:
+    """"node 'N' (Op) reads 'W' [R, C]" for every node outside the recognised table and
+    dense-layer encodings that reads a 2-D float initializer (where tables would be)."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    known = {t for t, _ in _find_tables(model, inits)}
+    known |= {ly["node"].input[1] for ly in _dense_layers(model, inits)}
+    out = []
+    for node, _ in _walk(model.graph):
+        for name in node.input:
+            arr = inits.get(name)
+            if arr is not None and arr.ndim == 2 and arr.dtype == np.float32 and name not in known:
+                out.append(f"node {node.name or node.output[0]!r} ({node.op_type}) reads "
+                           f"{name!r} {list(arr.shape)}")
+    return out
 
 
 def load_onnx(path: str) -> onnx.ModelProto:
@@ -110,7 +135,7 @@ def _dense_layers(model, inits) -> list[dict]:
                      for a in node.attribute}
             if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 \
                     or attrs.get("beta", 1.0) != 1.0:
-                raise OnnxImportError(f"Gemm node {node.name!r}: only alpha = beta = 1 without "
+                raise NotADlrm(f"Gemm node {node.name!r}: only alpha = beta = 1 without "
                                       "transA is a dense layer dlrmc knows")
             w = inits[node.input[1]]
             w = w if attrs.get("transB", 0) else w.T
@@ -152,25 +177,25 @@ def recognise(model: onnx.ModelProto) -> tuple[Arch, dict[str, np.ndarray]]:
     if not tables:
         ops = ", ".join(f"{op} x{n}" for op, n in Counter(
             n.op_type for n in model.graph.node).most_common(8))
-        raise OnnxImportError("no embedding tables found (no Gather or ATen embedding_bag "
+        raise NotADlrm("no embedding tables found (no Gather or ATen embedding_bag "
                               "reads rows of a 2-D float initializer); dlrmc compiles DLRM-like "
                               f"graphs, this one has {ops}")
     dims = {inits[t].shape[1] for t, _ in tables}
     modes = {m for _, m in tables}
     if len(dims) != 1 or len(modes) != 1:
-        raise OnnxImportError(f"tables differ in width {sorted(dims)} or pooling {sorted(modes)}"
+        raise NotADlrm(f"tables differ in width {sorted(dims)} or pooling {sorted(modes)}"
                               "; dlrmc's DLRM has one of each")
     dependent = _table_dependent(model, {t for t, _ in tables})
     layers = _dense_layers(model, inits)
     bottom = [ly for ly in layers if ly["input"] not in dependent]
     top = [ly for ly in layers if ly["input"] in dependent]
     if not bottom or not top:
-        raise OnnxImportError(f"found {len(bottom)} bottom and {len(top)} top dense layers; a "
+        raise NotADlrm(f"found {len(bottom)} bottom and {len(top)} top dense layers; a "
                               "DLRM has both")
     for part in (bottom, top):
         for a, b in zip(part, part[1:]):
             if a["weight"].shape[0] != b["weight"].shape[1]:
-                raise OnnxImportError(f"dense layers {a['node'].name!r} -> {b['node'].name!r} "
+                raise NotADlrm(f"dense layers {a['node'].name!r} -> {b['node'].name!r} "
                                       "do not chain; not a DLRM MLP")
     dim = int(dims.pop())
     mlp_bot = (int(bottom[0]["weight"].shape[1]),) + tuple(int(ly["weight"].shape[0])
@@ -183,14 +208,14 @@ def recognise(model: onnx.ModelProto) -> tuple[Arch, dict[str, np.ndarray]]:
         f = len(tables) + 1
         pairs = top_in - mlp_bot[-1]
         if pairs not in (f * (f - 1) // 2, f * (f + 1) // 2):
-            raise OnnxImportError(f"the top MLP takes {top_in} inputs, which no dot interaction "
+            raise NotADlrm(f"the top MLP takes {top_in} inputs, which no dot interaction "
                                   f"of {f} features of width {mlp_bot[-1]} gives")
         itself = pairs == f * (f + 1) // 2
     try:
         arch = Arch(dim, tuple(int(inits[t].shape[0]) for t, _ in tables), mlp_bot, mlp_top,
                     interaction_op=op, interaction_itself=itself, pooling=modes.pop())
     except ValueError as e:
-        raise OnnxImportError(f"the graph's DLRM is not consistent: {e}") from e
+        raise NotADlrm(f"the graph's DLRM is not consistent: {e}") from e
     state = {f"emb_l.{k}.weight": inits[t] for k, (t, _) in enumerate(tables)}
     for prefix, part in (("bot_l", bottom), ("top_l", top)):
         for i, ly in enumerate(part):
@@ -206,7 +231,7 @@ def _verification_feed(model, arch: Arch, seed: int = 0) -> tuple[dict, tuple]:
     inputs = [i for i in model.graph.input
               if i.name not in {x.name for x in model.graph.initializer}]
     if len(inputs) != 2 + arch.num_tables:
-        raise OnnxImportError(f"the graph takes {len(inputs)} inputs; a DLRM export takes "
+        raise NotADlrm(f"the graph takes {len(inputs)} inputs; a DLRM export takes "
                               f"dense_x, offsets and one index list per table "
                               f"({2 + arch.num_tables})")
 
@@ -240,27 +265,29 @@ def verify(model: onnx.ModelProto, dlrm: DLRM) -> float:
     try:
         want = ReferenceEvaluator(model).run(None, feed)[0]
     except Exception as e:  # noqa: BLE001 - e.g. an ATen node the evaluator cannot run
-        raise OnnxImportError(f"could not run the ONNX graph to check the rebuilt DLRM "
+        raise NotADlrm(f"could not run the ONNX graph to check the rebuilt DLRM "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
     with torch.no_grad():
         ours = dlrm(torch.from_numpy(dense), torch.from_numpy(offsets),
                     [torch.from_numpy(i) for i in indices]).numpy()
     diff = float(np.abs(ours.reshape(-1) - np.asarray(want, np.float32).reshape(-1)).max())
     if not diff <= VERIFY_TOLERANCE:
-        raise OnnxImportError(f"the DLRM read from the graph disagrees with the graph itself "
+        raise NotADlrm(f"the DLRM read from the graph disagrees with the graph itself "
                               f"(max difference {diff:.3g}); the graph is not one dlrmc can "
                               "rebuild")
     return diff
 
 
-def model_from_onnx(path: str, log=print) -> tuple[DLRM, Arch]:
-    """Our eval-mode DLRM equal to the ONNX file's, checked against it."""
-    model = load_onnx(path)
+def model_from_onnx(path: str, log=print, model: onnx.ModelProto | None = None
+                    ) -> tuple[DLRM, Arch]:
+    """Our eval-mode DLRM equal to the ONNX file's, checked against it (``model``: the file,
+    already loaded). ``NotADlrm`` when the graph is not one."""
+    model = load_onnx(path) if model is None else model
     arch, state = recognise(model)
     dlrm = DLRM(arch).eval()
     missing = set(dlrm.state_dict()) - set(state)
     if missing:
-        raise OnnxImportError(f"no weights found for {', '.join(sorted(missing))}")
+        raise NotADlrm(f"no weights found for {', '.join(sorted(missing))}")
     dlrm.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()})
     diff = verify(model, dlrm)
     log(f"loaded {path}: {arch.describe()} (matches the ONNX graph to {diff:.2g})")

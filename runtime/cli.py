@@ -14,6 +14,25 @@ from .model import load
 from .validate import InputError
 
 
+def _run_generic(model, args) -> int:
+    """A generic ONNX artifact: its inputs by name from --input's .npz."""
+    names = [i["name"] for i in model.inputs]
+    if not args.input:
+        raise InputError(f"{args.artifact} is a generic ONNX artifact: give --input with an .npz "
+                         f"holding {', '.join(names)}")
+    with np.load(args.input, allow_pickle=False) as z:
+        missing = [n for n in names if n not in z.files]
+        if missing:
+            raise InputError(f"{args.input} lacks {', '.join(missing)}")
+        outputs = model.run(*[z[n] for n in names])
+    for spec, out in zip(model.manifest["outputs"], outputs):
+        print(f"{spec['name']} {list(out.shape)}: {out.reshape(-1)[:10]}")
+    if args.output:
+        np.save(args.output, outputs[0])
+        print(f"wrote {args.output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dlrm-run", description=__doc__)
     p.add_argument("artifact", help="artifact directory written by dlrm-compile")
@@ -30,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load(args.artifact)
         print(f"loaded {args.artifact} in {time.perf_counter() - t0:.2f} s "
               f"(target {model.manifest['target']['string']})")
+        if model.manifest["arch"] is None:
+            return _run_generic(model, args)
         if args.input:
             batch = load_npz(args.input, model.num_tables)
         else:

@@ -82,6 +82,20 @@ def set_threads(threads: int | None = None) -> int:
     return tvm.runtime.num_threads()
 
 
+def open_vm(path: str, manifest: dict, device) -> VirtualMachine:
+    """The artifact's VM on ``device``, after refusing a target this machine cannot run."""
+    kind = manifest["target"]["resolved"].get("kind")
+    if kind != "llvm":
+        raise ArtifactError(f"{path} was built for {kind}; this runtime runs CPU (llvm) "
+                            "artifacts")
+    check_cpu(manifest["target"].get("requires", {}))
+    try:
+        lib = tvm.runtime.load_module(os.path.join(path, LIBRARY))
+    except Exception as e:  # noqa: BLE001 - dlopen failures surface as many types
+        raise ArtifactError(f"cannot load {os.path.join(path, LIBRARY)}: {e}") from None
+    return VirtualMachine(lib, device)
+
+
 class CompiledDLRM:
     """A loaded artifact. ``predict(dense_x, lS_o, lS_i)`` -> click probabilities [B, 1]."""
 
@@ -91,17 +105,11 @@ class CompiledDLRM:
         self.threads = set_threads(threads)
         self.manifest = read_manifest(self.path, verify=verify)
         self.arch = self.manifest["arch"]
-        kind = self.manifest["target"]["resolved"].get("kind")
-        if kind != "llvm":
-            raise ArtifactError(f"{self.path} was built for {kind}; this runtime runs CPU (llvm) "
-                                "artifacts")
-        check_cpu(self.manifest["target"].get("requires", {}))
-        try:
-            lib = tvm.runtime.load_module(os.path.join(self.path, LIBRARY))
-        except Exception as e:  # noqa: BLE001 - dlopen failures surface as many types
-            raise ArtifactError(f"cannot load {os.path.join(self.path, LIBRARY)}: {e}") from None
+        if self.arch is None:
+            raise ArtifactError(f"{self.path} is a generic (non-DLRM) artifact: load it with "
+                                "dlrmc.runtime.load, which gives a GenericModel")
         self.device = tvm.cpu()
-        self._vm = VirtualMachine(lib, self.device)
+        self._vm = open_vm(self.path, self.manifest, self.device)
         self._main = self._vm[self.manifest["entry"]]
         self._buckets = {int(b): self._vm[name]
                          for b, name in self.manifest.get("buckets", {}).items()}
@@ -153,8 +161,12 @@ class CompiledDLRM:
 
 
 def load(artifact_dir: str, verify: bool = True, mmap: bool = False,
-         threads: int | None = None) -> CompiledDLRM:
+         threads: int | None = None):
     """Load an artifact directory; ``verify`` checks every file's sha256 first, ``mmap`` maps
     the weights from the file instead of copying them, ``threads`` sets TVM's worker threads
-    (see ``set_threads``)."""
+    (see ``set_threads``). A DLRM gives a ``CompiledDLRM``; a graph compiled through the
+    generic ONNX path (``dlrmc.compiler.generic``) a ``GenericModel``."""
+    if read_manifest(artifact_dir, verify=False).get("arch", {}) is None:
+        from .generic import GenericModel
+        return GenericModel(artifact_dir, verify=verify, threads=threads)
     return CompiledDLRM(artifact_dir, verify=verify, mmap=mmap, threads=threads)

@@ -1,0 +1,60 @@
+/*!
+ * \file dlrmc_runtime.h
+ * \brief Run a dlrmc artifact (model.so + weights.bin + manifest.json) from C++ with the TVM
+ *        runtime alone: no Python, no torch, no compiler.
+ *
+ * The C++ twin of dlrmc.runtime (Python): the same manifest checks (format, version, target
+ * kind and machine, file sizes; not the sha256 digests), the same input validation (shapes,
+ * offsets that start at 0, never decrease and stay within the indices, every index inside its
+ * table) and the same batch plan (static-batch buckets, padding at most 25%, splitting above
+ * the largest bucket, the any-batch entry otherwise).
+ */
+#ifndef DLRMC_RUNTIME_H_
+#define DLRMC_RUNTIME_H_
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace dlrmc {
+
+/*! \brief A bad artifact or a batch that does not fit it; what() names the problem. */
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/*! \brief One batch in the reference layout. */
+struct Batch {
+  int64_t batch = 0;                          //!< B
+  std::vector<float> dense_x;                 //!< [B, num_dense], row-major
+  std::vector<int64_t> offsets;               //!< lS_o [T, B], row-major: bag starts
+  std::vector<std::vector<int64_t>> indices;  //!< lS_i: T index lists
+};
+
+class Model {
+ public:
+  /*! \brief Load an artifact directory; throws Error. */
+  explicit Model(const std::string& artifact_dir);
+  ~Model();
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
+
+  int64_t num_dense() const;
+  int64_t num_tables() const;
+  const std::vector<int64_t>& table_rows() const;
+  std::vector<int64_t> buckets() const;
+
+  /*! \brief Validate a batch (throws Error naming the problem); return B click probabilities. */
+  std::vector<float> Predict(const Batch& batch) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace dlrmc
+
+#endif  // DLRMC_RUNTIME_H_

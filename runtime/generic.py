@@ -1,0 +1,52 @@
+"""Running an artifact compiled through the generic ONNX path (``dlrmc.compiler.generic``).
+
+Its inputs are the ONNX graph's own, listed in the manifest; ``run`` checks each array's
+count, dtype, rank and static sizes against them before any native code runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tvm
+
+from ..artifact import read_manifest, read_weights
+from .model import open_vm, set_threads, to_tvm
+from .validate import InputError
+
+
+class GenericModel:
+    """``run(*arrays)`` -> the graph's outputs as numpy arrays, in the manifest's order."""
+
+    def __init__(self, artifact_dir: str, verify: bool = True, threads: int | None = None):
+        self.path = os.fspath(artifact_dir)
+        self.threads = set_threads(threads)
+        self.manifest = read_manifest(self.path, verify=verify)
+        self.inputs = self.manifest["inputs"]
+        self.device = tvm.cpu()
+        vm = open_vm(self.path, self.manifest, self.device)
+        self._main = vm[self.manifest["entry"]]
+        self._weights = [tvm.runtime.tensor(w, self.device)
+                         for w in read_weights(self.path, self.manifest)]
+
+    def _check(self, arrays) -> list[np.ndarray]:
+        if len(arrays) != len(self.inputs):
+            raise InputError(f"the model takes {len(self.inputs)} inputs "
+                             f"({', '.join(i['name'] for i in self.inputs)}), got {len(arrays)}")
+        out = []
+        for spec, a in zip(self.inputs, arrays):
+            a = np.asarray(a)
+            if str(a.dtype) != spec["dtype"]:
+                raise InputError(f"input {spec['name']!r} must be {spec['dtype']}, got {a.dtype}")
+            if a.ndim != len(spec["shape"]) or any(
+                    isinstance(d, int) and d > 0 and d != n for d, n in zip(spec["shape"], a.shape)):
+                raise InputError(f"input {spec['name']!r} must have shape {spec['shape']}, got "
+                                 f"{list(a.shape)}")
+            out.append(np.ascontiguousarray(a))
+        return out
+
+    def run(self, *arrays) -> list[np.ndarray]:
+        result = self._main(*to_tvm(self._check(arrays)), *self._weights)
+        items = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
+        return [r.numpy() for r in items]

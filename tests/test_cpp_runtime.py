@@ -1,0 +1,140 @@
+"""The C++ runner (runtime/cpp, CMake): x86 natively, aarch64 artifacts under qemu-aarch64,
+both against PyTorch on the same batches; its input validation and artifact checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dlrmc.compiler.build import compile_model
+from dlrmc.frontend.arch import PRESETS, Arch
+from dlrmc.frontend.model import DLRM
+from dlrmc.runtime.batch import random_batch
+
+SOURCE = os.path.join(os.path.dirname(__file__), "..", "runtime", "cpp")
+ARM_LIBS = os.environ.get("DLRMC_AARCH64_TVM_LIBS",
+                          os.path.expanduser("~/.cache/dlrmc/aarch64-tvm"))
+ARM_SYSROOT = "/usr/aarch64-linux-gnu"
+ARCH = Arch(8, (100, 50, 20, 10), (13, 32, 8), (32, 16, 1))
+ARM_TARGETS = {
+    "neon": "llvm -mtriple=aarch64-linux-gnu -mcpu=neoverse-n1 -mattr=+neon",
+    "sve": "llvm -mtriple=aarch64-linux-gnu -mcpu=neoverse-v1 -mattr=+sve",
+}
+
+
+def _cmake(build_dir, *extra) -> str:
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
+    for cmd in (["cmake", "-S", SOURCE, "-B", str(build_dir), f"-DPython3_EXECUTABLE={sys.executable}",
+                 *extra], ["cmake", "--build", str(build_dir), "-j2"]):
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout + res.stderr
+    return str(build_dir / "dlrmc_run")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return DLRM(ARCH, seed=11).eval()
+
+
+def _write_batch(directory, batch) -> None:
+    dense, offsets, indices = batch
+    os.makedirs(directory, exist_ok=True)
+    dense.astype(np.float32).tofile(os.path.join(directory, "dense_x.bin"))
+    offsets.astype(np.int64).tofile(os.path.join(directory, "lS_o.bin"))
+    for k, idx in enumerate(indices):
+        idx.astype(np.int64).tofile(os.path.join(directory, f"lS_i_{k}.bin"))
+
+
+def _run(cmd, artifact, batch_dir, env=None):
+    return subprocess.run([*cmd, str(artifact), str(batch_dir)], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def _check_against_pytorch(cmd, artifact, model, tmp_path, env=None) -> None:
+    for size in (1, 3, 4, 13, 40):        # bucket 4 exact, padded (3), split (13, 40), main (1)
+        batch = random_batch(ARCH.to_dict(), size, bag_size=3, seed=size)
+        _write_batch(tmp_path / f"b{size}", batch)
+        res = _run(cmd, artifact, tmp_path / f"b{size}", env)
+        assert res.returncode == 0, res.stderr
+        got = np.array([float(v) for v in res.stdout.split()], np.float32)
+        dense, offsets, indices = batch
+        with torch.no_grad():
+            want = model(torch.from_numpy(dense), torch.from_numpy(offsets),
+                         [torch.from_numpy(i) for i in indices]).numpy()[:, 0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"batch {size}")
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    return _cmake(tmp_path_factory.mktemp("cpp-build"))
+
+
+def test_native_runner_matches_pytorch(native, model, tmp_path):
+    compile_model(model, ARCH, None, str(tmp_path / "x86"), log=lambda _: None, buckets=(4, 8))
+    _check_against_pytorch([native], tmp_path / "x86", model, tmp_path)
+
+
+def test_native_runner_rejects_bad_input_and_artifacts(native, model, tmp_path):
+    art = tmp_path / "x86"
+    compile_model(model, ARCH, None, str(art), log=lambda _: None, buckets=(4,))
+    dense, offsets, indices = random_batch(ARCH.to_dict(), 4, bag_size=2, seed=0)
+    cases = {
+        "index": (dense, offsets, [indices[0], indices[1], np.array([5, 20, 1, 2, 3, 4, 5, 6]),
+                                   indices[3]], "lS_i[2][1] = 20 is out of range for table 2"),
+        "offsets": (dense, np.array(offsets)[:, ::-1].copy(), indices, "the first bag must start"),
+        "dense": (dense[:, :5], offsets, indices, "dense_x"),
+    }
+    for name, (d, o, i, message) in cases.items():
+        _write_batch(tmp_path / name, (d, o, i))
+        res = _run([native], art, tmp_path / name)
+        assert res.returncode == 2 and message in res.stderr, (name, res.stderr)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    res = _run([native], art, tmp_path / "index")
+    assert res.returncode == 2 and "format version" in res.stderr
+    (art / "manifest.json").write_text("{not json")
+    res = _run([native], art, tmp_path / "index")
+    assert res.returncode == 2 and "corrupt" in res.stderr
+    res = _run([native], tmp_path / "nowhere", tmp_path / "index")
+    assert res.returncode == 2 and "cannot read" in res.stderr
+
+
+def _arm_tools():
+    missing = [t for t in ("aarch64-linux-gnu-g++", "qemu-aarch64") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (apt-get install g++-aarch64-linux-gnu "
+                    "qemu-user)")
+    if not all(os.path.isfile(os.path.join(ARM_LIBS, f))
+               for f in ("libtvm_runtime.so", "libtvm_ffi.so")):
+        pytest.skip(f"no aarch64 TVM runtime in {ARM_LIBS} (scripts/fetch_aarch64_runtime.sh)")
+
+
+@pytest.fixture(scope="module")
+def arm_runner(tmp_path_factory):
+    _arm_tools()
+    return _cmake(tmp_path_factory.mktemp("cpp-arm"), "-DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++",
+                  f"-DTVM_LIB_DIR={ARM_LIBS}", "-DCMAKE_SYSTEM_NAME=Linux",
+                  "-DCMAKE_SYSTEM_PROCESSOR=aarch64")
+
+
+@pytest.mark.parametrize("variant", sorted(ARM_TARGETS))
+def test_aarch64_artifact_runs_under_qemu_and_matches_pytorch(arm_runner, model, tmp_path,
+                                                              variant):
+    art = tmp_path / variant
+    compile_model(model, ARCH, ARM_TARGETS[variant], str(art), log=lambda _: None, buckets=(4, 8))
+    res = subprocess.run(["file", str(art / "model.so")], capture_output=True, text=True)
+    assert "aarch64" in res.stdout or "ARM" in res.stdout, res.stdout
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["target"]["requires"]["machine"] == "aarch64"
+    env = dict(os.environ, QEMU_LD_PREFIX=ARM_SYSROOT, LD_LIBRARY_PATH=ARM_LIBS,
+               QEMU_CPU="max", TVM_NUM_THREADS="2")
+    _check_against_pytorch(["qemu-aarch64", arm_runner], art, model, tmp_path, env)
