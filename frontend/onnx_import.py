@@ -16,11 +16,16 @@ shares, then check the result against the ONNX graph itself:
 - interaction: ``dot`` when a MatMul multiplies two computed tensors (the Gram matrix), else
   ``cat``; whether the diagonal is kept follows from the top MLP's input width.
 
+- inputs: dense_x, offsets [T, B] and one index list per table (the reference's layout), or
+  dense_x and one [B, L] index tensor per table (fixed-size bags, ``input_layout``).
+
 The rebuilt model is our ``DLRM`` (the reference's layout) with the initializers as weights,
 so an ONNX model gets the same export, kernels, tuning and artifact as a torch one. Before it
-is used, it and the ONNX graph (run by ``onnx.reference.ReferenceEvaluator``) predict a small
-random batch; any disagreement is an error naming the largest difference. Weights stored as
-external data (tables over 2 GB need it) are read from beside the file.
+is used, it and the ONNX graph (run by ``onnx.reference.ReferenceEvaluator``, with a numpy
+implementation of the ATen ``embedding_bag`` node) predict a small random batch (bags never
+empty: there the exporters' semantics differ from PyTorch's); any disagreement raises
+``NotADlrm``, and ``dlrm-compile`` then takes the generic path (``dlrmc.compiler.generic``).
+Weights stored as external data (tables over 2 GB need it) are read from beside the file.
 """
 
 from __future__ import annotations
@@ -225,15 +230,30 @@ def recognise(model: onnx.ModelProto) -> tuple[Arch, dict[str, np.ndarray]]:
     return arch, state
 
 
+def input_layout(model: onnx.ModelProto, num_tables: int) -> str:
+    """How the graph takes its indices: "offsets" (dense_x, offsets [T, B], one 1-D index list
+    per table: the reference's layout) or "fixed" (dense_x, one [B, L] index tensor per table:
+    L indices a bag, what Gather + ReduceSum graphs take). Our artifact always takes the
+    reference layout; a fixed-bag batch is lS_o[k] = arange(B) * L, lS_i[k] = idx_k.ravel()."""
+    inputs = [i for i in model.graph.input
+              if i.name not in {x.name for x in model.graph.initializer}]
+    ranks = [len(i.type.tensor_type.shape.dim) for i in inputs]
+    if len(inputs) == 2 + num_tables and ranks[1] == 2:
+        return "offsets"
+    if len(inputs) == 1 + num_tables and all(r == 2 for r in ranks[1:]):
+        return "fixed"
+    raise NotADlrm(f"the graph takes {len(inputs)} inputs of ranks {ranks}; a DLRM export takes "
+                   f"dense_x and either offsets [T, B] with one index list per table "
+                   f"({2 + num_tables} inputs) or one [B, L] index tensor per table "
+                   f"({1 + num_tables})")
+
+
 def _verification_feed(model, arch: Arch, seed: int = 0) -> tuple[dict, tuple]:
     """A small random batch in the ONNX graph's inputs and in our model's."""
     rng = np.random.default_rng(seed)
+    layout = input_layout(model, arch.num_tables)
     inputs = [i for i in model.graph.input
               if i.name not in {x.name for x in model.graph.initializer}]
-    if len(inputs) != 2 + arch.num_tables:
-        raise NotADlrm(f"the graph takes {len(inputs)} inputs; a DLRM export takes "
-                              f"dense_x, offsets and one index list per table "
-                              f"({2 + arch.num_tables})")
 
     def static(inp, axis):
         d = inp.type.tensor_type.shape.dim
@@ -241,20 +261,59 @@ def _verification_feed(model, arch: Arch, seed: int = 0) -> tuple[dict, tuple]:
 
     batch = static(inputs[0], 0) or 3
     dense = rng.random((batch, arch.num_dense), dtype=np.float32)
+    feed = {inputs[0].name: dense}
     offsets, indices = [], []
     for k, rows in enumerate(arch.embedding_sizes):
+        if layout == "fixed":
+            bag = static(inputs[1 + k], 1) or 2
+            idx = rng.integers(0, rows, (batch, bag)).astype(np.int64)
+            feed[inputs[1 + k].name] = idx
+            offsets.append(np.arange(batch) * bag)
+            indices.append(idx.reshape(-1))
+            continue
         count = static(inputs[2 + k], 0) or 2 * batch
         # no empty bags where the count allows: exporters disagree on them (ReduceMean of
         # nothing is NaN in ONNX, 0 in PyTorch)
         cuts = (np.sort(rng.choice(np.arange(1, count), batch - 1, replace=False))
                 if count >= batch else np.sort(rng.integers(0, count + 1, batch - 1)))
         offsets.append(np.concatenate([[0], cuts]))
-        indices.append(rng.integers(0, rows, count))
+        indices.append(rng.integers(0, rows, count).astype(np.int64))
+        feed[inputs[2 + k].name] = indices[-1]
     lS_o = np.stack(offsets).astype(np.int64)
-    feed = {inputs[0].name: dense, inputs[1].name: lS_o}
-    for k in range(arch.num_tables):
-        feed[inputs[2 + k].name] = indices[k].astype(np.int64)
-    return feed, (dense, lS_o, [i.astype(np.int64) for i in indices])
+    if layout == "offsets":
+        feed[inputs[1].name] = lS_o
+    return feed, (dense, lS_o, indices)
+
+
+def _aten_op():
+    """An ``onnx.reference`` implementation of the ATen-fallback ``embedding_bag`` node (domain
+    org.pytorch.aten; inputs weight, indices, offsets[, per_sample_weights]; attributes mode,
+    include_last_offset), so such graphs can be checked too."""
+    from onnx.reference.op_run import OpRun
+
+    class ATen(OpRun):
+        op_domain = "org.pytorch.aten"
+
+        def _run(self, weight, indices, offsets, *rest, **attrs):
+            operator = attrs.get("operator") or getattr(self, "operator", b"")
+            operator = operator.decode() if isinstance(operator, bytes) else str(operator)
+            if "embedding_bag" not in operator:
+                raise NotImplementedError(f"ATen operator {operator!r}")
+            mode = int(getattr(self, "mode", 0) or 0)
+            last = bool(getattr(self, "include_last_offset", 0) or 0)
+            psw = rest[0] if rest and rest[0] is not None and len(rest[0]) else None
+            bounds = list(offsets) if last else list(offsets) + [len(indices)]
+            out = np.zeros((len(bounds) - 1, weight.shape[1]), np.float32)
+            for b in range(len(bounds) - 1):
+                rows = weight[indices[bounds[b]:bounds[b + 1]]].astype(np.float64)
+                if psw is not None:
+                    rows = rows * psw[bounds[b]:bounds[b + 1], None]
+                if len(rows):
+                    out[b] = (rows.sum(0), rows.mean(0), rows.max(0))[mode]
+            empty = np.zeros(0, np.int64)
+            return out, empty, empty, empty
+
+    return ATen
 
 
 def verify(model: onnx.ModelProto, dlrm: DLRM) -> float:
@@ -263,7 +322,7 @@ def verify(model: onnx.ModelProto, dlrm: DLRM) -> float:
 
     feed, (dense, offsets, indices) = _verification_feed(model, dlrm.arch)
     try:
-        want = ReferenceEvaluator(model).run(None, feed)[0]
+        want = ReferenceEvaluator(model, new_ops=[_aten_op()]).run(None, feed)[0]
     except Exception as e:  # noqa: BLE001 - e.g. an ATen node the evaluator cannot run
         raise NotADlrm(f"could not run the ONNX graph to check the rebuilt DLRM "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
@@ -290,5 +349,7 @@ def model_from_onnx(path: str, log=print, model: onnx.ModelProto | None = None
         raise NotADlrm(f"no weights found for {', '.join(sorted(missing))}")
     dlrm.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()})
     diff = verify(model, dlrm)
-    log(f"loaded {path}: {arch.describe()} (matches the ONNX graph to {diff:.2g})")
+    layout = input_layout(model, arch.num_tables)
+    log(f"loaded {path}: {arch.describe()}, {layout} index layout (matches the ONNX graph to "
+        f"{diff:.2g})")
     return dlrm, arch

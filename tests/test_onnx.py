@@ -68,6 +68,107 @@ def test_exported_dlrm_compiles_and_matches_pytorch(tmp_path, arch, dynamo):
     _compare(model, tmp_path / "out")
 
 
+class FixedBags(torch.nn.Module):
+    """Our DLRM's weights taking one [B, L] index tensor per table, pooled as Embedding +
+    sum: the Gather + ReduceSum encoding."""
+
+    def __init__(self, dlrm: DLRM):
+        super().__init__()
+        self.m = dlrm
+
+    def forward(self, dense_x, *idx):
+        x = self.m.bot_l(dense_x)
+        ly = [torch.nn.functional.embedding(i, e.weight).sum(1) for i, e in zip(idx, self.m.emb_l)]
+        return self.m.top_l(self.m.interact_features(x, ly))
+
+
+def test_gather_reducesum_fixed_bags(tmp_path):
+    model = DLRM(PRESETS["tiny"], seed=4).eval()
+    fixed = FixedBags(model).eval()
+    idx = [torch.randint(0, n, (4, 3)) for n in model.arch.embedding_sizes]
+    names = [f"idx_{k}" for k in range(len(idx))]
+    warnings.filterwarnings("ignore")
+    torch.onnx.export(fixed, (torch.rand(4, 13), *idx), str(tmp_path / "f.onnx"), dynamo=False,
+                      opset_version=11, input_names=["dense_x", *names], output_names=["pred"],
+                      dynamic_axes={n: {0: "B"} for n in ["dense_x", *names, "pred"]})
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "f.onnx")).graph.node}
+    assert {"Gather", "ReduceSum"} <= ops and "Loop" not in ops
+    rebuilt, arch = model_from_onnx(str(tmp_path / "f.onnx"), log=lambda _: None)
+    assert arch == model.arch
+    compile_model(rebuilt, arch, None, str(tmp_path / "out"), log=lambda _: None, buckets=(4,))
+    compiled = load(str(tmp_path / "out"))
+    rng = np.random.default_rng(0)
+    for batch in (1, 4, 9):
+        dense = rng.random((batch, 13), dtype=np.float32)
+        ids = [rng.integers(0, n, (batch, 3)) for n in arch.embedding_sizes]
+        with torch.no_grad():
+            want = fixed(torch.from_numpy(dense), *[torch.from_numpy(i) for i in ids]).numpy()
+        offsets = np.tile(np.arange(batch) * 3, (len(ids), 1))
+        got = compiled.predict(dense, offsets, [i.reshape(-1) for i in ids])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _aten_graph(model: DLRM, path) -> None:
+    """The model as an ONNX graph whose bags are ATen-fallback ``embedding_bag`` nodes and
+    whose interaction is a Gather on the flattened Gram matrix."""
+    from onnx import TensorProto, helper, numpy_helper
+    arch, sd = model.arch, model.state_dict()
+    f, d, t = arch.num_tables + 1, arch.sparse_feature_size, arch.num_tables
+    inits = [numpy_helper.from_array(v.numpy(), k) for k, v in sd.items()]
+    li = [i for i in range(f) for _ in range(i)]
+    lj = [j for i in range(f) for j in range(i)]
+    inits += [numpy_helper.from_array(np.array([i * f + j for i, j in zip(li, lj)], np.int64),
+                                      "flat_idx"),
+              numpy_helper.from_array(np.array([0, f, d], np.int64), "tshape"),
+              numpy_helper.from_array(np.array([0, f * f], np.int64), "zshape")]
+    nodes, x = [], "dense_x"
+    for i in range(len(arch.mlp_bot) - 1):
+        nodes += [helper.make_node("Gemm", [x, f"bot_l.{2 * i}.weight", f"bot_l.{2 * i}.bias"],
+                                   [f"b{i}"], transB=1),
+                  helper.make_node("Relu", [f"b{i}"], [f"br{i}"])]
+        x = f"br{i}"
+    for k in range(t):
+        inits.append(numpy_helper.from_array(np.array(k, np.int64), f"k{k}"))
+        nodes += [helper.make_node("Gather", ["offsets", f"k{k}"], [f"off{k}"], axis=0),
+                  helper.make_node("ATen", [f"emb_l.{k}.weight", f"indices_{k}", f"off{k}"],
+                                   [f"e{k}", f"o2b{k}", f"bs{k}", f"mi{k}"],
+                                   domain="org.pytorch.aten", operator="embedding_bag", mode=0,
+                                   include_last_offset=0, scale_grad_by_freq=0, sparse=0)]
+    nodes += [helper.make_node("Concat", [x] + [f"e{k}" for k in range(t)], ["cat"], axis=1),
+              helper.make_node("Reshape", ["cat", "tshape"], ["T"]),
+              helper.make_node("Transpose", ["T"], ["Tt"], perm=[0, 2, 1]),
+              helper.make_node("MatMul", ["T", "Tt"], ["Z"]),
+              helper.make_node("Reshape", ["Z", "zshape"], ["Zf"]),
+              helper.make_node("Gather", ["Zf", "flat_idx"], ["Zflat"], axis=1),
+              helper.make_node("Concat", [x, "Zflat"], ["R"], axis=1)]
+    x = "R"
+    for i in range(len(arch.ln_top) - 1):
+        last = i == len(arch.ln_top) - 2
+        nodes += [helper.make_node("Gemm", [x, f"top_l.{2 * i}.weight", f"top_l.{2 * i}.bias"],
+                                   [f"t{i}"], transB=1),
+                  helper.make_node("Sigmoid" if last else "Relu", [f"t{i}"],
+                                   ["pred" if last else f"tr{i}"])]
+        x = f"tr{i}"
+    inputs = [helper.make_tensor_value_info("dense_x", TensorProto.FLOAT, ["B", arch.num_dense]),
+              helper.make_tensor_value_info("offsets", TensorProto.INT64, [t, "B"])]
+    inputs += [helper.make_tensor_value_info(f"indices_{k}", TensorProto.INT64, [f"n{k}"])
+               for k in range(t)]
+    graph = helper.make_graph(nodes, "aten_dlrm", inputs, [
+        helper.make_tensor_value_info("pred", TensorProto.FLOAT, ["B", 1])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                      helper.make_opsetid("org.pytorch.aten", 1)]),
+              str(path))
+
+
+def test_aten_fallback_bags(tmp_path):
+    model = DLRM(PRESETS["tiny"], seed=6).eval()
+    _aten_graph(model, tmp_path / "aten.onnx")
+    rebuilt, arch = model_from_onnx(str(tmp_path / "aten.onnx"), log=lambda _: None)
+    assert arch == model.arch
+    compile_model(rebuilt, arch, None, str(tmp_path / "out"), log=lambda _: None, buckets=(4,))
+    _compare(model, tmp_path / "out")
+
+
 def test_external_data_and_cli(tmp_path):
     model = DLRM(PRESETS["tiny"], seed=5).eval()
     export(model, tmp_path / "plain.onnx", dynamo=False)
