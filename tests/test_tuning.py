@@ -162,6 +162,7 @@ def test_tune_writes_a_log_with_every_task(tuned_log):
         assert name in res.stdout                          # the per-task summary
 
 
+@pytest.mark.slow
 def test_tune_resumes_without_remeasuring(tuned_log, tmp_path):
     log, _ = tuned_log
     before = (log / "database_tuning_record.json").read_bytes()
@@ -259,6 +260,7 @@ def _wait_for(port: int, timeout: float = 30) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
+@pytest.mark.slow
 def test_tuning_through_an_rpc_tracker_and_server(tmp_path):
     tracker_port, server_port = _free_port(), _free_port()
     env = dict(os.environ, TVM_NUM_THREADS="2")
@@ -319,6 +321,7 @@ def test_variants_fit_the_target_registers():
     assert variants({"kernel": "concat_rows", "args": {}}, avx2) == [{}]
 
 
+@pytest.mark.slow
 def test_time_budget_stops_tuning_and_resumes_the_least_measured(tmp_path):
     log = tmp_path / "budget"
     args = ["dlrm-tune", *TUNE_MODEL, "--buckets", "512", "--trials", "400",
