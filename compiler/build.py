@@ -25,6 +25,7 @@ from ..schedules.tuning import model_hash
 from ..schedules.tuning_log import schedule_kernels
 from ..schedules.tuning_log import read_manifest as read_log_manifest
 from ..targets import parse_target, requirements, resolved
+from ..targets.cuda import nvcc_path, pack_imports
 from ..targets.toolchain import linker
 from .buckets import DEFAULT_BUCKETS, add_buckets, entry_name
 from .lower import Lowered, lower
@@ -66,9 +67,9 @@ def prepare(model: torch.nn.Module, arch: Arch, target: tvm.target.Target, bucke
     """Export and lower ``model`` (tables quantised with ``emb_quant``; ``numerics``:
     ``lower``'s precision, mlp_quant and calibration); its module gains ``main_b{B}`` for
     every bucket."""
-    if target.kind.name != "llvm":
-        raise BuildError(f"dlrmc does not build for target kind {target.kind.name!r} yet; "
-                         "use an llvm target")
+    if target.kind.name not in ("llvm", "cuda"):
+        raise BuildError(f"dlrmc does not build for target kind {target.kind.name!r}; use an "
+                         "llvm or cuda target")
     ep = _stage(log, "export", export_model, model, arch)
     lowered = _stage(log, "lower", lower, ep, target, emb_quant=emb_quant, **numerics)
     if buckets:
@@ -79,7 +80,16 @@ def prepare(model: torch.nn.Module, arch: Arch, target: tvm.target.Target, bucke
 def build(lowered: Lowered, target: tvm.target.Target, tuning_log: str | None = None,
           expect: dict | None = None, log: Callable[[str], None] = print
           ) -> tuple[relax.VMExecutable, dict]:
-    """Compile the lowered module for ``target``; returns it and which kernels were tuned."""
+    """Compile the lowered module for ``target``; returns it and which kernels were tuned.
+
+    CUDA: TVM's CUDA pipeline (dlight's default GPU schedules for what is not ours) with
+    Relax's CUDA-graph rewriting, so each entry's static part replays as one graph."""
+    if target.kind.name == "cuda":
+        if tuning_log:
+            raise BuildError("tuning logs for CUDA targets are not supported yet")
+        mod = relax.transform.LiftTransformParams(shared_transform=True)(lowered.mod)
+        with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True}):
+            return tvm.compile(mod, target), {"tuned": {}, "default": []}
     mod, summary = schedule_kernels(lowered.mod, target, tuning_log, expect, warn=log)
     mod = relax.transform.LiftTransformParams(shared_transform=True)(mod)
     mod = relax.get_pipeline("zero")(mod)
@@ -99,6 +109,9 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
     layers calibrated on ``calibration`` (batches of (dense_x, lS_o, [lS_i_k]))."""
     tgt = parse_target(target)
     fcompile = linker(tgt)     # before the build: a missing cross compiler fails fast
+    cuda_arch = str(tgt.attrs["arch"]) if tgt.kind.name == "cuda" else None
+    if cuda_arch:
+        nvcc_path()            # likewise a missing nvcc
     if buckets is None:
         buckets = read_log_manifest(tuning_log)["buckets"] if tuning_log else DEFAULT_BUCKETS
     buckets = tuple(sorted({int(b) for b in buckets}))
@@ -124,11 +137,17 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
         "dynamic_dims": dims,
         "output": {"name": "pred", "dtype": "float32", "shape": ["batch", 1]},
         "target": {"string": target or "host", "resolved": resolved(tgt),
-                   "requires": requirements(tgt)},
+                   "requires": {"cuda_arch": cuda_arch} if cuda_arch else requirements(tgt)},
         "tuning_log": None if tuning_log is None else {
             "path": str(tuning_log), "tuned": summary["tuned"], "default": summary["default"]},
     }
-    export = (executable.export_library if fcompile is None else
-              lambda path: executable.export_library(path, fcompile=fcompile))
+    if cuda_arch:   # device code compiled here by nvcc, not at load time
+        def export(path):
+            executable.export_library(path, fpack_imports=pack_imports(cuda_arch))
+    elif fcompile is not None:
+        def export(path):
+            executable.export_library(path, fcompile=fcompile)
+    else:
+        export = executable.export_library
     return _stage(log, "write", write_artifact, out_dir, export,
                   zip(lowered.param_names, lowered.params), manifest)

@@ -77,7 +77,7 @@ def _quantized(weights: list, quant: str | None, tables: set) -> None:
             tables.add(w.name)
 
 
-def _convert_embedding_bag(node, importer, quant=None, tables=None) -> relax.Expr:
+def _convert_embedding_bag(node, importer, quant=None, tables=None, gpu=False) -> relax.Expr:
     a = embedding_bag_args(node)
     env, bb = importer.env, importer.block_builder
     weight, indices, offsets = env[a["weight"]], env[a["indices"]], env[a["offsets"]]
@@ -92,9 +92,9 @@ def _convert_embedding_bag(node, importer, quant=None, tables=None) -> relax.Exp
     if a["per_sample_weights"] is not None:
         args.append(env[a["per_sample_weights"]])
     _quantized([weight], quant, tables)
-    kernel = make("embedding_bags", dim=dim, mode=mode, weighted=len(args) == 4,
-                  index_dtype=index_dtype, include_last_offset=last, padding_idx=pad,
-                  offset_rows=None, batch=None, quant=quant)
+    kernel = _bags_kernel(gpu, quant, dim=dim, mode=mode, weighted=len(args) == 4,
+                          index_dtype=index_dtype, include_last_offset=last, padding_idx=pad,
+                          offset_rows=None, batch=None)
     gv = bb.add_func(kernel, f"embedding_bag_{mode}_{dim}")
     batch = _static_dims(offsets, "offsets", node)[0] - (1 if last else 0)
     out = bb.emit(relax.call_tir(gv, args, relax.TensorType((batch, dim), "float32")))
@@ -102,7 +102,15 @@ def _convert_embedding_bag(node, importer, quant=None, tables=None) -> relax.Exp
     return bb.emit(relax.Tuple([out]))
 
 
-def _convert_embedding_bags(node, importer, quant=None, tables=None) -> relax.Expr:
+def _bags_kernel(gpu: bool, quant, **args):
+    if not gpu:
+        return make("embedding_bags", **args, quant=quant)
+    if quant is not None:
+        raise LoweringError("--emb-quant is not available for CUDA targets yet")
+    return make("embedding_bags_gpu", **args)
+
+
+def _convert_embedding_bags(node, importer, quant=None, tables=None, gpu=False) -> relax.Expr:
     weights, indices, offsets, psw, mode, rows = node.args
     env, bb = importer.env, importer.block_builder
     ws, ids = [env[w] for w in weights], [env[i] for i in indices]
@@ -110,9 +118,9 @@ def _convert_embedding_bags(node, importer, quant=None, tables=None) -> relax.Ex
     index_dtype = str(ids[0].ty.dtype)
     off = _as_dtype(bb, env[offsets], index_dtype)
     _quantized(ws, quant, tables)
-    kernel = make("embedding_bags", dim=dims.pop(), mode=MODES[mode], weighted=bool(psw),
-                  index_dtype=index_dtype, include_last_offset=False, padding_idx=None,
-                  offset_rows=list(rows), batch=None, quant=quant)
+    kernel = _bags_kernel(gpu, quant, dim=dims.pop(), mode=MODES[mode], weighted=bool(psw),
+                          index_dtype=index_dtype, include_last_offset=False, padding_idx=None,
+                          offset_rows=list(rows), batch=None)
     gv = bb.add_func(kernel, f"embedding_bags_{len(ws)}")
     batch = _static_dims(off, "offsets", node)[1]
     out_ty = [relax.TensorType((batch, w.ty.shape[1]), "float32") for w in ws]
@@ -126,6 +134,42 @@ class Numerics:
     precision: str = "fp32"
     mlp_quant: str | None = None
     ranges: dict | None = None     # dlrmc::linear node name -> calibrated input (min, max)
+
+
+def _convert_dot_interaction_gpu(node, importer, numerics: Numerics) -> relax.Expr:
+    """CUDA: the features stacked as [B, F, D] (one concat), then our interaction kernel."""
+    features, itself, prepend = node.args
+    bb = importer.block_builder
+    inputs = [importer.env[f] for f in features]
+    shapes = [_static_dims(t, "an interaction input", node) for t in inputs]
+    if len(shapes[0]) == 3:
+        stacked, (num, dim) = inputs[0], shapes[0][1:]
+    else:
+        num, dim = len(inputs), shapes[0][1]
+        flat = bb.emit(relax.op.concat(inputs, axis=1))
+        stacked = bb.emit(relax.op.reshape(flat, (shapes[0][0], num, dim)))
+    num, dim = int(num), int(dim)
+    kernel = make("dot_interaction_gpu", num_features=num, dim=dim, self_interaction=bool(itself),
+                  prepend_dense=bool(prepend), batch=None, precision=numerics.precision)
+    gv = bb.add_func(kernel, "dot_interaction_gpu")
+    width = output_width(num, dim, bool(itself), bool(prepend))
+    return bb.emit(relax.call_tir(gv, [stacked], relax.TensorType((shapes[0][0], width),
+                                                                  "float32")))
+
+
+def _convert_linear_gpu(node, importer) -> relax.Expr:
+    """CUDA: matmul + bias + activation as Relax ops, which dlight's GPU rules schedule; the
+    weight transpose is lifted to load time with the other weight transforms."""
+    x_node, w_node, b_node, act = node.args
+    env, bb = importer.env, importer.block_builder
+    y = bb.emit(relax.op.matmul(env[x_node], relax.op.permute_dims(env[w_node], [1, 0])))
+    if b_node is not None:
+        y = bb.emit(relax.op.add(y, env[b_node]))
+    if act == "relu":
+        y = bb.emit(relax.op.nn.relu(y))
+    elif act == "sigmoid":
+        y = bb.emit(relax.op.sigmoid(y))
+    return y
 
 
 def _convert_dot_interaction(node, importer, knobs: CpuKnobs, numerics: Numerics) -> relax.Expr:
@@ -224,6 +268,26 @@ def _convert_linear(node, importer, knobs: CpuKnobs, numerics: Numerics) -> rela
     return bb.emit(relax.call_tir(gv, [x, packed, bias], relax.TensorType((batch, n), "float32")))
 
 
+def gpu_converters(stock: dict, numerics: Numerics = Numerics()) -> dict:
+    """The ops we lower ourselves for CUDA targets: our GPU embedding-bag and interaction
+    kernels; dense layers as Relax ops for dlight; the rest TVM's."""
+    if numerics.precision != "fp32" or numerics.mlp_quant:
+        raise LoweringError("--precision and --mlp-quant are not available for CUDA targets yet")
+
+    def bag(node, imp):
+        return _convert_embedding_bag(node, imp, gpu=True)
+
+    return {
+        "select.int": _convert_select,
+        "_embedding_bag.default": bag,
+        "_embedding_bag_forward_only.default": bag,
+        "embedding_bags.default": lambda node, imp: _convert_embedding_bags(node, imp, gpu=True),
+        "dot_interaction.default": lambda node, imp: _convert_dot_interaction_gpu(node, imp,
+                                                                                  numerics),
+        "linear.default": _convert_linear_gpu,
+    }
+
+
 def converters(knobs: CpuKnobs, stock: dict, emb_quant: str | None = None,
                quantized: set | None = None, numerics: Numerics = Numerics()) -> dict:
     """The ATen and dlrmc ops we lower ourselves, for one target's knobs (``stock``: TVM's).
@@ -283,7 +347,12 @@ def lower(ep: torch.export.ExportedProgram, target: tvm.target.Target,
     importer = ExportedProgramImporter()
     stock = importer.create_convert_map()
     quantized: set[str] = set()
-    convert_map = converters(cpu_knobs(target), stock, emb_quant, quantized, numerics)
+    if target.kind.name == "cuda":
+        if emb_quant:
+            raise LoweringError("--emb-quant is not available for CUDA targets yet")
+        convert_map = gpu_converters(stock, numerics)
+    else:
+        convert_map = converters(cpu_knobs(target), stock, emb_quant, quantized, numerics)
     unsupported = sorted({n.target.__name__ for n in ep.graph.nodes if n.op == "call_function"
                           and n.target.__name__ not in convert_map
                           and n.target.__name__ not in stock})

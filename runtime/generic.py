@@ -11,8 +11,8 @@ import os
 import numpy as np
 import tvm
 
-from ..artifact import read_manifest, read_weights
-from .model import open_vm, set_threads, to_tvm
+from ..artifact import ArtifactError, read_manifest, read_weights
+from .model import artifact_device, open_vm, set_threads, to_tvm
 from .validate import InputError
 
 
@@ -24,7 +24,9 @@ class GenericModel:
         self.threads = set_threads(threads)
         self.manifest = read_manifest(self.path, verify=verify)
         self.inputs = self.manifest["inputs"]
-        self.device = tvm.cpu()
+        self.device = artifact_device(self.path, self.manifest)
+        if self.device.dlpack_device_type() != tvm.cpu().dlpack_device_type():
+            raise ArtifactError("generic ONNX artifacts run on the CPU only")
         vm = open_vm(self.path, self.manifest, self.device)
         self._main = vm[self.manifest["entry"]]
         self._weights = [tvm.runtime.tensor(w, self.device)

@@ -82,13 +82,24 @@ def set_threads(threads: int | None = None) -> int:
     return tvm.runtime.num_threads()
 
 
-def open_vm(path: str, manifest: dict, device) -> VirtualMachine:
-    """The artifact's VM on ``device``, after refusing a target this machine cannot run."""
+def artifact_device(path: str, manifest: dict):
+    """The device an artifact runs on: the CPU, or the first CUDA GPU for a CUDA build."""
     kind = manifest["target"]["resolved"].get("kind")
+    if kind == "cuda":
+        arch = manifest["target"].get("requires", {}).get("cuda_arch", "?")
+        if not tvm.cuda(0).exist:
+            raise ArtifactError(f"{path} was built for CUDA ({arch}); this machine has no "
+                                "CUDA GPU (or no CUDA driver)")
+        return tvm.cuda(0)
     if kind != "llvm":
-        raise ArtifactError(f"{path} was built for {kind}; this runtime runs CPU (llvm) "
+        raise ArtifactError(f"{path} was built for {kind}; this runtime runs llvm and cuda "
                             "artifacts")
     check_cpu(manifest["target"].get("requires", {}))
+    return tvm.cpu()
+
+
+def open_vm(path: str, manifest: dict, device) -> VirtualMachine:
+    """The artifact's VM on ``device`` (``artifact_device``)."""
     try:
         lib = tvm.runtime.load_module(os.path.join(path, LIBRARY))
     except Exception as e:  # noqa: BLE001 - dlopen failures surface as many types
@@ -108,16 +119,24 @@ class CompiledDLRM:
         if self.arch is None:
             raise ArtifactError(f"{self.path} is a generic (non-DLRM) artifact: load it with "
                                 "dlrmc.runtime.load, which gives a GenericModel")
-        self.device = tvm.cpu()
+        self.device = artifact_device(self.path, self.manifest)
         self._vm = open_vm(self.path, self.manifest, self.device)
         self._main = self._vm[self.manifest["entry"]]
         self._buckets = {int(b): self._vm[name]
                          for b, name in self.manifest.get("buckets", {}).items()}
         # mmap: TVM reads the file's pages in place (fast load, memory shared between
         # processes, first touches fault pages in); else the weights are copied in at load.
-        weights = [tvm.runtime.from_dlpack(w) if mmap else tvm.runtime.tensor(w, self.device)
+        on_cpu = self.device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+        weights = [tvm.runtime.from_dlpack(w) if mmap and on_cpu
+                   else tvm.runtime.tensor(w, self.device)
                    for w in read_weights(self.path, self.manifest)]
         self._weights = list(self._vm[self.manifest["transform_params"]](weights))
+
+    def _to_device(self, arrays: list[np.ndarray]) -> list:
+        """Inputs for the entries: one host copy on the CPU; copies to the GPU otherwise."""
+        if self.device.dlpack_device_type() == tvm.cpu().dlpack_device_type():
+            return to_tvm(arrays)
+        return [tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for a in arrays]
 
     @property
     def num_tables(self) -> int:
@@ -135,13 +154,13 @@ class CompiledDLRM:
         plan = pick(batch, self._buckets)
         if len(plan) == 1 and plan[0][1] in (0, batch):
             fn = self._buckets[batch] if plan[0][1] else self._main
-            args = to_tvm([dense, offsets, *indices])
+            args = self._to_device([dense, offsets, *indices])
             return lambda: fn(*args, *self._weights)
         calls, start = [], 0
         for rows, size in plan:
             piece = slice_batch(dense, offsets, indices, start, rows, size or rows)
             calls.append((self._buckets[size] if size else self._main, rows,
-                          to_tvm([piece[0], piece[1], *piece[2]])))
+                          self._to_device([piece[0], piece[1], *piece[2]])))
             start += rows
 
         def run():

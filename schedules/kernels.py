@@ -16,6 +16,7 @@ from .concat import concat_kernel
 from .dense import dense_kernel
 from .dense_lowp import dense_lowp_kernel
 from .embedding_bag import embedding_bags_kernel
+from .gpu import dot_interaction_gpu_kernel, embedding_bags_gpu_kernel
 from .interaction import dot_interaction_kernel
 
 KERNEL_ATTR = "dlrmc.kernel"
@@ -25,6 +26,8 @@ GENERATORS = {
     "concat_rows": concat_kernel,
     "dense": dense_kernel,
     "dense_lowp": dense_lowp_kernel,
+    "embedding_bags_gpu": embedding_bags_gpu_kernel,
+    "dot_interaction_gpu": dot_interaction_gpu_kernel,
 }
 
 
