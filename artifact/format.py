@@ -161,3 +161,28 @@ def read_weights(artifact_dir: str, manifest: dict) -> list[np.ndarray]:
         out.append(np.memmap(path, dtype=dtype, mode="c", offset=t["offset"],
                              shape=tuple(t["shape"])) if count else np.zeros(t["shape"], dtype))
     return out
+
+
+def replace_weights(artifact_dir: str, weights: dict) -> dict:
+    """Write new values for every weight of an artifact (same names, dtypes and shapes as
+    its manifest lists; a retrained model, or weights made where the artifact is deployed)
+    into ``weights.bin``, atomically, and update the manifest's index and digest."""
+    manifest = read_manifest(artifact_dir, verify=False)
+    arrays = []
+    for t in manifest["weights"]["tensors"]:
+        if t["name"] not in weights:
+            raise ArtifactError(f"no new value for weight {t['name']!r}")
+        a = np.asarray(weights[t["name"]])
+        if str(a.dtype) != t["dtype"] or list(a.shape) != t["shape"]:
+            raise ArtifactError(f"weight {t['name']!r}: expected {t['dtype']} {t['shape']}, got "
+                                f"{a.dtype} {list(a.shape)}")
+        arrays.append((t["name"], a))
+    path = os.path.join(artifact_dir, manifest["weights"]["file"])
+    index, digest = _write_weights(path + ".tmp", arrays)
+    manifest["weights"]["tensors"] = index
+    manifest["files"][manifest["weights"]["file"]] = digest
+    with open(os.path.join(artifact_dir, MANIFEST + ".tmp"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(path + ".tmp", path)
+    os.replace(os.path.join(artifact_dir, MANIFEST + ".tmp"), os.path.join(artifact_dir, MANIFEST))
+    return manifest

@@ -82,14 +82,34 @@ def set_threads(threads: int | None = None) -> int:
     return tvm.runtime.num_threads()
 
 
+def _load_cuda_runtime() -> str | None:
+    """Load TVM's CUDA runtime (its device API and module loader), a sidecar library that TVM
+    loads by itself only in a full (compiler) installation; the reason when it cannot."""
+    if tvm.get_global_func("device_api.cuda", allow_missing=True) is not None:
+        return None
+    from pathlib import Path
+
+    from tvm.base import _LOADED_LIBS
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    try:
+        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            package="tvm", target_name="tvm_runtime_cuda", mode="RTLD_LOCAL",
+            extra_lib_paths=[Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent])
+    except (OSError, FileNotFoundError, RuntimeError) as e:
+        return f"TVM's CUDA runtime (libtvm_runtime_cuda.so) does not load: {e}"
+    return None
+
+
 def artifact_device(path: str, manifest: dict):
     """The device an artifact runs on: the CPU, or the first CUDA GPU for a CUDA build."""
     kind = manifest["target"]["resolved"].get("kind")
     if kind == "cuda":
         arch = manifest["target"].get("requires", {}).get("cuda_arch", "?")
-        if not tvm.cuda(0).exist:
-            raise ArtifactError(f"{path} was built for CUDA ({arch}); this machine has no "
-                                "CUDA GPU (or no CUDA driver)")
+        reason = _load_cuda_runtime() or (None if tvm.cuda(0).exist else "no CUDA GPU found")
+        if reason:
+            raise ArtifactError(f"{path} was built for CUDA ({arch}) and cannot run here: "
+                                f"{reason}")
         return tvm.cuda(0)
     if kind != "llvm":
         raise ArtifactError(f"{path} was built for {kind}; this runtime runs llvm and cuda "

@@ -168,3 +168,28 @@ def test_requirements_follow_the_target():
     assert "avx512f" not in requirements(parse_target("llvm -mcpu=haswell"))["cpu_flags"]
     arm = requirements(parse_target("llvm -mtriple=aarch64-linux-gnu -mcpu=neoverse-n1"))
     assert arm["machine"] == "aarch64" and "asimddp" in arm["cpu_flags"]
+
+
+def test_replace_weights_redeploys_without_recompiling(compiled, tmp_path):
+    """New weights (a retrained model; weights remade where the artifact runs) go into an
+    artifact's weight file without recompiling; wrong or missing ones are refused."""
+    from dlrmc.artifact import replace_weights
+    from dlrmc.frontend.model import DLRM
+
+    c = compiled(TINY)
+    art = tmp_path / "copy"
+    shutil.copytree(c.path, art)
+    retrained = DLRM(TINY, seed=99).eval()
+    new = {k: v.numpy() for k, v in retrained.state_dict().items()}
+    replace_weights(str(art), new)
+    dense, offsets, indices = make_batch(TINY, 9, np.random.default_rng(3))
+    got = load(str(art)).predict(dense, offsets, indices)          # digests verified
+    np.testing.assert_allclose(got, torch_predict(retrained, dense, offsets, indices),
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, torch_predict(c.model, dense, offsets, indices))
+    bad = dict(new, **{"bot_l.0.weight": np.zeros((3, 3), np.float32)})
+    with pytest.raises(ArtifactError, match="bot_l.0.weight"):
+        replace_weights(str(art), bad)
+    with pytest.raises(ArtifactError, match="no new value"):
+        replace_weights(str(art), {k: v for k, v in new.items() if k != "emb_l.0.weight"})
+    assert load(str(art)).predict(dense, offsets, indices).tolist() == got.tolist()

@@ -1,0 +1,224 @@
+"""The GPU check: CUDA artifacts built here, run there against PyTorch (``scripts/gpu_check.sh``).
+
+``python -m dlrmc.bench.gpu prepare DIR`` (here: TVM's compiler and nvcc, no GPU needed)
+compiles the check's artifacts for an H100 (``cuda -arch=sm_90``) and writes a bundle a
+GPU machine with PyTorch but no TVM can run: the artifacts without their weight files (the
+weights are remade there from the same seed), TVM's runtime only (the Python package without
+``libtvm_compiler.so``, plus the tvm-ffi wheel for that machine's Python) and dlrmc's own
+runtime/frontend/artifact/bench code.
+
+``python -m dlrmc.bench.gpu run DIR`` (there, with the bundle on PYTHONPATH and
+``TVM_USE_RUNTIME_LIB=1``) first checks every artifact against PyTorch eager on the GPU over
+batch sizes that take each entry path (bucket, padded bucket, split, any-batch), then times
+the benchmark artifact against PyTorch eager, PyTorch CUDA-graph replay and torch.compile at
+each batch, with device-resident inputs, and prints one table (and writes JSON/Markdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+SEED = 0
+BENCH = {"name": "kaggle-100k", "arch": dict(sparse_feature_size=16,
+                                              embedding_sizes=[100_000] * 26,
+                                              mlp_bot=[13, 512, 256, 64, 16],
+                                              mlp_top=[512, 256, 1]),
+         "buckets": [64, 2048]}
+CHECK = {"name": "tiny", "arch": dict(sparse_feature_size=8, embedding_sizes=[100, 50, 20, 10],
+                                      mlp_bot=[13, 32, 8], mlp_top=[32, 16, 1]),
+         "buckets": [4, 64]}
+PACKAGES = ("artifact", "bench", "frontend", "runtime")   # what runs there, no compiler
+
+
+def prepare(out: str, target: str = "cuda -arch=sm_90", python: str = "3.12") -> None:
+    import tvm
+    import tvm_ffi
+
+    from ..compiler.build import compile_model
+    from ..frontend.arch import Arch
+    from ..frontend.model import DLRM
+
+    os.makedirs(out, exist_ok=True)
+    for spec in (CHECK, BENCH):
+        arch = Arch.from_dict(spec["arch"])
+        art = os.path.join(out, "artifacts", spec["name"])
+        compile_model(DLRM(arch, seed=SEED), arch, target, art,
+                      buckets=spec["buckets"], log=lambda _: None)
+        open(os.path.join(art, "weights.bin"), "w").close()   # remade there (``run``)
+    site = os.path.join(out, "site")
+    shutil.rmtree(site, ignore_errors=True)
+    tvm_dir = os.path.dirname(tvm.__file__)
+    shutil.copytree(tvm_dir, os.path.join(site, "tvm"), ignore=shutil.ignore_patterns(
+        "__pycache__", "libtvm_compiler.so", "3rdparty", "include", "src"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for pkg in PACKAGES:
+        shutil.copytree(os.path.join(root, pkg), os.path.join(site, "dlrmc", pkg),
+                        ignore=shutil.ignore_patterns("__pycache__", "cpp"))
+    wheels = os.path.join(out, "wheels")
+    os.makedirs(wheels, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                    "--only-binary=:all:", "--python-version", python, "--platform",
+                    "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64",
+                    f"apache-tvm-ffi=={tvm_ffi.__version__}", "-d", wheels], check=True)
+    print(f"bundle in {out}: {sum(os.path.getsize(p) for p in glob.glob(out + '/**', recursive=True) if os.path.isfile(p)) / 1e6:.1f} MB")
+
+
+def _model(manifest):
+    import torch
+
+    from ..frontend.arch import Arch
+    from ..frontend.model import DLRM
+
+    torch.manual_seed(SEED)
+    return DLRM(Arch.from_dict(manifest["arch"]), seed=SEED).eval()
+
+
+def _ready(art: str):
+    """The artifact with its weights remade from the seed, and the eager model on the GPU."""
+    from ..artifact import read_manifest, replace_weights
+    from ..runtime import load
+
+    manifest = read_manifest(art, verify=False)
+    model = _model(manifest)
+    if os.path.getsize(os.path.join(art, "weights.bin")) == 0:
+        replace_weights(art, {k: v.numpy() for k, v in model.state_dict().items()})
+    return load(art), model.cuda()
+
+
+def _torch_batch(batch):
+    import torch
+    dense, offsets, indices = batch
+    return (torch.from_numpy(dense).cuda(), torch.from_numpy(offsets).cuda(),
+            [torch.from_numpy(i).cuda() for i in indices])
+
+
+def check(art: str) -> float:
+    """Max |artifact - PyTorch eager| on the GPU over batches that take every entry path."""
+    import torch
+
+    from ..runtime.batch import random_batch
+
+    ours, model = _ready(art)
+    worst = 0.0
+    for batch in (1, 3, 4, 64, 63, 100, 2048 + 5):
+        data = random_batch(ours.arch, batch, bag_size=3, seed=batch, fixed=False)
+        with torch.no_grad():
+            want = model(*_torch_batch(data)).cpu().numpy()
+        diff = float(np.abs(ours.predict(*data) - want).max())
+        worst = max(worst, diff)
+        if not diff <= 1e-4:
+            raise AssertionError(f"{art}: batch {batch} differs from PyTorch by {diff:.3g}")
+    return worst
+
+
+def _time(fn, sync, repeat: int) -> float:
+    for _ in range(5):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def bench(art: str, batches, repeat: int) -> list[dict]:
+    import torch
+    import tvm
+
+    from ..runtime.batch import random_batch
+
+    ours, model = _ready(art)
+    rows = []
+    for batch in batches:
+        data = random_batch(ours.arch, batch, bag_size=1, seed=batch, fixed=True)  # one-hot
+        tb = _torch_batch(data)
+        systems = {}
+        run = ours.bind(*data)
+        systems["dlrmc"] = _time(run, tvm.cuda(0).sync, repeat)
+        with torch.no_grad():
+            systems["eager"] = _time(lambda: model(*tb), torch.cuda.synchronize, repeat)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    model(*tb)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                model(*tb)
+            systems["cuda_graph"] = _time(graph.replay, torch.cuda.synchronize, repeat)
+            compiled = torch.compile(model)
+            systems["torch_compile"] = _time(lambda: compiled(*tb), torch.cuda.synchronize,
+                                             repeat)
+        rows.append({"batch": batch, "us": {k: v * 1e6 for k, v in systems.items()}})
+        print(f"B={batch}: " + ", ".join(f"{k} {v * 1e6:,.0f} us" for k, v in systems.items()),
+              flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], device: str) -> str:
+    names = {"dlrmc": "dlrmc (CUDA artifact, TVM runtime only)", "eager": "PyTorch eager",
+             "cuda_graph": "PyTorch CUDA-graph replay", "torch_compile": "torch.compile"}
+    out = [f"| {device}, median per batch (peer / dlrmc) | "
+           + " | ".join(f"B={r['batch']}" for r in rows) + " |", "|---" * (len(rows) + 1) + "|"]
+    for key, label in names.items():
+        cells = [f"{r['us'][key]:,.0f} us" + ("" if key == "dlrmc" else
+                                                f" ({r['us'][key] / r['us']['dlrmc']:.2f}x)")
+                 for r in rows]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    goal = ["met" if r["us"]["dlrmc"] <= 0.5 * r["us"]["cuda_graph"] else
+            f"missed ({r['us']['dlrmc'] / r['us']['cuda_graph']:.2f} of replay)" for r in rows]
+    out.append("| goal: at most half of CUDA-graph replay | " + " | ".join(goal) + " |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dlrmc.bench.gpu", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("prepare", help="here: compile the artifacts and write the bundle")
+    pp.add_argument("bundle")
+    pp.add_argument("--target", default="cuda -arch=sm_90")
+    pp.add_argument("--python", default="3.12", help="the GPU machine's Python version")
+    pr = sub.add_parser("run", help="there: the GPU checks, then the benchmark")
+    pr.add_argument("bundle")
+    pr.add_argument("--batches", default="64,2048")
+    pr.add_argument("--repeat", type=int, default=200)
+    pr.add_argument("--out", help="folder for gpu_bench.json and gpu_bench.md")
+    args = p.parse_args(argv)
+    if args.cmd == "prepare":
+        prepare(args.bundle, args.target, args.python)
+        return 0
+    import torch
+    arts = os.path.join(args.bundle, "artifacts")
+    for name in (CHECK["name"], BENCH["name"]):
+        worst = check(os.path.join(arts, name))
+        print(f"check {name}: matches PyTorch eager on the GPU (max |diff| {worst:.2g})",
+              flush=True)
+    rows = bench(os.path.join(arts, BENCH["name"]), [int(b) for b in args.batches.split(",")],
+                 args.repeat)
+    table = markdown(rows, torch.cuda.get_device_name())
+    print("\n" + table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+        with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
+            f.write(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
