@@ -415,3 +415,37 @@ def test_compile_cli_with_int8_tables(tmp_path):
     bad = run("dlrm-compile", *TUNE_MODEL, "--emb-quant", "int3", "-o", str(tmp_path / "x"),
               check=False)
     assert bad.returncode == 2 and "--emb-quant" in bad.stderr
+
+
+def test_arm_targets_get_neon_knobs_and_tuning_spaces():
+    """An aarch64 model's kernels take the NEON knobs and MetaSchedule builds their design
+    spaces with our rule under the arm_cpu target key (measuring needs an ARM machine, e.g.
+    through --rpc-tracker)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from dlrmc.compiler.build import prepare
+    from dlrmc.frontend.model import DLRM
+    from dlrmc.schedules.measure import skip_tensor_intrinsics
+    from dlrmc.schedules.tasks import extract_tasks
+    from dlrmc.targets import parse_target
+    from dlrmc.targets.knobs import cpu_knobs
+
+    target = parse_target("llvm -mtriple=aarch64-linux-gnu -mcpu=neoverse-n1 -mattr=+neon")
+    assert "arm_cpu" in [str(k) for k in target.keys]
+    knobs = cpu_knobs(target)
+    assert (knobs.lanes, knobs.nr, knobs.name) == (4, 16, "neon")
+    arch = Arch(8, (50, 40), (13, 256, 8), (16, 1))
+    lowered = prepare(DLRM(arch), arch, target, (512,), log=lambda _: None)
+    tasks = extract_tasks(lowered.mod, target)
+    assert {t.kind for t in tasks} >= {"embedding_bags", "dense"}
+    assert any(t.kind == "dense" and t.override == {"mr": 4} for t in tasks)
+    skip_tensor_intrinsics()
+    for task in tasks:
+        ctx = ms.TuneContext(mod=task.mod, target=target, task_name=task.name, num_threads=1,
+                             space_generator=ms.space_generator.PostOrderApply(
+                                 sch_rules=[ms.schedule_rule.ApplyCustomRule()], postprocs=[],
+                                 mutator_probs={}))
+        spaces = ctx.generate_design_space()
+        assert spaces, task.name
+        insts = [str(i.kind.name) for i in spaces[0].trace.insts]
+        assert "SampleCategorical" in insts, (task.name, insts)
