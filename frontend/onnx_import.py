@@ -16,8 +16,9 @@ shares, then check the result against the ONNX graph itself:
 - interaction: ``dot`` when a MatMul multiplies two computed tensors (the Gram matrix), else
   ``cat``; whether the diagonal is kept follows from the top MLP's input width.
 
-- inputs: dense_x, offsets [T, B] and one index list per table (the reference's layout), or
-  dense_x and one [B, L] index tensor per table (fixed-size bags, ``input_layout``).
+- inputs: any of ``LAYOUTS`` (``input_layout``): the reference's ``--save-onnx`` writes
+  offsets and indices as one tensor each or as one input per table, as its batches held
+  them; fixed-size bags take one [B, L] index tensor per table.
 
 The rebuilt model is our ``DLRM`` (the reference's layout) with the initializers as weights,
 so an ONNX model gets the same export, kernels, tuning and artifact as a torch one. Before it
@@ -230,30 +231,52 @@ def recognise(model: onnx.ModelProto) -> tuple[Arch, dict[str, np.ndarray]]:
     return arch, state
 
 
+LAYOUTS = {
+    "offsets": "dense_x, offsets [T, B], one 1-D index list per table",
+    "stacked": "dense_x, offsets [T, B], indices [T, N] (every table N indices)",
+    "offset-lists": "dense_x, one [B] offset list per table, one index list per table",
+    "fixed": "dense_x, one [B, L] index tensor per table (L indices a bag)",
+}
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list:
+    return [i for i in model.graph.input if i.name not in {x.name for x in model.graph.initializer}]
+
+
 def input_layout(model: onnx.ModelProto, num_tables: int) -> str:
-    """How the graph takes its indices: "offsets" (dense_x, offsets [T, B], one 1-D index list
-    per table: the reference's layout) or "fixed" (dense_x, one [B, L] index tensor per table:
-    L indices a bag, what Gather + ReduceSum graphs take). Our artifact always takes the
-    reference layout; a fixed-bag batch is lS_o[k] = arange(B) * L, lS_i[k] = idx_k.ravel()."""
-    inputs = [i for i in model.graph.input
-              if i.name not in {x.name for x in model.graph.initializer}]
-    ranks = [len(i.type.tensor_type.shape.dim) for i in inputs]
-    if len(inputs) == 2 + num_tables and ranks[1] == 2:
+    """How the graph takes its indices (``LAYOUTS``). facebookresearch/dlrm ``--save-onnx``
+    names them dense_x, offsets or offsets_K, indices or indices_K after whether its batches
+    held tensors or lists. Our artifact always takes the reference layout; a fixed-bag batch
+    is lS_o[k] = arange(B) * L, lS_i[k] = idx_k.ravel()."""
+    ranks = [len(i.type.tensor_type.shape.dim) for i in _graph_inputs(model)]
+    t = num_tables
+    if len(ranks) == 2 + t and ranks[1] == 2 and all(r == 1 for r in ranks[2:]):
         return "offsets"
-    if len(inputs) == 1 + num_tables and all(r == 2 for r in ranks[1:]):
+    if len(ranks) == 3 and ranks[1:] == [2, 2]:
+        return "stacked"
+    if len(ranks) == 1 + 2 * t and all(r == 1 for r in ranks[1:]):
+        return "offset-lists"
+    if len(ranks) == 1 + t and all(r == 2 for r in ranks[1:]):
         return "fixed"
-    raise NotADlrm(f"the graph takes {len(inputs)} inputs of ranks {ranks}; a DLRM export takes "
-                   f"dense_x and either offsets [T, B] with one index list per table "
-                   f"({2 + num_tables} inputs) or one [B, L] index tensor per table "
-                   f"({1 + num_tables})")
+    raise NotADlrm(f"the graph takes {len(ranks)} inputs of ranks {ranks}; a DLRM export of "
+                   f"{t} tables takes " + "; or ".join(LAYOUTS.values()))
+
+
+def _bags(rng, batch: int, count: int) -> np.ndarray:
+    """Start offsets of ``batch`` bags over ``count`` indices; none empty where the count
+    allows (exporters disagree on empty bags: ReduceMean of nothing is NaN in ONNX, 0 in
+    PyTorch)."""
+    cuts = (np.sort(rng.choice(np.arange(1, count), batch - 1, replace=False))
+            if count >= batch else np.sort(rng.integers(0, count + 1, batch - 1)))
+    return np.concatenate([[0], cuts]).astype(np.int64)
 
 
 def _verification_feed(model, arch: Arch, seed: int = 0) -> tuple[dict, tuple]:
     """A small random batch in the ONNX graph's inputs and in our model's."""
     rng = np.random.default_rng(seed)
     layout = input_layout(model, arch.num_tables)
-    inputs = [i for i in model.graph.input
-              if i.name not in {x.name for x in model.graph.initializer}]
+    inputs = _graph_inputs(model)
+    t = arch.num_tables
 
     def static(inp, axis):
         d = inp.type.tensor_type.shape.dim
@@ -262,27 +285,30 @@ def _verification_feed(model, arch: Arch, seed: int = 0) -> tuple[dict, tuple]:
     batch = static(inputs[0], 0) or 3
     dense = rng.random((batch, arch.num_dense), dtype=np.float32)
     feed = {inputs[0].name: dense}
-    offsets, indices = [], []
-    for k, rows in enumerate(arch.embedding_sizes):
-        if layout == "fixed":
-            bag = static(inputs[1 + k], 1) or 2
-            idx = rng.integers(0, rows, (batch, bag)).astype(np.int64)
-            feed[inputs[1 + k].name] = idx
-            offsets.append(np.arange(batch) * bag)
-            indices.append(idx.reshape(-1))
-            continue
-        count = static(inputs[2 + k], 0) or 2 * batch
-        # no empty bags where the count allows: exporters disagree on them (ReduceMean of
-        # nothing is NaN in ONNX, 0 in PyTorch)
-        cuts = (np.sort(rng.choice(np.arange(1, count), batch - 1, replace=False))
-                if count >= batch else np.sort(rng.integers(0, count + 1, batch - 1)))
-        offsets.append(np.concatenate([[0], cuts]))
-        indices.append(rng.integers(0, rows, count).astype(np.int64))
-        feed[inputs[2 + k].name] = indices[-1]
-    lS_o = np.stack(offsets).astype(np.int64)
-    if layout == "offsets":
-        feed[inputs[1].name] = lS_o
-    return feed, (dense, lS_o, indices)
+    if layout == "fixed":
+        bags = [static(inputs[1 + k], 1) or 2 for k in range(t)]
+        idx = [rng.integers(0, rows, (batch, bag)) for rows, bag in zip(arch.embedding_sizes, bags)]
+        feed.update({inputs[1 + k].name: idx[k] for k in range(t)})
+        offsets = np.stack([np.arange(batch) * bag for bag in bags]).astype(np.int64)
+        return feed, (dense, offsets, [i.reshape(-1) for i in idx])
+    index_inputs = {"offsets": inputs[2:], "offset-lists": inputs[1 + t:]}.get(layout)
+    if layout == "stacked":
+        count = static(inputs[2], 1) or 2 * batch
+        counts = [count] * t
+    else:
+        counts = [static(i, 0) or 2 * batch for i in index_inputs]
+    offsets = np.stack([_bags(rng, batch, c) for c in counts])
+    indices = [rng.integers(0, rows, c).astype(np.int64)
+               for rows, c in zip(arch.embedding_sizes, counts)]
+    if layout == "stacked":
+        feed[inputs[1].name], feed[inputs[2].name] = offsets, np.stack(indices)
+    elif layout == "offsets":
+        feed[inputs[1].name] = offsets
+        feed.update({i.name: idx for i, idx in zip(index_inputs, indices)})
+    else:
+        feed.update({inputs[1 + k].name: offsets[k] for k in range(t)})
+        feed.update({i.name: idx for i, idx in zip(index_inputs, indices)})
+    return feed, (dense, offsets, indices)
 
 
 def _aten_op():

@@ -82,6 +82,36 @@ class FixedBags(torch.nn.Module):
         return self.m.top_l(self.m.interact_features(x, ly))
 
 
+@pytest.mark.parametrize("layout", ["stacked", "offset-lists"])
+def test_reference_save_onnx_input_layouts(tmp_path, layout):
+    """facebookresearch/dlrm --save-onnx names its inputs after what its batches held: one
+    offsets tensor or offsets_K per table, one indices tensor [T, N] or indices_K."""
+    from dlrmc.frontend.onnx_import import input_layout
+
+    model = DLRM(PRESETS["tiny"], seed=8).eval()
+    t = model.arch.num_tables
+    d, o, i = example_inputs(model.arch, 4)
+    if layout == "stacked":
+        idx = torch.stack([torch.randint(0, n, (6,)) for n in model.arch.embedding_sizes])
+        starts = torch.tensor([[0, 1, 3, 4]] * t)
+        args, names = (d, starts, idx), ["dense_x", "offsets", "indices"]
+        axes = {"dense_x": {0: "B"}, "offsets": {1: "B"}, "indices": {1: "N"}}
+    else:
+        offs = [o[k] for k in range(t)]
+        args = (d, offs, list(i))
+        names = ["dense_x"] + [f"offsets_{k}" for k in range(t)] + [f"indices_{k}" for k in range(t)]
+        axes = {"dense_x": {0: "B"}, **{f"offsets_{k}": {0: "B"} for k in range(t)},
+                **{f"indices_{k}": {0: f"n{k}"} for k in range(t)}}
+    warnings.filterwarnings("ignore")
+    torch.onnx.export(model, args, str(tmp_path / "m.onnx"), dynamo=False, opset_version=11,
+                      input_names=names, output_names=["pred"], dynamic_axes=axes)
+    assert input_layout(onnx.load(str(tmp_path / "m.onnx")), t) == layout
+    rebuilt, arch = model_from_onnx(str(tmp_path / "m.onnx"), log=lambda _: None)
+    assert arch == model.arch
+    compile_model(rebuilt, arch, None, str(tmp_path / "out"), log=lambda _: None, buckets=(4,))
+    _compare(model, tmp_path / "out")
+
+
 def test_gather_reducesum_fixed_bags(tmp_path):
     model = DLRM(PRESETS["tiny"], seed=4).eval()
     fixed = FixedBags(model).eval()
