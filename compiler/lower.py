@@ -268,7 +268,7 @@ def _convert_linear(node, importer, knobs: CpuKnobs, numerics: Numerics) -> rela
     return bb.emit(relax.call_tir(gv, [x, packed, bias], relax.TensorType((batch, n), "float32")))
 
 
-def gpu_converters(stock: dict, numerics: Numerics = Numerics()) -> dict:
+def gpu_converters(numerics: Numerics = Numerics()) -> dict:
     """The ops we lower ourselves for CUDA targets: our GPU embedding-bag and interaction
     kernels; dense layers as Relax ops for dlight; the rest TVM's."""
     if numerics.precision != "fp32" or numerics.mlp_quant:
@@ -350,7 +350,7 @@ def lower(ep: torch.export.ExportedProgram, target: tvm.target.Target,
     if target.kind.name == "cuda":
         if emb_quant:
             raise LoweringError("--emb-quant is not available for CUDA targets yet")
-        convert_map = gpu_converters(stock, numerics)
+        convert_map = gpu_converters(numerics)
     else:
         convert_map = converters(cpu_knobs(target), stock, emb_quant, quantized, numerics)
     unsupported = sorted({n.target.__name__ for n in ep.graph.nodes if n.op == "call_function"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dlrmc.compiler.build import compile_model
-from dlrmc.frontend.arch import PRESETS, Arch
+from dlrmc.frontend.arch import Arch
 from dlrmc.frontend.model import DLRM
 from dlrmc.runtime.batch import random_batch
 

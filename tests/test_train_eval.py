@@ -98,17 +98,17 @@ def test_metrics_agree_with_an_independent_computation(seed):
 
 def test_eval_compare_variants(trained):
     d, _ = trained
-    names = ("fp32", "int8-emb", "int4-emb", "bf16", "int8-mlp")   # fp16: in the test below
+    # bf16 and fp16 are checked by the variant test below, int8 tables in test_tuning
+    names = ("fp32", "int4-emb", "int8-mlp")
     res = run("dlrm-eval", "--compare", ",".join(names), "--load-model", str(d / "m.pt"),
               "--data", str(d / "s.npz"), "--batch-size", "2000")
     rows = {ln.split()[0]: ln.split() for ln in res.stdout.splitlines() if ln.startswith(names)}
     assert set(rows) == set(names)
     assert float(rows["fp32"][2]) == 0.0
     delta = {k: abs(float(v[2])) for k, v in rows.items()}
-    assert delta["int8-emb"] < 0.01 and delta["int4-emb"] < 0.03, res.stdout
-    assert delta["bf16"] < 0.002 and delta["int8-mlp"] < 0.005, res.stdout
+    assert delta["int4-emb"] < 0.03 and delta["int8-mlp"] < 0.005, res.stdout
     sizes = {k: float(v[-2]) for k, v in rows.items()}
-    assert sizes["int4-emb"] < sizes["int8-emb"] < sizes["fp32"] == sizes["bf16"]
+    assert sizes["int4-emb"] < sizes["fp32"] == sizes["int8-mlp"]
     assert all(float(v[5]) > 0 for v in rows.values())           # ms per batch of 512
     for args, message in [(["--compare", "fp8", "--load-model", str(d / "m.pt")],
                            "unknown variant"),
