@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -101,9 +102,10 @@ def test_cuda_artifact_is_refused_without_a_gpu(tmp_path):
         pytest.skip("needs a machine with nvcc and no GPU")
     from dlrmc.artifact import ArtifactError
     from dlrmc.runtime import load
-    model = DLRM(PRESETS["tiny"], seed=1).eval()
-    compile_model(model, model.arch, "cuda -arch=sm_90", str(tmp_path / "a"), log=lambda _: None,
-                  buckets=())
+    res = subprocess.run(["dlrm-compile", "--preset", "tiny", "--target", "cuda -arch=sm_90",
+                          "--buckets", "none", "-o", str(tmp_path / "a"), "--check", "4"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "--check skipped" in res.stderr, res.stderr   # build stands
     with pytest.raises(ArtifactError, match=r"built for CUDA \(sm_90\) and cannot run here"):
         load(str(tmp_path / "a"))
 
