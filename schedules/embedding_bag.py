@@ -42,6 +42,53 @@ def code_bytes(dim: int, quant: str) -> int:
 
 def fused_width(dim: int, quant: str) -> int:
     return code_bytes(dim, quant) + FUSED_EXTRA
+def check_bag_config(mode: str, weighted: bool, offset_rows, include_last_offset: bool) -> None:
+    """A configuration error in an embedding-bag kernel's arguments, as ValueError."""
+    if mode not in MODES:
+        raise ValueError(f"embedding bag mode {mode!r} is not one of {MODES}")
+    if weighted and mode != "sum":
+        raise ValueError("per_sample_weights are only defined for mode='sum'")
+    if offset_rows is not None and include_last_offset:
+        raise ValueError("a shared offset matrix holds start offsets only")
+
+
+class BagArgs:
+    """The table-batched kernel's arguments in the contract's order, declared inside a
+    ``T.prim_func`` builder: (W_0.., I_0.., offsets, [PSW_0..,] out_0..). Shared by the CPU
+    and GPU kernels so both keep one signature."""
+
+    def __init__(self, tables: int, dim: int, weighted: bool, index_dtype: str,
+                 offset_rows: tuple[int, ...] | None, include_last_offset: bool,
+                 batch: int | None, weight_cols: int, weight_dtype: str = "float32"):
+        h_w = [T.arg(f"w{j}", T.handle()) for j in range(tables)]
+        h_i = [T.arg(f"i{j}", T.handle()) for j in range(tables)]
+        h_o = T.arg("offsets", T.handle())
+        h_s = [T.arg(f"s{j}", T.handle()) for j in range(tables)] if weighted else []
+        h_r = [T.arg(f"out{j}", T.handle()) for j in range(tables)]
+        self.B = B = T.int64() if batch is None else T.int64(batch)
+        self.ns = [T.int64() for _ in range(tables)]
+        self.W = [T.match_buffer(h, (T.int64(), weight_cols), weight_dtype) for h in h_w]
+        self.I = [T.match_buffer(h, (n,), index_dtype) for h, n in zip(h_i, self.ns)]
+        self.stacked = offset_rows is not None
+        self.rows = tuple(offset_rows) if self.stacked else (0,)
+        self.last = include_last_offset
+        self.O = (T.match_buffer(h_o, (T.int64(), B), index_dtype) if self.stacked
+                  else T.match_buffer(h_o, (B + (1 if include_last_offset else 0),),
+                                      index_dtype))
+        self.S = [T.match_buffer(h, (n,), "float32") for h, n in zip(h_s, self.ns)]
+        self.R = [T.match_buffer(h, (B, dim), "float32") for h in h_r]
+
+    def offset(self, j, b):
+        return T.Cast("int64", self.O[self.rows[j], b] if self.stacked else self.O[b])
+
+    def bounds(self, j, b):
+        """(begin, end) of bag ``b`` of table ``j``: the last bag ends at the index count."""
+        if self.last:
+            return self.offset(j, b), self.offset(j, b + 1)
+        return self.offset(j, b), T.if_then_else(
+            b + 1 < self.B, self.offset(j, T.min(b + 1, self.B - 1)), self.ns[j])
+
+
 PARALLEL_MIN_BAGS = 256   # bags (all tables) below which one thread does the work
 CHUNK = 64                # bags per work item
 
@@ -68,35 +115,20 @@ def embedding_bags_kernel(
     are row-wise quantised in FBGEMM's fused layout (``quantize_rows``), uint8
     [V, ``fused_width``], dequantised here as code * scale + bias.
     """
-    if mode not in MODES:
-        raise ValueError(f"embedding bag mode {mode!r} is not one of {MODES}")
-    if weighted and mode != "sum":
-        raise ValueError("per_sample_weights are only defined for mode='sum'")
-    if offset_rows is not None and include_last_offset:
-        raise ValueError("a shared offset matrix holds start offsets only")
+    check_bag_config(mode, weighted, offset_rows, include_last_offset)
     D = int(dim)
-    stacked = offset_rows is not None
-    rows = tuple(offset_rows) if stacked else (0,)
-    tables = len(rows)
+    tables = len(offset_rows) if offset_rows is not None else 1
     is_max, is_mean = mode == "max", mode == "mean"
     counted = is_max or is_mean
     pad = int(padding_idx) if padding_idx is not None and padding_idx >= 0 else None
-    extra = 1 if include_last_offset else 0
     with IRBuilder() as ib:
         with T.prim_func(private=True, s_tir=True):
             T.func_name("embedding_bags")
-            h_w = [T.arg(f"w{j}", T.handle()) for j in range(tables)]
-            h_i = [T.arg(f"i{j}", T.handle()) for j in range(tables)]
-            h_o = T.arg("offsets", T.handle())
-            h_s = [T.arg(f"s{j}", T.handle()) for j in range(tables)] if weighted else []
-            h_r = [T.arg(f"out{j}", T.handle()) for j in range(tables)]
-            B = T.int64() if batch is None else T.int64(batch)
-            ns = [T.int64() for _ in range(tables)]
-            if quant is None:
-                W = [T.match_buffer(h, (T.int64(), D), "float32") for h in h_w]
-            else:
-                C = code_bytes(D, quant)
-                W = [T.match_buffer(h, (T.int64(), C + FUSED_EXTRA), "uint8") for h in h_w]
+            C = code_bytes(D, quant) if quant is not None else 0
+            args = BagArgs(tables, D, weighted, index_dtype, offset_rows, include_last_offset,
+                           batch, D if quant is None else C + FUSED_EXTRA,
+                           "float32" if quant is None else "uint8")
+            B, ns, W, I, O, S, R = args.B, args.ns, args.W, args.I, args.O, args.S, args.R
 
             def fused_float(table, row, at):
                 """The float32 stored little-endian at bytes ``at``..``at``+3 of a fused row."""
@@ -114,17 +146,8 @@ def embedding_bags_kernel(
                     code = (W[j][row, d // 2] >> T.Cast("uint8", (d % 2) * 4)) & T.uint8(15)
                 return (T.Cast("float32", code) * fused_float(W[j], row, C)
                         + fused_float(W[j], row, C + 4))
-            I = [T.match_buffer(h, (n,), index_dtype) for h, n in zip(h_i, ns)]
-            if stacked:
-                O = T.match_buffer(h_o, (T.int64(), B), index_dtype)
-            else:
-                O = T.match_buffer(h_o, (B + extra,), index_dtype)
-            S = [T.match_buffer(h, (n,), "float32") for h, n in zip(h_s, ns)]
-            R = [T.match_buffer(h, (B, D), "float32") for h in h_r]
-            chunks = (B + CHUNK - 1) // CHUNK
 
-            def offset(j, b):
-                return T.Cast("int64", O[rows[j], b] if stacked else O[b])
+            chunks = (B + CHUNK - 1) // CHUNK
 
             def pool_table(j, first, count, acc, cnt):
                 with T.serial(count) as s:
@@ -133,11 +156,7 @@ def embedding_bags_kernel(
                         T.buffer_store(acc, T.float32(-3.4028234663852886e38) if is_max
                                        else T.float32(0), [d])
                     T.buffer_store(cnt, T.int64(0), [0])
-                    begin = offset(j, b)
-                    if include_last_offset:
-                        end = offset(j, b + 1)
-                    else:
-                        end = T.if_then_else(b + 1 < B, offset(j, T.min(b + 1, B - 1)), ns[j])
+                    begin, end = args.bounds(j, b)
                     with T.serial(end - begin) as p:
                         row = T.Cast("int64", I[j][begin + p])
                         if prefetch:

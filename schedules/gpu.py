@@ -24,7 +24,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as T
 
 from .dense_lowp import round_to
-from .embedding_bag import MODES
+from .embedding_bag import BagArgs, check_bag_config
 from .interaction import output_width
 
 BLOCK = 128
@@ -43,48 +43,25 @@ def embedding_bags_gpu_kernel(dim: int, mode: str = "sum", weighted: bool = Fals
                               offset_rows: tuple[int, ...] | None = None,
                               batch: int | None = None, bind: bool = True):
     """(W_0.., I_0.., offsets, [PSW_0..,] out_0..), as ``embedding_bags_kernel``."""
-    if mode not in MODES:
-        raise ValueError(f"embedding bag mode {mode!r} is not one of {MODES}")
-    if weighted and mode != "sum":
-        raise ValueError("per_sample_weights are only defined for mode='sum'")
+    check_bag_config(mode, weighted, offset_rows, include_last_offset)
     D = int(dim)
-    stacked = offset_rows is not None
-    rows = tuple(offset_rows) if stacked else (0,)
-    tables = len(rows)
+    tables = len(offset_rows) if offset_rows is not None else 1
     vec = 4 if D % 4 == 0 and D // 4 <= 32 else 1
     tpb = min(32, D // vec)                       # threads per bag
     chunks = -(-D // (tpb * vec))                  # vectors per thread
     bags_per_block = max(BLOCK // tpb, 1)
     is_max, is_mean = mode == "max", mode == "mean"
     pad = int(padding_idx) if padding_idx is not None and padding_idx >= 0 else None
-    extra = 1 if include_last_offset else 0
     with IRBuilder() as ib:
         with T.prim_func(private=True, s_tir=True):
             T.func_name("embedding_bags_gpu")
             T.func_attr(SCHEDULED)
-            h_w = [T.arg(f"w{j}", T.handle()) for j in range(tables)]
-            h_i = [T.arg(f"i{j}", T.handle()) for j in range(tables)]
-            h_o = T.arg("offsets", T.handle())
-            h_s = [T.arg(f"s{j}", T.handle()) for j in range(tables)] if weighted else []
-            h_r = [T.arg(f"out{j}", T.handle()) for j in range(tables)]
-            B = T.int64() if batch is None else T.int64(batch)
-            ns = [T.int64() for _ in range(tables)]
-            W = [T.match_buffer(h, (T.int64(), D), "float32") for h in h_w]
-            I = [T.match_buffer(h, (n,), index_dtype) for h, n in zip(h_i, ns)]
-            O = (T.match_buffer(h_o, (T.int64(), B), index_dtype) if stacked
-                 else T.match_buffer(h_o, (B + extra,), index_dtype))
-            S = [T.match_buffer(h, (n,), "float32") for h, n in zip(h_s, ns)]
-            R = [T.match_buffer(h, (B, D), "float32") for h in h_r]
-
-            def offset(j, b):
-                return T.Cast("int64", O[rows[j], b] if stacked else O[b])
+            args = BagArgs(tables, D, weighted, index_dtype, offset_rows, include_last_offset,
+                           batch, D)
+            B, ns, W, I, S, R = args.B, args.ns, args.W, args.I, args.S, args.R
 
             def pool(j, b, lane):
-                begin = offset(j, b)
-                if include_last_offset:
-                    end = offset(j, b + 1)
-                else:
-                    end = T.if_then_else(b + 1 < B, offset(j, T.min(b + 1, B - 1)), ns[j])
+                begin, end = args.bounds(j, b)
                 acc = T.alloc_buffer((chunks * vec,), "float32", scope="local")
                 cnt = T.alloc_buffer((1,), "int64", scope="local")
                 with T.serial(chunks * vec) as v:
