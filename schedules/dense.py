@@ -54,6 +54,19 @@ def pack_kernel(n: int, k: int, nr: int):
     return pack
 
 
+def row_loops(n: int, k: int, batch: int | None, parallel: bool):
+    """How a dense kernel's work loops run: (M, static, parallel, loop, block annotations).
+
+    ``parallel`` is the caller's hint from the layer's size; a static batch with enough work
+    in all (a small layer at a large batch) goes parallel too. With a static M the loops are
+    serial blocks that the ``dlrmc_work`` schedule splits and parallelises (or tunes)."""
+    static = batch is not None
+    M = tvm.tirx.Var("M", "int64") if batch is None else int(batch)
+    parallel = parallel or (static and M * n * k >= STATIC_PARALLEL_MIN_MACS)
+    loop = T.serial if static or not parallel else T.parallel
+    return M, static, parallel, loop, {"schedule_rule": RULE} if static and parallel else {}
+
+
 @functools.lru_cache(maxsize=None)
 def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
                  parallel: bool = True, batch: int | None = None):
@@ -68,15 +81,8 @@ def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
     G = next(g for g in (4, 2, 1) if NB % g == 0)
     ragged = N % NR != 0
     epi = _epilogue(act)
-    static = batch is not None
-    M = tvm.tirx.Var("M", "int64") if batch is None else int(batch)
-    # ``parallel`` is the caller's hint from the layer's size; a static batch with enough
-    # work in all (a small layer at a large batch) goes parallel too.
-    parallel = parallel or (static and M * N * K >= STATIC_PARALLEL_MIN_MACS)
-    # Static M: serial loops that the dlrmc_work schedule splits and parallelises (or tunes).
-    loop = T.serial if static or not parallel else T.parallel
+    M, static, parallel, loop, tuned = row_loops(N, K, batch, parallel)
     tail_loop = T.serial if static else T.parallel
-    tuned = {"schedule_rule": RULE} if static and parallel else {}
     tail_tuned = tuned if static and int(batch) % MR > 1 else {}
 
     @T.macro

@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import functools
 
-import tvm
 from tvm.script import tirx as T
 
-from .dense import ACTIVATIONS, STATIC_PARALLEL_MIN_MACS, _epilogue
-from .work_split import RULE
+from .dense import ACTIVATIONS, _epilogue, row_loops
 
 KINDS = ("bf16", "fp16", "int8")
 PER_WORD = {"bf16": 2, "fp16": 1, "int8": 4}   # k values per packed panel element
@@ -192,11 +190,7 @@ def dense_lowp_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 
     KWP = -(-KW // 16) * 16              # the activation words' row, padded to whole vectors
     ragged = N % NR != 0
     epi = _epilogue(act)
-    static = batch is not None
-    M = tvm.tirx.Var("M", "int64") if batch is None else int(batch)
-    parallel = parallel or (static and M * N * K >= STATIC_PARALLEL_MIN_MACS)
-    loop = T.serial if static or not parallel else T.parallel
-    tuned = {"schedule_rule": RULE} if static and parallel else {}
+    M, static, parallel, loop, tuned = row_loops(N, K, batch, parallel)
     acc_dtype = "int32" if kind == "int8" else "float32"
     word_dtype = "float32" if kind == "fp16" else "int32"
     inv = 1.0 / float(x_scale)
