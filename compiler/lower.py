@@ -136,25 +136,31 @@ class Numerics:
     ranges: dict | None = None     # dlrmc::linear node name -> calibrated input (min, max)
 
 
+def _interaction_inputs(node, importer):
+    """(inputs, batch, F, D, stacked) of a ``dlrmc::dot_interaction`` node: F tensors [B, D]
+    or one [B, F, D]; F and D must be static."""
+    inputs = [importer.env[f] for f in node.args[0]]
+    shapes = [_static_dims(t, "an interaction input", node) for t in inputs]
+    stacked = len(shapes[0]) == 3
+    num, dim = (shapes[0][1], shapes[0][2]) if stacked else (len(inputs), shapes[0][1])
+    if not (isinstance(dim, tvm.tirx.IntImm) and (not stacked or isinstance(num, tvm.tirx.IntImm))):
+        raise LoweringError(f"{node.name}: the interaction needs static feature count and width")
+    return inputs, shapes[0][0], int(num), int(dim), stacked
+
+
 def _convert_dot_interaction_gpu(node, importer, numerics: Numerics) -> relax.Expr:
     """CUDA: the features stacked as [B, F, D] (one concat), then our interaction kernel."""
-    features, itself, prepend = node.args
+    _, itself, prepend = node.args
     bb = importer.block_builder
-    inputs = [importer.env[f] for f in features]
-    shapes = [_static_dims(t, "an interaction input", node) for t in inputs]
-    if len(shapes[0]) == 3:
-        stacked, (num, dim) = inputs[0], shapes[0][1:]
-    else:
-        num, dim = len(inputs), shapes[0][1]
+    inputs, batch, num, dim, stacked = _interaction_inputs(node, importer)
+    if not stacked:
         flat = bb.emit(relax.op.concat(inputs, axis=1))
-        stacked = bb.emit(relax.op.reshape(flat, (shapes[0][0], num, dim)))
-    num, dim = int(num), int(dim)
+        inputs = [bb.emit(relax.op.reshape(flat, (batch, num, dim)))]
     kernel = make("dot_interaction_gpu", num_features=num, dim=dim, self_interaction=bool(itself),
                   prepend_dense=bool(prepend), batch=None, precision=numerics.precision)
     gv = bb.add_func(kernel, "dot_interaction_gpu")
     width = output_width(num, dim, bool(itself), bool(prepend))
-    return bb.emit(relax.call_tir(gv, [stacked], relax.TensorType((shapes[0][0], width),
-                                                                  "float32")))
+    return bb.emit(relax.call_tir(gv, inputs, relax.TensorType((batch, width), "float32")))
 
 
 def _convert_linear_gpu(node, importer) -> relax.Expr:
@@ -173,22 +179,15 @@ def _convert_linear_gpu(node, importer) -> relax.Expr:
 
 
 def _convert_dot_interaction(node, importer, knobs: CpuKnobs, numerics: Numerics) -> relax.Expr:
-    features, itself, prepend = node.args
+    _, itself, prepend = node.args
     bb = importer.block_builder
-    inputs = [importer.env[f] for f in features]
-    shapes = [_static_dims(t, "an interaction input", node) for t in inputs]
-    stacked = len(shapes[0]) == 3
-    num, dim = (shapes[0][1], shapes[0][2]) if stacked else (len(inputs), shapes[0][1])
-    if not (isinstance(dim, tvm.tirx.IntImm) and (not stacked or isinstance(num, tvm.tirx.IntImm))):
-        raise LoweringError(f"{node.name}: the interaction needs static feature count and width")
-    num, dim = int(num), int(dim)
+    inputs, batch, num, dim, stacked = _interaction_inputs(node, importer)
     kernel = make("dot_interaction", num_features=num, dim=dim, self_interaction=bool(itself),
                   prepend_dense=bool(prepend), lanes=knobs.lanes, stacked=stacked, batch=None,
                   precision=numerics.precision)
     gv = bb.add_func(kernel, "dot_interaction")
     width = output_width(num, dim, bool(itself), bool(prepend))
-    out_ty = relax.TensorType((shapes[0][0], width), "float32")
-    return bb.emit(relax.call_tir(gv, inputs, out_ty))
+    return bb.emit(relax.call_tir(gv, inputs, relax.TensorType((batch, width), "float32")))
 
 
 def _convert_cat(node, importer, stock) -> relax.Expr:
