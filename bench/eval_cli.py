@@ -72,7 +72,6 @@ def evaluate(runtime, data: ProcessedData, split: str, batch_size: int) -> dict:
 VARIANTS = {"fp32": {}, "int8-emb": {"emb_quant": "int8"}, "int4-emb": {"emb_quant": "int4"},
             "bf16": {"precision": "bf16"}, "fp16": {"precision": "fp16"},
             "int8-mlp": {"mlp_quant": "int8"}}
-CALIBRATION_ROWS = 4096
 
 
 def compare(checkpoint: str, variants: list[str], data: ProcessedData, split: str,
@@ -82,6 +81,7 @@ def compare(checkpoint: str, variants: list[str], data: ProcessedData, split: st
     import tempfile
 
     from ..compiler.build import compile_model
+    from ..compiler.numerics import CALIBRATION_ROWS
     from ..frontend.checkpoint import load_model
 
     model = load_model(checkpoint)

@@ -23,7 +23,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -121,16 +120,10 @@ def check(art: str) -> float:
 
 
 def _time(fn, sync, repeat: int) -> float:
-    for _ in range(5):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    """Median seconds of ``fn`` until the device is done with it."""
+    from ..runtime.model import time_calls
+
+    return float(np.median(time_calls(lambda: (fn(), sync()), 5, repeat)))
 
 
 def bench(art: str, batches, repeat: int) -> list[dict]:

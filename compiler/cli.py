@@ -18,7 +18,7 @@ from ..schedules.embedding_bag import QUANTS
 from .buckets import DEFAULT_BUCKETS, parse_buckets
 from .build import BuildError, compile_model
 from .lower import LoweringError
-from .numerics import MLP_QUANTS, PRECISIONS
+from .numerics import CALIBRATION_ROWS, MLP_QUANTS, PRECISIONS
 from ..frontend.onnx_import import NotADlrm
 
 USER_ERRORS = (ArtifactError, CheckpointError, TargetError, LoweringError, BuildError, ValueError,
@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration-data", metavar="NPZ",
                    help="processed Criteo .npz (dlrm-data criteo) whose training rows calibrate "
                         "--mlp-quant")
-    p.add_argument("--calibration-rows", type=int, default=4096, metavar="N",
-                   help="rows of the training split to calibrate on (default 4096)")
+    p.add_argument("--calibration-rows", type=int, default=CALIBRATION_ROWS, metavar="N",
+                   help=f"rows of the training split to calibrate on (default {CALIBRATION_ROWS})")
     p.add_argument("--max-ind-range", type=int, metavar="N",
                    help="hash the calibration data's categories modulo N, as the model was "
                         "trained")

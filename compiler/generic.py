@@ -19,7 +19,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
 from ..artifact import write_artifact
-from ..frontend.onnx_import import OnnxImportError
+from ..frontend.onnx_import import OnnxImportError, graph_inputs
 from ..targets import parse_target, requirements, resolved
 from ..targets.toolchain import linker
 
@@ -51,7 +51,6 @@ def compile_generic(model: onnx.ModelProto, target: str | None, out_dir: str, re
     params = [np.from_dlpack(t) for t in detached.get("main", [])]
     log("[dlrmc] generic: TVM's ONNX frontend and default schedules")
     executable = tvm.compile(mod, tgt)
-    inits = {i.name for i in model.graph.initializer}
     manifest = {
         "dlrmc_version": version("dlrmc"),
         "tvm_version": tvm.__version__,
@@ -60,7 +59,7 @@ def compile_generic(model: onnx.ModelProto, target: str | None, out_dir: str, re
         "entry": "main",
         "buckets": {},
         "transform_params": None,
-        "inputs": [_value_info(v) for v in model.graph.input if v.name not in inits],
+        "inputs": [_value_info(v) for v in graph_inputs(model)],
         "outputs": [_value_info(v) for v in model.graph.output],
         "target": {"string": target or "host", "resolved": resolved(tgt),
                    "requires": requirements(tgt)},

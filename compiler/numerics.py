@@ -18,6 +18,7 @@ from torch.export.graph_signature import InputKind
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 MLP_QUANTS = ("int8",)
+CALIBRATION_ROWS = 4096     # training rows a calibration runs on by default
 
 
 def activation_qparams(lo: float, hi: float) -> tuple[float, int]:

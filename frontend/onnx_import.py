@@ -239,7 +239,8 @@ LAYOUTS = {
 }
 
 
-def _graph_inputs(model: onnx.ModelProto) -> list:
+def graph_inputs(model: onnx.ModelProto) -> list:
+    """The graph's inputs that are not initializers (what a caller feeds)."""
     return [i for i in model.graph.input if i.name not in {x.name for x in model.graph.initializer}]
 
 
@@ -248,7 +249,7 @@ def input_layout(model: onnx.ModelProto, num_tables: int) -> str:
     names them dense_x, offsets or offsets_K, indices or indices_K after whether its batches
     held tensors or lists. Our artifact always takes the reference layout; a fixed-bag batch
     is lS_o[k] = arange(B) * L, lS_i[k] = idx_k.ravel()."""
-    ranks = [len(i.type.tensor_type.shape.dim) for i in _graph_inputs(model)]
+    ranks = [len(i.type.tensor_type.shape.dim) for i in graph_inputs(model)]
     t = num_tables
     if len(ranks) == 2 + t and ranks[1] == 2 and all(r == 1 for r in ranks[2:]):
         return "offsets"
@@ -275,7 +276,7 @@ def _verification_feed(model, arch: Arch, seed: int = 0) -> tuple[dict, tuple]:
     """A small random batch in the ONNX graph's inputs and in our model's."""
     rng = np.random.default_rng(seed)
     layout = input_layout(model, arch.num_tables)
-    inputs = _graph_inputs(model)
+    inputs = graph_inputs(model)
     t = arch.num_tables
 
     def static(inp, axis):
