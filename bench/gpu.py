@@ -1,17 +1,23 @@
 """The GPU check: CUDA artifacts built here, run there against PyTorch (``scripts/gpu_check.sh``).
 
 ``python -m dlrmc.bench.gpu prepare DIR`` (here: TVM's compiler and nvcc, no GPU needed)
-compiles the check's artifacts for an H100 (``cuda -arch=sm_90``) and writes a bundle a
-GPU machine with PyTorch but no TVM can run: the artifacts without their weight files (the
-weights are remade there from the same seed), TVM's runtime only (the Python package without
-``libtvm_compiler.so``, plus the tvm-ffi wheel for that machine's Python) and dlrmc's own
-runtime/frontend/artifact/bench code.
+compiles, for an H100 (``cuda -arch=sm_90``), our GPU kernels over many configurations
+(``gpu_kernels``) and the check's artifacts, and writes a bundle a GPU machine with PyTorch
+but no TVM can run: the kernels' library, the artifacts without their weight files (the
+weights are remade there from the same seed), TVM's runtime only (the Python package
+without ``libtvm_compiler.so``, plus the tvm-ffi wheel for that machine's Python) and
+dlrmc's own runtime code.
 
 ``python -m dlrmc.bench.gpu run DIR`` (there, with the bundle on PYTHONPATH and
-``TVM_USE_RUNTIME_LIB=1``) first checks every artifact against PyTorch eager on the GPU over
-batch sizes that take each entry path (bucket, padded bucket, split, any-batch), then times
-the benchmark artifact against PyTorch eager, PyTorch CUDA-graph replay and torch.compile at
-each batch, with device-resident inputs, and prints one table (and writes JSON/Markdown).
+``TVM_USE_RUNTIME_LIB=1``) first runs every kernel case against its numpy oracle and every
+artifact against PyTorch eager on the GPU, over batch sizes that take each entry path
+(bucket, padded bucket, split, any-batch), then times the benchmark artifact against PyTorch
+eager, PyTorch CUDA-graph replay and torch.compile at each batch, with device-resident
+inputs, and prints one table (and writes JSON/Markdown).
+
+A bundle prepared with ``--target llvm`` runs the same checks on the CPU, with no
+benchmark: a rehearsal of the bundle (runtime-only TVM, remade weights) on a machine
+without a GPU; the suite runs it.
 """
 
 from __future__ import annotations
@@ -35,24 +41,43 @@ BENCH = {"name": "kaggle-100k", "arch": dict(sparse_feature_size=16,
 CHECK = {"name": "tiny", "arch": dict(sparse_feature_size=8, embedding_sizes=[100, 50, 20, 10],
                                       mlp_bot=[13, 32, 8], mlp_top=[32, 16, 1]),
          "buckets": [4, 64]}
-PACKAGES = ("artifact", "bench", "frontend", "runtime")   # what runs there, no compiler
+PACKAGES = ("artifact", "bench", "frontend", "runtime", "schedules")  # what runs there
+KERNELS = "kernels.so"
+BUNDLE = "bundle.json"
 
 
-def prepare(out: str, target: str = "cuda -arch=sm_90", python: str = "3.12") -> None:
+def prepare(out: str, target: str = "cuda -arch=sm_90", python: str | None = "3.12",
+            models=(CHECK, BENCH)) -> None:
+    """Write the bundle to ``out``. ``python``: the tvm-ffi wheel for that Python version
+    (None: none, the running Python's tvm-ffi serves); ``models``: the artifacts."""
     import tvm
     import tvm_ffi
 
     from ..compiler.build import compile_model
     from ..frontend.arch import Arch
     from ..frontend.model import DLRM
+    from ..targets import parse_target
+    from ..targets.cuda import pack_imports
+    from . import gpu_kernels
 
+    tgt = parse_target(target)
+    cuda = tgt.kind.name == "cuda"
     os.makedirs(out, exist_ok=True)
-    for spec in (CHECK, BENCH):
+    kernels = gpu_kernels.build(tgt, bind=cuda)    # on a CPU, the same loops run serially
+    if cuda:
+        kernels.export_library(os.path.join(out, KERNELS),
+                               fpack_imports=pack_imports(str(tgt.attrs["arch"])))
+    else:
+        kernels.export_library(os.path.join(out, KERNELS))
+    for spec in models:
         arch = Arch.from_dict(spec["arch"])
         art = os.path.join(out, "artifacts", spec["name"])
         compile_model(DLRM(arch, seed=SEED), arch, target, art,
                       buckets=spec["buckets"], log=lambda _: None)
         open(os.path.join(art, "weights.bin"), "w").close()   # remade there (``run``)
+    with open(os.path.join(out, BUNDLE), "w") as f:
+        json.dump({"target": target, "device": "cuda" if cuda else "cpu",
+                   "artifacts": [m["name"] for m in models]}, f, indent=1)
     site = os.path.join(out, "site")
     shutil.rmtree(site, ignore_errors=True)
     tvm_dir = os.path.dirname(tvm.__file__)
@@ -62,12 +87,14 @@ def prepare(out: str, target: str = "cuda -arch=sm_90", python: str = "3.12") ->
     for pkg in PACKAGES:
         shutil.copytree(os.path.join(root, pkg), os.path.join(site, "dlrmc", pkg),
                         ignore=shutil.ignore_patterns("__pycache__", "cpp"))
+    open(os.path.join(site, "dlrmc", "__init__.py"), "w").close()
     wheels = os.path.join(out, "wheels")
     os.makedirs(wheels, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                    "--only-binary=:all:", "--python-version", python, "--platform",
-                    "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64",
-                    f"apache-tvm-ffi=={tvm_ffi.__version__}", "-d", wheels], check=True)
+    if python:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                        "--only-binary=:all:", "--python-version", python, "--platform",
+                        "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64",
+                        f"apache-tvm-ffi=={tvm_ffi.__version__}", "-d", wheels], check=True)
     print(f"bundle in {out}: {sum(os.path.getsize(p) for p in glob.glob(out + '/**', recursive=True) if os.path.isfile(p)) / 1e6:.1f} MB")
 
 
@@ -82,7 +109,7 @@ def _model(manifest):
 
 
 def _ready(art: str):
-    """The artifact with its weights remade from the seed, and the eager model on the GPU."""
+    """The artifact with its weights remade from the seed, and the eager model on its device."""
     from ..artifact import read_manifest, replace_weights
     from ..runtime import load
 
@@ -90,33 +117,56 @@ def _ready(art: str):
     model = _model(manifest)
     if os.path.getsize(os.path.join(art, "weights.bin")) == 0:
         replace_weights(art, {k: v.numpy() for k, v in model.state_dict().items()})
-    return load(art), model.cuda()
+    ours = load(art)
+    return ours, model.to(_torch_device(ours.device))
 
 
-def _torch_batch(batch):
+def _torch_device(device) -> str:
+    import tvm
+    return "cpu" if device.dlpack_device_type() == tvm.cpu().dlpack_device_type() else "cuda"
+
+
+def _torch_batch(batch, device: str = "cuda"):
     import torch
     dense, offsets, indices = batch
-    return (torch.from_numpy(dense).cuda(), torch.from_numpy(offsets).cuda(),
-            [torch.from_numpy(i).cuda() for i in indices])
+    return (torch.from_numpy(dense).to(device), torch.from_numpy(offsets).to(device),
+            [torch.from_numpy(i).to(device) for i in indices])
 
 
 def check(art: str) -> float:
-    """Max |artifact - PyTorch eager| on the GPU over batches that take every entry path."""
+    """Max |artifact - PyTorch eager| on the artifact's device over batches that take every
+    entry path."""
     import torch
 
     from ..runtime.batch import random_batch
 
     ours, model = _ready(art)
+    device = _torch_device(ours.device)
     worst = 0.0
     for batch in (1, 3, 4, 64, 63, 100, 2048 + 5):
         data = random_batch(ours.arch, batch, bag_size=3, seed=batch, fixed=False)
         with torch.no_grad():
-            want = model(*_torch_batch(data)).cpu().numpy()
+            want = model(*_torch_batch(data, device)).cpu().numpy()
         diff = float(np.abs(ours.predict(*data) - want).max())
         worst = max(worst, diff)
         if not diff <= 1e-4:
             raise AssertionError(f"{art}: batch {batch} differs from PyTorch by {diff:.3g}")
     return worst
+
+
+def check_kernels(bundle: str, device) -> int:
+    """Every kernel case of the bundle's library against its oracle on ``device``; raises on
+    any beyond tolerance, else returns the number of cases."""
+    import tvm
+
+    from . import gpu_kernels
+
+    worst = gpu_kernels.run(tvm.runtime.load_module(os.path.join(bundle, KERNELS)), device)
+    bad = gpu_kernels.failures(worst)
+    if bad:
+        raise AssertionError(f"{len(bad)} of {len(worst)} kernel cases differ from the numpy "
+                             "oracles: " + "; ".join(bad))
+    return len(worst)
 
 
 def _time(fn, sync, repeat: int) -> float:
@@ -184,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     pp = sub.add_parser("prepare", help="here: compile the artifacts and write the bundle")
     pp.add_argument("bundle")
     pp.add_argument("--target", default="cuda -arch=sm_90")
-    pp.add_argument("--python", default="3.12", help="the GPU machine's Python version")
+    pp.add_argument("--python", default="3.12",
+                    help="the GPU machine's Python version, for the tvm-ffi wheel ('none': no "
+                         "wheel; the Python that runs the bundle has tvm-ffi)")
     pr = sub.add_parser("run", help="there: the GPU checks, then the benchmark")
     pr.add_argument("bundle")
     pr.add_argument("--batches", default="64,2048")
@@ -192,14 +244,34 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--out", help="folder for gpu_bench.json and gpu_bench.md")
     args = p.parse_args(argv)
     if args.cmd == "prepare":
-        prepare(args.bundle, args.target, args.python)
+        prepare(args.bundle, args.target, None if args.python == "none" else args.python)
         return 0
-    import torch
+    import torch  # first: on a GPU machine it loads the CUDA runtime libraries
+    import tvm
+
+    from ..runtime.model import cuda_unavailable
+
+    with open(os.path.join(args.bundle, BUNDLE)) as f:
+        bundle = json.load(f)
     arts = os.path.join(args.bundle, "artifacts")
-    for name in (CHECK["name"], BENCH["name"]):
+    reason = cuda_unavailable() if bundle["device"] == "cuda" else None
+    if reason:
+        print(f"GPU check: the bundle was built for CUDA and cannot run here: {reason}",
+              file=sys.stderr)
+        return 2
+    device = tvm.cuda(0) if bundle["device"] == "cuda" else tvm.cpu()
+    compiler = tvm.get_global_func("target.build.llvm", allow_missing=True) is not None
+    print(f"TVM {tvm.__version__} from {os.path.dirname(tvm.__file__)}: "
+          f"{'with its compiler' if compiler else 'runtime only'}", flush=True)
+    count = check_kernels(args.bundle, device)
+    print(f"kernels: {count} cases match the numpy oracles on {bundle['device']}", flush=True)
+    for name in bundle["artifacts"]:
         worst = check(os.path.join(arts, name))
-        print(f"check {name}: matches PyTorch eager on the GPU (max |diff| {worst:.2g})",
-              flush=True)
+        print(f"check {name}: matches PyTorch eager on {bundle['device']} "
+              f"(max |diff| {worst:.2g})", flush=True)
+    if bundle["device"] != "cuda" or BENCH["name"] not in bundle["artifacts"]:
+        print("no benchmark: this bundle was not built for CUDA with the benchmark model")
+        return 0
     rows = bench(os.path.join(arts, BENCH["name"]), [int(b) for b in args.batches.split(",")],
                  args.repeat)
     table = markdown(rows, torch.cuda.get_device_name())

@@ -82,23 +82,62 @@ def set_threads(threads: int | None = None) -> int:
     return tvm.runtime.num_threads()
 
 
+CUDA_LIBRARY_DIRS = ("lib64", "lib", "targets/x86_64-linux/lib")   # under a CUDA root
+
+
+def cudart_candidates(soname: str, env=os.environ) -> list[str]:
+    """Where a CUDA runtime library (``libcudart.so.13``) not on the loader's path may lie: the
+    CUDA toolkit (CUDA_HOME, CUDA_PATH, /usr/local/cuda) or the NVIDIA pip wheels beside
+    this Python's packages (nvidia/cu13/lib, nvidia/cuda_runtime/lib)."""
+    import glob
+    import sysconfig
+
+    roots = [env.get("CUDA_HOME"), env.get("CUDA_PATH"), "/usr/local/cuda"]
+    dirs = [os.path.join(r, d) for r in roots if r for d in CUDA_LIBRARY_DIRS]
+    for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+        dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib")))
+    return [os.path.join(d, soname) for d in dirs if os.path.isfile(os.path.join(d, soname))]
+
+
 def _load_cuda_runtime() -> str | None:
     """Load TVM's CUDA runtime (its device API and module loader), a sidecar library that TVM
-    loads by itself only in a full (compiler) installation; the reason when it cannot."""
+    loads by itself only in a full (compiler) installation; the reason when it cannot. The
+    CUDA runtime library it links is looked for beyond the loader's path too
+    (``cudart_candidates``)."""
     if tvm.get_global_func("device_api.cuda", allow_missing=True) is not None:
         return None
+    import ctypes
+    import re
     from pathlib import Path
 
     from tvm.base import _LOADED_LIBS
     from tvm_ffi.libinfo import load_lib_ctypes
 
-    try:
+    def load():
         _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
             package="tvm", target_name="tvm_runtime_cuda", mode="RTLD_LOCAL",
             extra_lib_paths=[Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent])
+
+    try:
+        load()
     except (OSError, FileNotFoundError, RuntimeError) as e:
-        return f"TVM's CUDA runtime (libtvm_runtime_cuda.so) does not load: {e}"
+        missing = re.search(r"(libcudart\.so[.\d]*)", str(e))
+        found = cudart_candidates(missing.group(1)) if missing else []
+        if not found:
+            hint = (f" (install the CUDA runtime, {missing.group(1)}, or set CUDA_HOME to the "
+                    "CUDA toolkit)") if missing else ""
+            return f"TVM's CUDA runtime (libtvm_runtime_cuda.so) does not load: {e}{hint}"
+        try:
+            ctypes.CDLL(found[0], mode=ctypes.RTLD_GLOBAL)
+            load()
+        except OSError as e2:
+            return f"TVM's CUDA runtime (libtvm_runtime_cuda.so) does not load: {e2}"
     return None
+
+
+def cuda_unavailable() -> str | None:
+    """Why no CUDA artifact can run here (no CUDA runtime, driver or GPU), or None."""
+    return _load_cuda_runtime() or (None if tvm.cuda(0).exist else "no CUDA GPU found")
 
 
 def artifact_device(path: str, manifest: dict):
@@ -106,7 +145,7 @@ def artifact_device(path: str, manifest: dict):
     kind = manifest["target"]["resolved"].get("kind")
     if kind == "cuda":
         arch = manifest["target"].get("requires", {}).get("cuda_arch", "?")
-        reason = _load_cuda_runtime() or (None if tvm.cuda(0).exist else "no CUDA GPU found")
+        reason = cuda_unavailable()
         if reason:
             raise ArtifactError(f"{path} was built for CUDA ({arch}) and cannot run here: "
                                 f"{reason}")

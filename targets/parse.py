@@ -89,6 +89,12 @@ def _check_llvm(opts: dict) -> None:
                 f"are written +name or -name); valid names: {', '.join(sorted(features))}")
 
 
+# What every CUDA arch since sm_50 allows (a block's threads, registers and static shared
+# memory), as TVM's nvidia/* tags state it; dlight reads these.
+CUDA_LIMITS = {"max_threads_per_block": 1024, "registers_per_block": 65536,
+               "max_shared_memory_per_block": 49152}
+
+
 def _check_cuda(opts: dict) -> None:
     if "arch" in opts and not re.fullmatch(r"sm_\d{2,3}[af]?", opts["arch"]):
         raise TargetError(f"-arch must look like sm_80 or sm_90a, got {opts['arch']!r}")
@@ -131,6 +137,7 @@ def parse_target(text: str | None) -> Target:
         _check_llvm(opts)
     else:
         _check_cuda(opts)
+        opts = {**CUDA_LIMITS, **opts}
         opts.setdefault("arch", "sm_50")
         opts["host"] = {"kind": "llvm"}
     try:

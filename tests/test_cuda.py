@@ -1,83 +1,57 @@
 """CUDA: the GPU kernels' indexing (run serially on the CPU) against the numpy oracles, CUDA
-artifacts built here with compiled device code for the named arch, and, where a GPU exists,
-CUDA artifacts against PyTorch."""
+artifacts built here with compiled device code for the named arch and read by TVM's own CUDA
+loader, the GPU check's bundle rehearsed on the CPU, and, where a GPU exists, CUDA artifacts
+against PyTorch."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import tvm
 
+from dlrmc.bench import gpu, gpu_kernels
 from dlrmc.compiler.build import compile_model
 from dlrmc.frontend.arch import PRESETS, Arch
 from dlrmc.frontend.model import DLRM
 from dlrmc.runtime.batch import random_batch
-from dlrmc.schedules import reference as ref
-from dlrmc.schedules.gpu import dot_interaction_gpu_kernel, embedding_bags_gpu_kernel
-from dlrmc.schedules.interaction import num_pairs
+from dlrmc.runtime.model import cudart_candidates
 from dlrmc.targets.cuda import fatbin_archs
 
 CPU = tvm.target.Target({"kind": "llvm"})
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 
 
-def _cpu_build(func):
-    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), CPU)["main"]
+@pytest.fixture(scope="module")
+def cpu_kernels():
+    """Every GPU kernel case built with its loops serial (``bind=False``) for the CPU."""
+    return gpu_kernels.build(CPU, bind=False)
 
 
-@pytest.mark.parametrize("dim", [1, 3, 16, 64, 200])
-@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False),
-                                           ("max", False)])
-def test_gpu_embedding_bags_indexing(dim, mode, weighted):
-    rng = np.random.default_rng(dim)
-    tables, batch = 3, 37
-    rows = [5, 40, 11]
-    weights = [rng.standard_normal((r, dim)).astype(np.float32) for r in rows]
-    sizes = rng.integers(0, 5, (tables, batch))
-    offsets = np.concatenate([np.zeros((tables, 1), np.int64), np.cumsum(sizes, 1)[:, :-1]], 1)
-    indices = [rng.integers(0, r, int(s.sum())) for r, s in zip(rows, sizes)]
-    psw = [rng.standard_normal(len(i)).astype(np.float32) for i in indices] if weighted else []
-    fn = _cpu_build(embedding_bags_gpu_kernel(dim, mode, weighted, "int64", False, None,
-                                              (0, 1, 2), None, bind=False))
-    outs = [tvm.runtime.tensor(np.full((batch, dim), np.nan, np.float32)) for _ in rows]
-    fn(*[tvm.runtime.tensor(a) for a in weights + indices + [offsets] + psw], *outs)
-    for k in range(tables):
-        want = ref.embedding_bag(weights[k], indices[k], offsets[k], mode,
-                                 psw[k] if weighted else None)
-        np.testing.assert_allclose(outs[k].numpy(), want, rtol=1e-5, atol=1e-5, err_msg=str(k))
+def test_gpu_kernel_cases_match_the_oracles(cpu_kernels):
+    """The indexing of the GPU kernels (all bag modes, weighted, padding, include_last_offset,
+    int32 indices, 26 tables over many blocks, dims 1..200; the interaction with 2..40
+    features, with and without the diagonal and x) against the numpy oracles: the same cases
+    and harness the GPU check runs on the GPU."""
+    worst = gpu_kernels.run(cpu_kernels, tvm.cpu())
+    assert len(worst) == len(gpu_kernels.CASES) >= 40
+    assert not gpu_kernels.failures(worst), gpu_kernels.failures(worst)
 
 
-def test_gpu_embedding_bag_single_table_last_offset_and_padding():
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((20, 8)).astype(np.float32)
-    idx = rng.integers(0, 20, 30)
-    off = np.array([0, 4, 4, 17, 30])
-    fn = _cpu_build(embedding_bags_gpu_kernel(8, "mean", False, "int64", True, 3, None, None,
-                                              bind=False))
-    out = tvm.runtime.tensor(np.zeros((4, 8), np.float32))
-    fn(*[tvm.runtime.tensor(a) for a in (w, idx, off)], out)
-    np.testing.assert_allclose(out.numpy(), ref.embedding_bag(w, idx, off, "mean", None, True, 3),
-                               rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("features", [2, 5, 27, 40])
-@pytest.mark.parametrize("itself", [False, True])
-@pytest.mark.parametrize("prepend", [False, True])
-def test_gpu_interaction_indexing(features, itself, prepend):
-    rng = np.random.default_rng(features)
-    t = rng.standard_normal((9, features, 16)).astype(np.float32)
-    fn = _cpu_build(dot_interaction_gpu_kernel(features, 16, itself, prepend, None, "fp32",
-                                               bind=False))
-    width = num_pairs(features, itself) + (16 if prepend else 0)
-    out = tvm.runtime.tensor(np.full((9, width), np.nan, np.float32))
-    fn(tvm.runtime.tensor(t), out)
-    np.testing.assert_allclose(out.numpy(), ref.dot_interaction(t, itself, prepend), rtol=1e-5,
-                               atol=1e-5)
+def test_gpu_kernel_harness_reports_a_wrong_kernel(cpu_kernels):
+    """A case whose oracle disagrees with its kernel (the interaction's diagonal flipped, a
+    bag mode changed) is reported, not passed."""
+    flip = {"inter_f5_d16_x_n9": {"itself": True}, "bags_d16_sum_int64_t3_n37": {"mode": "max"}}
+    cases = [dict(c, **flip.get(c["name"], {})) for c in gpu_kernels.CASES]
+    bad = gpu_kernels.failures(gpu_kernels.run(cpu_kernels, tvm.cpu(), cases))
+    assert sorted(b.split(":")[0] for b in bad) == sorted(flip)
 
 
 @needs_nvcc
@@ -108,6 +82,95 @@ def test_cuda_artifact_is_refused_without_a_gpu(tmp_path):
     assert res.returncode == 0 and "--check skipped" in res.stderr, res.stderr   # build stands
     with pytest.raises(ArtifactError, match=r"built for CUDA \(sm_90\) and cannot run here"):
         load(str(tmp_path / "a"))
+
+
+def _stub_libcuda(folder) -> str:
+    """A libcuda.so.1 whose driver calls (those TVM's CUDA runtime links) all fail with "no
+    device": with it TVM's own CUDA module loader reads an artifact where no driver exists."""
+    lib = os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so")
+    if not (os.path.isfile(lib) and shutil.which("gcc") and shutil.which("nm")):
+        pytest.skip("needs TVM's CUDA runtime, gcc and nm")
+    nm = subprocess.run(["nm", "-D", "--undefined-only", lib], capture_output=True, text=True)
+    symbols = sorted({m for m in re.findall(r"\bU (cu[A-Z]\w*)", nm.stdout)})
+    src = folder / "stub.c"
+    src.write_text("".join(f"int {name}(void) {{ return 100; }}\n" for name in symbols))
+    subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o",
+                    str(folder / "libcuda.so.1"), str(src)], check=True)
+    return str(folder)
+
+
+LOADER_PROBE = """
+import json, sys, tvm
+from dlrmc.runtime.model import cuda_unavailable
+reason = cuda_unavailable()
+cuda = []
+def walk(m):
+    cuda.extend([m] if m.kind == "cuda" else [])
+    for i in m.imports:
+        walk(i)
+walk(tvm.runtime.load_module(sys.argv[1]))
+names = json.loads(sys.argv[2])
+print(json.dumps({"reason": reason, "modules": len(cuda),
+                  "implemented": [n for n in names if cuda and cuda[0].implements_function(n)]}))
+"""
+
+
+@needs_nvcc
+def test_cuda_artifact_loads_through_tvms_cuda_loader(tmp_path):
+    """The device code we repack (a fatbin in place of CUDA source) is read by TVM's own CUDA
+    module loader: loading the artifact's library gives one CUDA module that implements
+    every kernel of the fatbin, ours among them. The driver is stubbed out, so this runs
+    without a GPU; only the launch is left to the GPU check."""
+    if tvm.cuda(0).exist:
+        pytest.skip("a GPU is here: test_cuda_artifact_matches_pytorch runs the artifact")
+    stub = _stub_libcuda(tmp_path)
+    model = DLRM(PRESETS["tiny"], seed=1).eval()
+    compile_model(model, model.arch, "cuda -arch=sm_90", str(tmp_path / "a"),
+                  log=lambda _: None, buckets=(4,))
+    library = tmp_path / "a" / "model.so"
+    kernels = sorted(set(re.findall(rb"\.nv\.info\.(\w+)", library.read_bytes())))
+    kernels = [k.decode() for k in kernels]
+    assert {"embedding_bags_4_b4_kernel", "dot_interaction_gpu_kernel"} <= set(kernels)
+    env = dict(os.environ, LD_LIBRARY_PATH=stub + os.pathsep + os.environ.get(
+        "LD_LIBRARY_PATH", ""))
+    res = subprocess.run([sys.executable, "-c", LOADER_PROBE, str(library),
+                          json.dumps(kernels + ["no_such_kernel"])],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    if out["reason"] != "no CUDA GPU found":
+        pytest.skip(f"TVM's CUDA runtime does not load here: {out['reason']}")
+    assert out["modules"] == 1
+    assert out["implemented"] == kernels      # all of them, and not the made-up name
+
+
+def test_gpu_check_bundle_rehearsed_on_the_cpu(tmp_path):
+    """The GPU check's bundle, built for the CPU, runs through scripts/gpu_check.sh exactly as
+    on the GPU machine: TVM's runtime alone (the bundle's copy, without libtvm_compiler.so),
+    dlrmc's code from the bundle, the kernels' library against the oracles and the artifact
+    (weights remade from the seed) against PyTorch."""
+    bundle = tmp_path / "bundle"
+    gpu.prepare(str(bundle), "llvm", python=None, models=(gpu.CHECK,))
+    assert not list(bundle.rglob("libtvm_compiler.so"))
+    assert (bundle / "artifacts" / "tiny" / "weights.bin").stat().st_size == 0
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run(["bash", os.path.join(root, "scripts", "gpu_check.sh"), "run",
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, GPU_BUNDLE=str(bundle)))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"from {bundle / 'site' / 'tvm'}: runtime only" in res.stdout
+    assert f"kernels: {len(gpu_kernels.CASES)} cases match the numpy oracles on cpu" in res.stdout
+    assert "check tiny: matches PyTorch eager on cpu" in res.stdout
+    assert (tmp_path / "out" / "gpu_check.log").read_text() == res.stdout
+
+
+def test_cuda_runtime_library_found_under_cuda_home(tmp_path):
+    lib = tmp_path / "cuda" / "lib64"
+    lib.mkdir(parents=True)
+    (lib / "libcudart.so.13").write_bytes(b"")
+    env = {"CUDA_HOME": str(tmp_path / "cuda")}
+    assert cudart_candidates("libcudart.so.13", env)[0] == str(lib / "libcudart.so.13")
+    assert str(lib / "libcudart.so.12") not in cudart_candidates("libcudart.so.12", env)
 
 
 @pytest.mark.gpu
