@@ -86,7 +86,7 @@ def prepare(out: str, target: str = "cuda -arch=sm_90", python: str | None = "3.
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for pkg in PACKAGES:
         shutil.copytree(os.path.join(root, pkg), os.path.join(site, "dlrmc", pkg),
-                        ignore=shutil.ignore_patterns("__pycache__", "cpp"))
+                        ignore=shutil.ignore_patterns("__pycache__"))
     open(os.path.join(site, "dlrmc", "__init__.py"), "w").close()
     wheels = os.path.join(out, "wheels")
     os.makedirs(wheels, exist_ok=True)
@@ -133,9 +133,44 @@ def _torch_batch(batch, device: str = "cuda"):
             [torch.from_numpy(i).to(device) for i in indices])
 
 
-def check(art: str) -> float:
+def build_cpp_runner(build_dir: str) -> str:
+    """The C++ runner (``runtime/cpp``) built with CMake against the TVM runtime and tvm-ffi
+    this Python imports; returns the ``dlrmc_run`` path."""
+    import tvm
+    import tvm_ffi
+
+    from .. import runtime
+
+    source = os.path.join(os.path.dirname(runtime.__file__), "cpp")
+    for cmd in (["cmake", "-S", source, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
+                 f"-DTVM_ROOT={os.path.dirname(tvm.__file__)}",
+                 f"-DTVM_FFI_ROOT={os.path.dirname(tvm_ffi.__file__)}"],
+                ["cmake", "--build", build_dir, "-j8"]):
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except FileNotFoundError:
+            raise RuntimeError("cmake is not installed") from None
+        if res.returncode:
+            raise RuntimeError(f"{' '.join(cmd[:2])} failed:\n{(res.stdout + res.stderr)[-2000:]}")
+    return os.path.join(build_dir, "dlrmc_run")
+
+
+def _run_cpp(runner: str, art: str, data) -> np.ndarray:
+    import tempfile
+
+    from ..runtime.batch import write_raw_batch
+
+    with tempfile.TemporaryDirectory(prefix="dlrmc-batch-") as tmp:
+        write_raw_batch(tmp, data)
+        res = subprocess.run([runner, art, tmp], capture_output=True, text=True, timeout=300)
+    if res.returncode:
+        raise AssertionError(f"dlrmc_run {art}: {res.stderr.strip()[-1000:]}")
+    return np.array(res.stdout.split(), np.float32)[:, None]
+
+
+def check(art: str, runner: str | None = None) -> float:
     """Max |artifact - PyTorch eager| on the artifact's device over batches that take every
-    entry path."""
+    entry path, run by the Python runtime and, given ``runner``, by the C++ runner."""
     import torch
 
     from ..runtime.batch import random_batch
@@ -147,10 +182,15 @@ def check(art: str) -> float:
         data = random_batch(ours.arch, batch, bag_size=3, seed=batch, fixed=False)
         with torch.no_grad():
             want = model(*_torch_batch(data, device)).cpu().numpy()
-        diff = float(np.abs(ours.predict(*data) - want).max())
-        worst = max(worst, diff)
-        if not diff <= 1e-4:
-            raise AssertionError(f"{art}: batch {batch} differs from PyTorch by {diff:.3g}")
+        got = {"python": ours.predict(*data)}
+        if runner:
+            got["C++"] = _run_cpp(runner, art, data)
+        for who, out in got.items():
+            diff = float(np.abs(out - want).max())
+            worst = max(worst, diff)
+            if not diff <= 1e-4:
+                raise AssertionError(f"{art} ({who} runtime): batch {batch} differs from "
+                                     f"PyTorch by {diff:.3g}")
     return worst
 
 
@@ -263,15 +303,37 @@ def main(argv: list[str] | None = None) -> int:
     compiler = tvm.get_global_func("target.build.llvm", allow_missing=True) is not None
     print(f"TVM {tvm.__version__} from {os.path.dirname(tvm.__file__)}: "
           f"{'with its compiler' if compiler else 'runtime only'}", flush=True)
-    count = check_kernels(args.bundle, device)
-    print(f"kernels: {count} cases match the numpy oracles on {bundle['device']}", flush=True)
+    failed = []
+
+    def step(label: str, fn) -> None:
+        """Run one check; a failure is reported and the rest (the benchmark too) still run."""
+        try:
+            print(f"{label}: {fn()}", flush=True)
+        except Exception as e:  # noqa: BLE001 - any failure is reported the same way
+            failed.append(label)
+            print(f"{label}: FAILED: {e}", flush=True)
+
+    step("kernels", lambda: f"{check_kernels(args.bundle, device)} cases match the numpy "
+                            f"oracles on {bundle['device']}")
+    runner = None
+
+    def cpp():
+        nonlocal runner
+        runner = build_cpp_runner(os.path.join(args.bundle, "cpp"))
+        return f"built ({runner})"
+
+    step("C++ runner", cpp)
     for name in bundle["artifacts"]:
-        worst = check(os.path.join(arts, name))
-        print(f"check {name}: matches PyTorch eager on {bundle['device']} "
-              f"(max |diff| {worst:.2g})", flush=True)
+        step(f"check {name}", lambda: (
+            f"the Python runtime{' and the C++ runner' if runner else ''} match PyTorch eager "
+            f"on {bundle['device']} (max |diff| "
+            f"{check(os.path.join(arts, name), runner):.2g})"))
+    status = 1 if failed else 0
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", flush=True)
     if bundle["device"] != "cuda" or BENCH["name"] not in bundle["artifacts"]:
         print("no benchmark: this bundle was not built for CUDA with the benchmark model")
-        return 0
+        return status
     rows = bench(os.path.join(arts, BENCH["name"]), [int(b) for b in args.batches.split(",")],
                  args.repeat)
     table = markdown(rows, torch.cuda.get_device_name())
@@ -282,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
         with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
             f.write(table + "\n")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

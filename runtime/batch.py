@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import numpy as np
 
@@ -60,6 +61,17 @@ def add_random_batch_args(parser) -> None:
 def batch_from_args(arch: dict, batch: int, args, seed: int):
     return random_batch(arch, batch, args.bag_size, seed, fixed=args.fixed_bags,
                         distribution=args.index_distribution, zipf_alpha=args.zipf_alpha)
+
+
+def write_raw_batch(directory: str, batch) -> None:
+    """A batch as the C++ runner (``dlrmc_run``) reads it: raw little-endian dense_x.bin
+    (float32 [B, D]), lS_o.bin (int64 [T, B]) and lS_i_0.bin .. (int64)."""
+    dense, offsets, indices = batch
+    os.makedirs(directory, exist_ok=True)
+    np.asarray(dense, "<f4").tofile(os.path.join(directory, "dense_x.bin"))
+    np.asarray(offsets, "<i8").tofile(os.path.join(directory, "lS_o.bin"))
+    for k, idx in enumerate(indices):
+        np.asarray(idx, "<i8").tofile(os.path.join(directory, f"lS_i_{k}.bin"))
 
 
 def load_npz(path: str, num_tables: int):

@@ -70,3 +70,41 @@ def compiled(tmp_path_factory):
 
 
 TINY = Arch(4, (10, 7, 5), (6, 8, 4), (5, 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_cuda_artifact(tmp_path_factory):
+    """The tiny preset built for ``cuda -arch=sm_90`` with bucket 4 (needs nvcc, not a GPU)."""
+    import shutil
+
+    from dlrmc.frontend.arch import PRESETS
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed")
+    path = tmp_path_factory.mktemp("cuda") / "tiny"
+    compile_model(DLRM(PRESETS["tiny"], seed=1).eval(), PRESETS["tiny"], "cuda -arch=sm_90",
+                  str(path), log=lambda _: None, buckets=(4,))
+    return path
+
+
+@pytest.fixture(scope="session")
+def stub_libcuda(tmp_path_factory) -> str:
+    """A folder holding a libcuda.so.1 whose driver calls (those TVM's CUDA runtime links) all
+    fail with "no device": on LD_LIBRARY_PATH, TVM's CUDA runtime loads where no driver
+    exists, so its CUDA module loader can read an artifact."""
+    import os
+    import re
+    import shutil
+    import subprocess
+
+    import tvm
+    lib = os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so")
+    if not (os.path.isfile(lib) and shutil.which("gcc") and shutil.which("nm")):
+        pytest.skip("needs TVM's CUDA runtime, gcc and nm")
+    folder = tmp_path_factory.mktemp("stub-libcuda")
+    nm = subprocess.run(["nm", "-D", "--undefined-only", lib], capture_output=True, text=True)
+    symbols = sorted(set(re.findall(r"\bU (cu[A-Z]\w*)", nm.stdout)))
+    (folder / "stub.c").write_text("".join(f"int {name}(void) {{ return 100; }}\n"
+                                           for name in symbols))
+    subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o",
+                    str(folder / "libcuda.so.1"), str(folder / "stub.c")], check=True)
+    return str(folder)

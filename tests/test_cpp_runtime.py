@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from dlrmc.compiler.build import compile_model
-from dlrmc.frontend.arch import Arch
+from dlrmc.frontend.arch import PRESETS, Arch
 from dlrmc.frontend.model import DLRM
-from dlrmc.runtime.batch import random_batch
+from dlrmc.runtime.batch import random_batch, write_raw_batch
 
 SOURCE = os.path.join(os.path.dirname(__file__), "..", "runtime", "cpp")
 ARM_LIBS = os.environ.get("DLRMC_AARCH64_TVM_LIBS",
@@ -44,15 +44,6 @@ def model():
     return DLRM(ARCH, seed=11).eval()
 
 
-def _write_batch(directory, batch) -> None:
-    dense, offsets, indices = batch
-    os.makedirs(directory, exist_ok=True)
-    dense.astype(np.float32).tofile(os.path.join(directory, "dense_x.bin"))
-    offsets.astype(np.int64).tofile(os.path.join(directory, "lS_o.bin"))
-    for k, idx in enumerate(indices):
-        idx.astype(np.int64).tofile(os.path.join(directory, f"lS_i_{k}.bin"))
-
-
 def _run(cmd, artifact, batch_dir, env=None):
     return subprocess.run([*cmd, str(artifact), str(batch_dir)], capture_output=True, text=True,
                           timeout=600, env=env)
@@ -61,7 +52,7 @@ def _run(cmd, artifact, batch_dir, env=None):
 def _check_against_pytorch(cmd, artifact, model, tmp_path, env=None) -> None:
     for size in (1, 3, 4, 13, 40):        # bucket 4 exact, padded (3), split (13, 40), main (1)
         batch = random_batch(ARCH.to_dict(), size, bag_size=3, seed=size)
-        _write_batch(tmp_path / f"b{size}", batch)
+        write_raw_batch(tmp_path / f"b{size}", batch)
         res = _run(cmd, artifact, tmp_path / f"b{size}", env)
         assert res.returncode == 0, res.stderr
         got = np.array([float(v) for v in res.stdout.split()], np.float32)
@@ -93,7 +84,7 @@ def test_native_runner_rejects_bad_input_and_artifacts(native, model, tmp_path):
         "dense": (dense[:, :5], offsets, indices, "dense_x"),
     }
     for name, (d, o, i, message) in cases.items():
-        _write_batch(tmp_path / name, (d, o, i))
+        write_raw_batch(tmp_path / name, (d, o, i))
         res = _run([native], art, tmp_path / name)
         assert res.returncode == 2 and message in res.stderr, (name, res.stderr)
     manifest = json.loads((art / "manifest.json").read_text())
@@ -106,6 +97,34 @@ def test_native_runner_rejects_bad_input_and_artifacts(native, model, tmp_path):
     assert res.returncode == 2 and "corrupt" in res.stderr
     res = _run([native], tmp_path / "nowhere", tmp_path / "index")
     assert res.returncode == 2 and "cannot read" in res.stderr
+
+
+def test_native_runner_refuses_a_cuda_artifact_without_a_gpu(native, tiny_cuda_artifact,
+                                                            stub_libcuda, tmp_path):
+    """Where no GPU is, the C++ runner says why a CUDA artifact cannot run: no driver (TVM's
+    CUDA runtime does not load), or a driver that finds no GPU (stubbed)."""
+    import tvm
+    if tvm.cuda(0).exist:
+        pytest.skip("a GPU is here")
+    write_raw_batch(tmp_path / "b", random_batch(PRESETS["tiny"].to_dict(), 2))
+    expected = f"{tiny_cuda_artifact} was built for CUDA (sm_90) and cannot run here: "
+    res = _run([native], tiny_cuda_artifact, tmp_path / "b")
+    assert res.returncode == 2 and expected in res.stderr, res.stderr
+    res = _run([native], tiny_cuda_artifact, tmp_path / "b", env=dict(
+        os.environ, LD_LIBRARY_PATH=stub_libcuda + os.pathsep + os.environ.get(
+            "LD_LIBRARY_PATH", "")))
+    assert res.returncode == 2 and expected + "no CUDA GPU found" in res.stderr, res.stderr
+
+
+@pytest.mark.gpu
+def test_native_runner_runs_a_cuda_artifact(native, model, tmp_path):
+    import tvm
+    if not tvm.cuda(0).exist:
+        pytest.skip("no CUDA GPU")
+    major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+    compile_model(model, ARCH, f"cuda -arch=sm_{major}{minor}", str(tmp_path / "gpu"),
+                  log=lambda _: None, buckets=(4, 8))
+    _check_against_pytorch([native], tmp_path / "gpu", model, tmp_path)
 
 
 def _arm_tools():

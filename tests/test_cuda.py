@@ -84,21 +84,6 @@ def test_cuda_artifact_is_refused_without_a_gpu(tmp_path):
         load(str(tmp_path / "a"))
 
 
-def _stub_libcuda(folder) -> str:
-    """A libcuda.so.1 whose driver calls (those TVM's CUDA runtime links) all fail with "no
-    device": with it TVM's own CUDA module loader reads an artifact where no driver exists."""
-    lib = os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so")
-    if not (os.path.isfile(lib) and shutil.which("gcc") and shutil.which("nm")):
-        pytest.skip("needs TVM's CUDA runtime, gcc and nm")
-    nm = subprocess.run(["nm", "-D", "--undefined-only", lib], capture_output=True, text=True)
-    symbols = sorted({m for m in re.findall(r"\bU (cu[A-Z]\w*)", nm.stdout)})
-    src = folder / "stub.c"
-    src.write_text("".join(f"int {name}(void) {{ return 100; }}\n" for name in symbols))
-    subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o",
-                    str(folder / "libcuda.so.1"), str(src)], check=True)
-    return str(folder)
-
-
 LOADER_PROBE = """
 import json, sys, tvm
 from dlrmc.runtime.model import cuda_unavailable
@@ -115,23 +100,18 @@ print(json.dumps({"reason": reason, "modules": len(cuda),
 """
 
 
-@needs_nvcc
-def test_cuda_artifact_loads_through_tvms_cuda_loader(tmp_path):
+def test_cuda_artifact_loads_through_tvms_cuda_loader(tiny_cuda_artifact, stub_libcuda):
     """The device code we repack (a fatbin in place of CUDA source) is read by TVM's own CUDA
     module loader: loading the artifact's library gives one CUDA module that implements
     every kernel of the fatbin, ours among them. The driver is stubbed out, so this runs
     without a GPU; only the launch is left to the GPU check."""
     if tvm.cuda(0).exist:
         pytest.skip("a GPU is here: test_cuda_artifact_matches_pytorch runs the artifact")
-    stub = _stub_libcuda(tmp_path)
-    model = DLRM(PRESETS["tiny"], seed=1).eval()
-    compile_model(model, model.arch, "cuda -arch=sm_90", str(tmp_path / "a"),
-                  log=lambda _: None, buckets=(4,))
-    library = tmp_path / "a" / "model.so"
+    library = tiny_cuda_artifact / "model.so"
     kernels = sorted(set(re.findall(rb"\.nv\.info\.(\w+)", library.read_bytes())))
     kernels = [k.decode() for k in kernels]
     assert {"embedding_bags_4_b4_kernel", "dot_interaction_gpu_kernel"} <= set(kernels)
-    env = dict(os.environ, LD_LIBRARY_PATH=stub + os.pathsep + os.environ.get(
+    env = dict(os.environ, LD_LIBRARY_PATH=stub_libcuda + os.pathsep + os.environ.get(
         "LD_LIBRARY_PATH", ""))
     res = subprocess.run([sys.executable, "-c", LOADER_PROBE, str(library),
                           json.dumps(kernels + ["no_such_kernel"])],
@@ -147,8 +127,11 @@ def test_cuda_artifact_loads_through_tvms_cuda_loader(tmp_path):
 def test_gpu_check_bundle_rehearsed_on_the_cpu(tmp_path):
     """The GPU check's bundle, built for the CPU, runs through scripts/gpu_check.sh exactly as
     on the GPU machine: TVM's runtime alone (the bundle's copy, without libtvm_compiler.so),
-    dlrmc's code from the bundle, the kernels' library against the oracles and the artifact
-    (weights remade from the seed) against PyTorch."""
+    dlrmc's code from the bundle, the kernels' library against the oracles, the C++ runner
+    built there against the bundle's runtime, and the artifact (weights remade from the seed)
+    run by both runtimes against PyTorch."""
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
     bundle = tmp_path / "bundle"
     gpu.prepare(str(bundle), "llvm", python=None, models=(gpu.CHECK,))
     assert not list(bundle.rglob("libtvm_compiler.so"))
@@ -160,7 +143,9 @@ def test_gpu_check_bundle_rehearsed_on_the_cpu(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"from {bundle / 'site' / 'tvm'}: runtime only" in res.stdout
     assert f"kernels: {len(gpu_kernels.CASES)} cases match the numpy oracles on cpu" in res.stdout
-    assert "check tiny: matches PyTorch eager on cpu" in res.stdout
+    assert "C++ runner: built" in res.stdout
+    assert ("check tiny: the Python runtime and the C++ runner match PyTorch eager on cpu"
+            in res.stdout)
     assert (tmp_path / "out" / "gpu_check.log").read_text() == res.stdout
 
 

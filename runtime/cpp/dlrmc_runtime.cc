@@ -12,6 +12,7 @@
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
 
+#include <dlfcn.h>
 #include <sys/utsname.h>
 
 #include <algorithm>
@@ -74,25 +75,49 @@ std::vector<int64_t> Ints(const json::Value& v, const std::string& what) {
   return out;
 }
 
-/*! \brief Host memory on a 64-byte boundary, as TVM's kernels assume. */
-struct AlignedAlloc {
-  void AllocData(DLTensor* t) {
-    size_t bytes = (ffi::GetDataSize(*t) + 63) / 64 * 64;
-    t->data = std::aligned_alloc(64, bytes ? bytes : 64);
-  }
-  void FreeData(DLTensor* t) { std::free(t->data); }
-};
+/*! \brief TVM runtime's global function ``name`` (the wheel ships no runtime headers beyond
+ *  tvm-ffi's, so tensors on a device are made and copied through these, as TVM's Python does). */
+ffi::Function Global(const char* name) {
+  auto f = ffi::Function::GetGlobal(name);
+  if (!f.has_value()) throw Error(std::string("the TVM runtime lacks ") + name);
+  return *f;
+}
 
-Tensor Make(const std::vector<int64_t>& shape, DLDataType dtype, const void* data, size_t bytes) {
-  Tensor t = Tensor::FromNDAlloc(AlignedAlloc(), ffi::Shape(shape), dtype, DLDevice{kDLCPU, 0});
-  if (bytes) std::memcpy(t.data_ptr(), data, bytes);
+/*! \brief A tensor on ``dev`` holding ``bytes`` of host ``data``. */
+Tensor Make(const std::vector<int64_t>& shape, DLDataType dtype, const void* data, size_t bytes,
+            DLDevice dev) {
+  static const ffi::Function alloc = Global("runtime.TVMTensorAllocWithScope");
+  static const ffi::Function copy = Global("runtime.TVMTensorCopyFromBytes");
+  Tensor t = alloc(ffi::Shape(shape), dtype, dev, ffi::Optional<ffi::String>()).cast<Tensor>();
+  if (bytes) copy(t, const_cast<void*>(data), static_cast<int64_t>(bytes));
   return t;
+}
+
+/*! \brief Why no CUDA artifact can run here, or "" (as dlrmc.runtime.model.cuda_unavailable):
+ *  loads TVM's CUDA runtime, a sidecar library beside libtvm_runtime.so, when not loaded. */
+std::string CudaUnavailable() {
+  if (!ffi::Function::GetGlobal("device_api.cuda").has_value()) {
+    std::string lib = "libtvm_runtime_cuda.so";
+    if (!dlopen(lib.c_str(), RTLD_NOW | RTLD_GLOBAL)) {
+      std::string first = dlerror();
+#ifdef DLRMC_TVM_LIB_DIR
+      lib = std::string(DLRMC_TVM_LIB_DIR) + "/" + lib;
+      if (!dlopen(lib.c_str(), RTLD_NOW | RTLD_GLOBAL))
+#endif
+        return "TVM's CUDA runtime (libtvm_runtime_cuda.so) does not load: " + first;
+    }
+  }
+  constexpr int kExist = 0;  // TVM's DeviceAttrKind
+  bool exist = Global("runtime.GetDeviceAttr")(static_cast<int>(kDLCUDA), 0, kExist)
+                   .cast<int64_t>() != 0;
+  return exist ? "" : "no CUDA GPU found";
 }
 
 }  // namespace
 
 struct Model::Impl {
   std::string dir;
+  DLDevice dev{kDLCPU, 0};
   int64_t num_dense = 0;
   std::vector<int64_t> rows;
   ffi::Optional<ffi::Module> vm;  // set by the constructor
@@ -119,9 +144,18 @@ Model::Model(const std::string& artifact_dir) : impl_(new Impl) {
   json::Object target = Obj(Get(man, "target"), "target");
   json::Object resolved = Obj(Get(target, "resolved"), "target.resolved");
   std::string kind = Str(Get(resolved, "kind"), "target kind");
-  if (kind != "llvm")
-    throw Error(artifact_dir + " was built for " + kind + "; this runner runs CPU artifacts");
   json::Object requires = Obj(Get(target, "requires"), "target.requires");
+  if (kind == "cuda") {
+    auto arch_it = requires.find(ffi::String("cuda_arch"));
+    std::string arch = arch_it == requires.end() ? "?" : Str((*arch_it).second, "cuda_arch");
+    std::string why = CudaUnavailable();
+    if (!why.empty())
+      throw Error(artifact_dir + " was built for CUDA (" + arch + ") and cannot run here: " + why);
+    m.dev = DLDevice{kDLCUDA, 0};
+  } else if (kind != "llvm") {
+    throw Error(artifact_dir + " was built for " + kind + "; this runner runs llvm and cuda "
+                "artifacts");
+  }
   auto machine_it = requires.find(ffi::String("machine"));
   if (machine_it != requires.end()) {
     std::string want = Str((*machine_it).second, "machine");
@@ -144,7 +178,12 @@ Model::Model(const std::string& artifact_dir) : impl_(new Impl) {
     ffi::Module exec = ffi::Module::LoadFromFile(lib);
     ffi::Module vm = exec->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
     m.vm = vm;
-    vm->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, kPooledAllocator);
+    ffi::Function init = vm->GetFunction("vm_initialization").value();
+    if (m.dev.device_type == kDLCPU)
+      init(static_cast<int>(kDLCPU), 0, kPooledAllocator);
+    else  // the GPU, then the host for the VM's shape computations
+      init(static_cast<int>(m.dev.device_type), m.dev.device_id, kPooledAllocator,
+           static_cast<int>(kDLCPU), 0, kPooledAllocator);
     m.main = vm->GetFunction(Str(Get(man, "entry"), "entry")).value();
     json::Object buckets = Obj(Get(man, "buckets"), "buckets");
     for (const auto& kv : buckets) {
@@ -167,7 +206,7 @@ Model::Model(const std::string& artifact_dir) : impl_(new Impl) {
     if (off < 0 || n < 0 || static_cast<size_t>(off + n) > blob.size())
       throw Error("weights.bin is shorter than the manifest says (corrupt artifact)");
     DLDataType dtype = ffi::StringToDLDataType(Str(Get(spec, "dtype"), "dtype"));
-    raw.push_back(Make(Ints(Get(spec, "shape"), "shape"), dtype, blob.data() + off, n));
+    raw.push_back(Make(Ints(Get(spec, "shape"), "shape"), dtype, blob.data() + off, n, m.dev));
   }
   ffi::Function transform = m.vm.value()->GetFunction(Str(Get(man, "transform_params"),
                                                   "transform_params")).value();
@@ -194,12 +233,12 @@ std::vector<float> Model::Impl::Run(const ffi::Function& fn, int64_t b, const fl
   for (const auto& o : off) flat_off.insert(flat_off.end(), o.begin(), o.end());
   std::vector<ffi::Any> args;
   args.push_back(Make({b, num_dense}, DLDataType{kDLFloat, 32, 1}, dense,
-                      sizeof(float) * b * num_dense));
+                      sizeof(float) * b * num_dense, dev));
   args.push_back(Make({T, b}, DLDataType{kDLInt, 64, 1}, flat_off.data(),
-                      sizeof(int64_t) * flat_off.size()));
+                      sizeof(int64_t) * flat_off.size(), dev));
   for (const auto& i : idx)
     args.push_back(Make({static_cast<int64_t>(i.size())}, DLDataType{kDLInt, 64, 1}, i.data(),
-                        sizeof(int64_t) * i.size()));
+                        sizeof(int64_t) * i.size(), dev));
   for (const auto& w : weights) args.push_back(w);
   std::vector<ffi::AnyView> views(args.begin(), args.end());
   ffi::Any result;
@@ -207,8 +246,10 @@ std::vector<float> Model::Impl::Run(const ffi::Function& fn, int64_t b, const fl
   Tensor out = result.cast<Tensor>();
   if (out.numel() != b) throw Error("the model returned " + std::to_string(out.numel()) +
                                     " values for a batch of " + std::to_string(b));
-  const float* p = static_cast<const float*>(out.data_ptr());
-  return std::vector<float>(p, p + b);
+  static const ffi::Function to_host = Global("runtime.TVMTensorCopyToBytes");
+  std::vector<float> host(b);
+  to_host(out, static_cast<void*>(host.data()), static_cast<int64_t>(sizeof(float) * b));
+  return host;   // from the GPU too: the copy waits for it
 }
 
 std::vector<float> Model::Predict(const Batch& in) const {

@@ -8,6 +8,10 @@
  * offsets that start at 0, never decrease and stay within the indices, every index inside its
  * table) and the same batch plan (static-batch buckets, padding at most 25%, splitting above
  * the largest bucket, the any-batch entry otherwise).
+ *
+ * CUDA artifacts run on the first GPU: TVM's CUDA runtime (libtvm_runtime_cuda.so, beside
+ * libtvm_runtime.so) is loaded when one is opened; inputs are copied to the GPU and the
+ * predictions back. Without a driver or GPU the constructor throws Error saying which.
  */
 #ifndef DLRMC_RUNTIME_H_
 #define DLRMC_RUNTIME_H_
