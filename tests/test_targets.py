@@ -15,7 +15,10 @@ from dlrmc.targets import TargetError, parse_target
      {"mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-n1", "mattr": ["+neon"]}),
     ("llvm -mtriple=aarch64-linux-gnu -mcpu=neoverse-v1 -mattr=+neon,+sve", "llvm",
      {"mcpu": "neoverse-v1", "mattr": ["+neon", "+sve"]}),
-    ("cuda -arch=sm_90", "cuda", {"arch": "sm_90"}),
+    ("cuda -arch=sm_90", "cuda", {"arch": "sm_90", "max_shared_memory_per_block": 49152,
+                                  "max_threads_per_block": 1024}),
+    ("cuda -arch=sm_80 -max_shared_memory_per_block=1000", "cuda",
+     {"arch": "sm_80", "max_shared_memory_per_block": 1000, "registers_per_block": 65536}),
     ("nvidia/nvidia-h100", "cuda", {"arch": "sm_90a"}),
     ("llvm", "llvm", {}),
 ])
