@@ -89,6 +89,37 @@ class BagArgs:
             b + 1 < self.B, self.offset(j, T.min(b + 1, self.B - 1)), self.ns[j])
 
 
+def bag_start(mode: str):
+    """A bag's accumulator before its first row: the lowest float32 for max, else 0."""
+    return T.float32(-3.4028234663852886e38) if mode == "max" else T.float32(0)
+
+
+def bag_step(mode: str, acc, value, weight=None):
+    """The accumulator after one more row ``value`` (times ``weight``, weighted bags)."""
+    if mode == "max":
+        return T.max(acc, value)
+    return acc + (value * weight if weight is not None else value)
+
+
+def bag_result(mode: str, acc, count):
+    """A bag's output from its accumulator and row count: an empty bag gives 0."""
+    if mode == "mean":
+        return T.if_then_else(count > T.int64(0), acc / T.Cast("float32", count), T.float32(0))
+    if mode == "max":
+        return T.if_then_else(count > T.int64(0), acc, T.float32(0))
+    return acc
+
+
+def unless_padding(row, pad: int | None, body) -> None:
+    """Emit ``body()``, guarded to skip rows equal to ``pad`` when there is one."""
+    if pad is None:
+        body()
+    else:
+        with T.If(row != pad):
+            with T.Then():
+                body()
+
+
 PARALLEL_MIN_BAGS = 256   # bags (all tables) below which one thread does the work
 CHUNK = 64                # bags per work item
 
@@ -118,8 +149,7 @@ def embedding_bags_kernel(
     check_bag_config(mode, weighted, offset_rows, include_last_offset)
     D = int(dim)
     tables = len(offset_rows) if offset_rows is not None else 1
-    is_max, is_mean = mode == "max", mode == "mean"
-    counted = is_max or is_mean
+    counted = mode in ("max", "mean")
     pad = int(padding_idx) if padding_idx is not None and padding_idx >= 0 else None
     with IRBuilder() as ib:
         with T.prim_func(private=True, s_tir=True):
@@ -153,8 +183,7 @@ def embedding_bags_kernel(
                 with T.serial(count) as s:
                     b = first + s
                     with T.vectorized(D) as d:
-                        T.buffer_store(acc, T.float32(-3.4028234663852886e38) if is_max
-                                       else T.float32(0), [d])
+                        T.buffer_store(acc, bag_start(mode), [d])
                     T.buffer_store(cnt, T.int64(0), [0])
                     begin, end = args.bounds(j, b)
                     with T.serial(end - begin) as p:
@@ -177,29 +206,13 @@ def embedding_bags_kernel(
                             if counted:
                                 T.buffer_store(cnt, cnt[0] + T.int64(1), [0])
                             with T.vectorized(D) as d:
-                                if is_max:
-                                    v = T.max(acc[d], value(j, row, d))
-                                elif weighted:
-                                    v = acc[d] + value(j, row, d) * S[j][begin + p]
-                                else:
-                                    v = acc[d] + value(j, row, d)
-                                T.buffer_store(acc, v, [d])
+                                T.buffer_store(acc, bag_step(
+                                    mode, acc[d], value(j, row, d),
+                                    S[j][begin + p] if weighted else None), [d])
 
-                        if pad is None:
-                            accumulate()
-                        else:
-                            with T.If(row != pad):
-                                with T.Then():
-                                    accumulate()
+                        unless_padding(row, pad, accumulate)
                     with T.vectorized(D) as d:
-                        if is_mean:
-                            v = T.if_then_else(cnt[0] > T.int64(0),
-                                               acc[d] / T.Cast("float32", cnt[0]), T.float32(0))
-                        elif is_max:
-                            v = T.if_then_else(cnt[0] > T.int64(0), acc[d], T.float32(0))
-                        else:
-                            v = acc[d]
-                        T.buffer_store(R[j], v, [b, d])
+                        T.buffer_store(R[j], bag_result(mode, acc[d], cnt[0]), [b, d])
 
             def work(v):
                 T.reads(*[w[0:w.shape[0], 0:D] for w in W], *[i[0:i.shape[0]] for i in I],

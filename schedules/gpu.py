@@ -24,7 +24,8 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as T
 
 from .dense_lowp import round_to
-from .embedding_bag import BagArgs, check_bag_config
+from .embedding_bag import (BagArgs, bag_result, bag_start, bag_step, check_bag_config,
+                            unless_padding)
 from .interaction import output_width
 
 BLOCK = 128
@@ -50,7 +51,6 @@ def embedding_bags_gpu_kernel(dim: int, mode: str = "sum", weighted: bool = Fals
     tpb = min(32, D // vec)                       # threads per bag
     chunks = -(-D // (tpb * vec))                  # vectors per thread
     bags_per_block = max(BLOCK // tpb, 1)
-    is_max, is_mean = mode == "max", mode == "mean"
     pad = int(padding_idx) if padding_idx is not None and padding_idx >= 0 else None
     with IRBuilder() as ib:
         with T.prim_func(private=True, s_tir=True):
@@ -65,8 +65,7 @@ def embedding_bags_gpu_kernel(dim: int, mode: str = "sum", weighted: bool = Fals
                 acc = T.alloc_buffer((chunks * vec,), "float32", scope="local")
                 cnt = T.alloc_buffer((1,), "int64", scope="local")
                 with T.serial(chunks * vec) as v:
-                    T.buffer_store(acc, T.float32(-3.4028234663852886e38) if is_max
-                                   else T.float32(0), [v])
+                    T.buffer_store(acc, bag_start(mode), [v])
                 T.buffer_store(cnt, T.int64(0), [0])
                 with T.serial(end - begin) as p:
                     row = T.Cast("int64", I[j][begin + p])
@@ -78,34 +77,19 @@ def embedding_bags_gpu_kernel(dim: int, mode: str = "sum", weighted: bool = Fals
                             with T.If(base < D):
                                 with T.Then():
                                     with T.vectorized(vec) as v:
-                                        x = W[j][row, base + v]
-                                        cur = acc[c * vec + v]
-                                        if is_max:
-                                            new = T.max(cur, x)
-                                        elif weighted:
-                                            new = cur + x * S[j][begin + p]
-                                        else:
-                                            new = cur + x
-                                        T.buffer_store(acc, new, [c * vec + v])
+                                        T.buffer_store(acc, bag_step(
+                                            mode, acc[c * vec + v], W[j][row, base + v],
+                                            S[j][begin + p] if weighted else None),
+                                            [c * vec + v])
 
-                    if pad is None:
-                        accumulate()
-                    else:
-                        with T.If(row != pad):
-                            with T.Then():
-                                accumulate()
+                    unless_padding(row, pad, accumulate)
                 with T.serial(chunks) as c:
                     base = (c * tpb + lane) * vec
                     with T.If(base < D):
                         with T.Then():
                             with T.vectorized(vec) as v:
-                                a = acc[c * vec + v]
-                                if is_mean:
-                                    a = T.if_then_else(cnt[0] > 0, a / T.Cast("float32", cnt[0]),
-                                                       T.float32(0))
-                                elif is_max:
-                                    a = T.if_then_else(cnt[0] > 0, a, T.float32(0))
-                                T.buffer_store(R[j], a, [b, base + v])
+                                T.buffer_store(R[j], bag_result(mode, acc[c * vec + v], cnt[0]),
+                                               [b, base + v])
 
             total = B * tables
             with T.sblock("root"):   # Relax's op-pattern analysis expects a root block
