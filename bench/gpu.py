@@ -53,22 +53,17 @@ def prepare(out: str, target: str = "cuda -arch=sm_90", python: str | None = "3.
     import tvm
     import tvm_ffi
 
-    from ..compiler.build import compile_model
+    from ..compiler.build import compile_model, export_library
     from ..frontend.arch import Arch
     from ..frontend.model import DLRM
     from ..targets import parse_target
-    from ..targets.cuda import pack_imports
     from . import gpu_kernels
 
     tgt = parse_target(target)
     cuda = tgt.kind.name == "cuda"
     os.makedirs(out, exist_ok=True)
     kernels = gpu_kernels.build(tgt, bind=cuda)    # on a CPU, the same loops run serially
-    if cuda:
-        kernels.export_library(os.path.join(out, KERNELS),
-                               fpack_imports=pack_imports(str(tgt.attrs["arch"])))
-    else:
-        kernels.export_library(os.path.join(out, KERNELS))
+    export_library(kernels, tgt, os.path.join(out, KERNELS))
     for spec in models:
         arch = Arch.from_dict(spec["arch"])
         art = os.path.join(out, "artifacts", spec["name"])

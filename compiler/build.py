@@ -96,6 +96,15 @@ def build(lowered: Lowered, target: tvm.target.Target, tuning_log: str | None = 
     return tvm.compile(mod, target), summary
 
 
+def export_library(module, target: tvm.target.Target, path: str) -> None:
+    """Write a built ``module`` as the shared library ``path`` for ``target``: CUDA device
+    code compiled here by nvcc (not at load time), linked for the target's machine."""
+    if target.kind.name == "cuda":
+        module.export_library(path, fpack_imports=pack_imports(str(target.attrs["arch"])))
+    else:
+        module.export_library(path, fcompile=linker(target))   # None: this machine's g++
+
+
 def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_dir: str,
                   log: Callable[[str], None] = print, buckets=None,
                   tuning_log: str | None = None, emb_quant: str | None = None,
@@ -108,7 +117,7 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
     ``precision``: the dense layers' and interaction's type; ``mlp_quant`` "int8": int8 dense
     layers calibrated on ``calibration`` (batches of (dense_x, lS_o, [lS_i_k]))."""
     tgt = parse_target(target)
-    fcompile = linker(tgt)     # before the build: a missing cross compiler fails fast
+    linker(tgt)                # before the build: a missing cross compiler fails fast
     cuda_arch = str(tgt.attrs["arch"]) if tgt.kind.name == "cuda" else None
     if cuda_arch:
         nvcc_path()            # likewise a missing nvcc
@@ -141,13 +150,6 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
         "tuning_log": None if tuning_log is None else {
             "path": str(tuning_log), "tuned": summary["tuned"], "default": summary["default"]},
     }
-    if cuda_arch:   # device code compiled here by nvcc, not at load time
-        def export(path):
-            executable.export_library(path, fpack_imports=pack_imports(cuda_arch))
-    elif fcompile is not None:
-        def export(path):
-            executable.export_library(path, fcompile=fcompile)
-    else:
-        export = executable.export_library
-    return _stage(log, "write", write_artifact, out_dir, export,
+    return _stage(log, "write", write_artifact, out_dir,
+                  lambda path: export_library(executable, tgt, path),
                   zip(lowered.param_names, lowered.params), manifest)
