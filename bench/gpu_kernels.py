@@ -79,10 +79,10 @@ def _bag_data(c: dict, rng):
                for r, s in zip(rows, sizes)]
     psw = ([rng.standard_normal(len(i)).astype(np.float32) for i in indices]
            if c["weighted"] else [])
-    offsets = (starts[0] if c["last"] else starts[0, :-1]) if c["tables"] is None \
-        else starts[:, :-1]
-    want = [ref.embedding_bag(weights[k], indices[k], starts[k] if c["last"] else starts[k, :-1],
-                              c["mode"], psw[k] if c["weighted"] else None, c["last"], c["pad"])
+    bag_starts = starts if c["last"] else starts[:, :-1]     # the last end too, or not
+    offsets = bag_starts[0] if c["tables"] is None else bag_starts
+    want = [ref.embedding_bag(weights[k], indices[k], bag_starts[k], c["mode"],
+                              psw[k] if c["weighted"] else None, c["last"], c["pad"])
             for k in range(tables)]
     return (weights + indices + [offsets.astype(c["index_dtype"])] + psw, want)
 
