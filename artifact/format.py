@@ -1,30 +1,50 @@
 """The artifact directory: written here, read here, nowhere else.
 
-Layout (format version 1)::
+Layout (format version 2)::
 
     OUT_DIR/
-      model.so        the compiled Relax VM executable; weights are NOT inside it
-      weights.bin     every weight, raw little-endian, each starting at a 64-byte boundary
+      model.so         the compiled Relax VM executable; weights are NOT inside it
+      weights.bin      every weight, raw little-endian, each starting at a 64-byte boundary,
+                       in ``weights.tensors`` order with nothing else between them
       manifest.json
+      manifest.sha256  the sha256 of manifest.json, in ``sha256sum`` format
 
-``manifest.json`` fields:
+``manifest.json`` fields (every one checked by the reader, a bad one named in an
+``ArtifactError``):
 
-- ``format`` ("dlrmc-artifact") and ``format_version`` (checked by the reader);
+- ``format`` ("dlrmc-artifact") and ``format_version`` (an integer; another version is
+  refused with both versions named);
 - ``dlrmc_version``, ``tvm_version``;
-- ``arch``: the ``dlrmc.frontend.arch.Arch`` fields;
+- ``arch``: the ``dlrmc.frontend.arch.Arch`` fields, or null for a graph compiled through
+  the generic ONNX path (then ``generic``: ``{reason}`` and ``outputs`` like ``inputs``);
 - ``entry``: the VM function to call ("main"); ``transform_params``: the VM function that
   takes the list of weights in ``weights.tensors`` order and returns what ``entry`` takes
   after the ``inputs`` (packed dense weights, tables passed through); call it once at load;
+- ``buckets``: ``{batch: VM function}``, the static batch sizes compiled beside ``entry``;
+- ``emb_quant``, ``precision``, ``mlp_quant``: the numerics it was built with;
 - ``inputs``: ``[{name, dtype, shape}]``, a shape entry being an int or the name of a
   dynamic dim; ``dynamic_dims``: ``{name: [min, max or null]}``; ``output``: likewise;
 - ``target``: ``{"string": what the user gave, "resolved": TVM's full target as JSON,
-  "requires": {"machine": "x86_64", "cpu_flags": [/proc/cpuinfo flags the code uses]}}``;
+  "requires": {"machine": "x86_64", "cpu_flags": [/proc/cpuinfo flags the code uses]}}``
+  (a CUDA build: ``{"cuda_arch": "sm_90"}``);
 - ``weights``: ``{"file": "weights.bin", "tensors": [{name, dtype, shape, offset, nbytes}]}``;
-- ``files``: ``{file name: sha256}`` for model.so and weights.bin;
+- ``files``: ``{file name: {"sha256": hex digest, "bytes": size}}``: model.so and the weights
+  file, each a plain name inside the artifact;
 - ``tuning_log``: the tuning log's digest, or null when built with default schedules.
 
-The writer builds everything in a temporary sibling directory and renames it into place
-at the end, so a failed compile leaves nothing behind (and never a half-written artifact).
+What the reader guarantees (``read_manifest``): manifest.json matches manifest.sha256 (always;
+it is small), every field has its type, every file the loader reads is a plain regular file
+inside the artifact, listed in ``files`` with its size checked (always) and its sha256
+(``verify``), and the weight index is exactly the layout the writer writes. The digest file
+catches a manifest edited or damaged on its own; someone who rewrites both files on purpose
+is not stopped by it (sign the directory if that is the threat). Whether the weights fit the
+architecture is the DLRM runtime's check (``dlrmc.runtime.model``).
+
+The writer builds everything in a staging directory beside OUT_DIR and moves it into place at
+the end (``dlrmc.artifact.staging``), so a failed or killed compile never leaves a
+half-written artifact, and an existing one is replaced with no moment where none is there.
+Only an artifact (a directory holding a dlrmc manifest and nothing but its own files) or an
+empty directory is ever replaced.
 """
 
 from __future__ import annotations
@@ -34,14 +54,16 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from typing import Callable, Iterable
 
 import numpy as np
 
+from .staging import replace_dir, staging_dir
+
 FORMAT = "dlrmc-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest.sha256"
 LIBRARY = "model.so"
 WEIGHTS = "weights.bin"
 ALIGN = 64
@@ -79,94 +101,250 @@ def _write_weights(path: str, weights: Iterable[tuple[str, np.ndarray]]) -> tupl
     return index, h.hexdigest()
 
 
-def write_artifact(out_dir: str, export_library: Callable[[str], None],
-                   weights: Iterable[tuple[str, np.ndarray]], manifest: dict) -> dict:
-    """Write the artifact atomically; ``export_library(path)`` writes the .so. Returns the manifest.
+def _file_entry(path: str, digest: str | None = None) -> dict:
+    return {"sha256": digest or _sha256(path), "bytes": os.path.getsize(path)}
 
-    An existing ``out_dir`` is replaced only if it is empty or an artifact itself.
+
+def _write_manifest(directory: str, manifest: dict) -> None:
+    """manifest.json and its digest file."""
+    data = json.dumps(manifest, indent=1).encode()
+    with open(os.path.join(directory, MANIFEST), "wb") as f:
+        f.write(data)
+    with open(os.path.join(directory, MANIFEST_DIGEST), "w") as f:
+        f.write(f"{hashlib.sha256(data).hexdigest()}  {MANIFEST}\n")
+
+
+def _own_files(directory: str) -> set[str] | None:
+    """The names an artifact directory may hold, from its manifest; None if it is not one."""
+    try:
+        with open(os.path.join(directory, MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return None
+    files = manifest.get("files")
+    return {MANIFEST, MANIFEST_DIGEST} | (set(files) if isinstance(files, dict) else set())
+
+
+def _check_replaceable(out_dir: str) -> None:
+    if not os.path.lexists(out_dir):
+        return
+    if os.path.islink(out_dir) or not os.path.isdir(out_dir):
+        raise ArtifactError(f"{out_dir} exists and is not a directory; not overwriting it")
+    present = set(os.listdir(out_dir))
+    if not present:
+        return
+    own = _own_files(out_dir)
+    if own is None:
+        raise ArtifactError(f"{out_dir} exists and is not a dlrmc artifact; not overwriting it")
+    if present - own:
+        raise ArtifactError(f"{out_dir} is a dlrmc artifact but also holds "
+                            f"{', '.join(sorted(present - own))}; not overwriting it")
+
+
+def write_artifact(out_dir: str, export_library: Callable[[str, str], None],
+                   weights: Iterable[tuple[str, np.ndarray]], manifest: dict) -> dict:
+    """Write the artifact atomically; ``export_library(path, workspace)`` writes the .so,
+    keeping its intermediate files under the directory ``workspace``. Returns the manifest.
+
+    An existing ``out_dir`` is replaced only if it is empty or an artifact and nothing else.
     """
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and (
-            not os.listdir(out_dir) or os.path.isfile(os.path.join(out_dir, MANIFEST)))):
-        raise ArtifactError(f"{out_dir} exists and is not a dlrmc artifact; not overwriting it")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
+    _check_replaceable(out_dir)
+    tmp = staging_dir(out_dir)
     try:
-        os.chmod(tmp, 0o777 & ~umask)
+        workspace = os.path.join(tmp, ".build")
+        os.mkdir(workspace)
         # The library's code generation and the weights' write + hash overlap.
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            library = pool.submit(export_library, os.path.join(tmp, LIBRARY))
+            library = pool.submit(export_library, os.path.join(tmp, LIBRARY), workspace)
             index, weights_sha = _write_weights(os.path.join(tmp, WEIGHTS), weights)
             library.result()
+        shutil.rmtree(workspace)
         manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION)
         manifest["weights"] = {"file": WEIGHTS, "tensors": index}
-        manifest["files"] = {LIBRARY: _sha256(os.path.join(tmp, LIBRARY)), WEIGHTS: weights_sha}
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1)
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rename(out_dir, os.path.join(old, "a"))
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        manifest["files"] = {LIBRARY: _file_entry(os.path.join(tmp, LIBRARY)),
+                             WEIGHTS: _file_entry(os.path.join(tmp, WEIGHTS), weights_sha)}
+        _write_manifest(tmp, manifest)
+        _check_replaceable(out_dir)        # again: it may have changed during the build
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
 
 
+# --- reading ---------------------------------------------------------------------------------
+
+def _is(value, types) -> bool:
+    """isinstance, where an int is never a bool."""
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        return False
+    return isinstance(value, types)
+
+
+def _field(obj: dict, key: str, types, where: str):
+    if not isinstance(obj, dict) or key not in obj:
+        raise ArtifactError(f"{MANIFEST}: {where}{key} is missing")
+    value = obj[key]
+    if not _is(value, types):
+        names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise ArtifactError(f"{MANIFEST}: {where}{key} must be {names.replace('NoneType', 'null')}"
+                            f", got {json.dumps(value)[:80]}")
+    return value
+
+
+def _plain_name(name, what: str) -> str:
+    if not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name \
+            or "\\" in name or "\0" in name:
+        raise ArtifactError(f"{MANIFEST}: {what} {name!r} is not a plain file name inside the "
+                            "artifact")
+    return name
+
+
+def _check_fields(m: dict) -> None:
+    """Every field the readers use has its type (a wrong one is named, never a KeyError)."""
+    for key, types in [("entry", str), ("transform_params", (str, type(None))),
+                       ("inputs", list), ("buckets", dict), ("target", dict),
+                       ("arch", (dict, type(None))), ("weights", dict), ("files", dict)]:
+        _field(m, key, types, "")
+    target = m["target"]
+    _field(_field(target, "resolved", dict, "target."), "kind", str, "target.resolved.")
+    requires = _field(target, "requires", dict, "target.")
+    if "cpu_flags" in requires:
+        flags = _field(requires, "cpu_flags", list, "target.requires.")
+        if not all(isinstance(f, str) for f in flags):
+            raise ArtifactError(f"{MANIFEST}: target.requires.cpu_flags must be strings")
+    for key in ("machine", "cuda_arch"):
+        if key in requires:
+            _field(requires, key, str, "target.requires.")
+    for b, name in m["buckets"].items():
+        if not (b.isdigit() and int(b) > 0) or not isinstance(name, str):
+            raise ArtifactError(f"{MANIFEST}: buckets must map batch sizes to entry names, got "
+                                f"{b!r}: {name!r}")
+    for k, spec in enumerate(m["inputs"]):
+        _field(spec, "name", str, f"inputs[{k}].")
+        _field(spec, "dtype", str, f"inputs[{k}].")
+        _field(spec, "shape", list, f"inputs[{k}].")
+    if m["arch"] is not None:
+        arch = m["arch"]
+        for key in ("embedding_sizes", "mlp_bot", "mlp_top"):
+            values = _field(arch, key, list, "arch.")
+            if not values or not all(_is(v, int) and v >= 1 for v in values):
+                raise ArtifactError(f"{MANIFEST}: arch.{key} must be a list of positive "
+                                    f"integers, got {json.dumps(values)[:80]}")
+        _field(arch, "sparse_feature_size", int, "arch.")
+    for name, entry in m["files"].items():
+        _plain_name(name, "files entry")
+        _field(entry, "sha256", str, f"files.{name}.")
+        if _field(entry, "bytes", int, f"files.{name}.") < 0:
+            raise ArtifactError(f"{MANIFEST}: files.{name}.bytes is negative")
+
+
+def _check_weight_index(m: dict) -> None:
+    """The weight index is exactly what ``_write_weights`` lays out: each tensor at the next
+    aligned offset, its size its shape's, the file ending with the last one."""
+    spec = m["weights"]
+    wfile = _plain_name(_field(spec, "file", str, "weights."), "weights.file")
+    if wfile not in m["files"]:
+        raise ArtifactError(f"{MANIFEST}: weights.file {wfile!r} is not listed under files")
+    pos = 0
+    for k, t in enumerate(_field(spec, "tensors", list, "weights.")):
+        where = f"weights.tensors[{k}]."
+        name = _field(t, "name", str, where)
+        shape = _field(t, "shape", list, where)
+        if not all(_is(d, int) and d >= 0 for d in shape):
+            raise ArtifactError(f"{MANIFEST}: {name}: shape {shape} is not a list of sizes")
+        try:
+            dtype = np.dtype(_field(t, "dtype", str, where))
+        except TypeError:
+            dtype = None
+        if dtype is None or dtype.kind not in "fiub" or dtype.itemsize == 0:
+            raise ArtifactError(f"{MANIFEST}: {name}: unknown dtype {t['dtype']!r}")
+        pos += (-pos) % ALIGN
+        offset, nbytes = _field(t, "offset", int, where), _field(t, "nbytes", int, where)
+        if offset != pos:
+            raise ArtifactError(f"{MANIFEST}: {name} is at offset {offset} of {wfile}; the "
+                                f"layout puts it at {pos} (a tampered or corrupt index)")
+        if nbytes != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            raise ArtifactError(f"{MANIFEST}: {name} has {nbytes} bytes, its shape {shape} and "
+                                f"dtype {dtype} need {int(np.prod(shape)) * dtype.itemsize}")
+        pos += nbytes
+    if pos != m["files"][wfile]["bytes"]:
+        raise ArtifactError(f"{MANIFEST}: the weight index covers {pos} bytes, {wfile} is "
+                            f"listed with {m['files'][wfile]['bytes']}")
+
+
 def read_manifest(artifact_dir: str, verify: bool = True) -> dict:
-    """Read and check the manifest; with ``verify`` also every file's sha256."""
+    """Read and check the manifest (see the module docstring); with ``verify`` also every
+    file's sha256. Never returns a manifest a reader could trip over."""
     path = os.path.join(artifact_dir, MANIFEST)
     if not os.path.isdir(artifact_dir):
         raise ArtifactError(f"artifact directory {artifact_dir!r} does not exist")
     try:
-        with open(path) as f:
-            manifest = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
+        manifest = json.loads(raw)
     except FileNotFoundError:
         raise ArtifactError(f"{artifact_dir!r} is not a dlrmc artifact: {MANIFEST} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path} is corrupt: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a dlrmc artifact manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path} has format version {manifest.get('format_version')}; this "
-                            f"dlrmc reads version {FORMAT_VERSION}: recompile the model")
-    for name, digest in manifest.get("files", {}).items():
+    version = manifest.get("format_version")
+    if not _is(version, int) or version != FORMAT_VERSION:
+        raise ArtifactError(f"{path} has format version {json.dumps(version)}; this dlrmc reads "
+                            f"version {FORMAT_VERSION}: recompile the model with this dlrmc")
+    try:
+        with open(os.path.join(artifact_dir, MANIFEST_DIGEST)) as f:
+            recorded = f.read().split()
+    except FileNotFoundError:
+        raise ArtifactError(f"{artifact_dir}: {MANIFEST_DIGEST} is missing") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{artifact_dir}: cannot read {MANIFEST_DIGEST}: {e}") from None
+    if recorded[:1] != [hashlib.sha256(raw).hexdigest()]:
+        raise ArtifactError(f"{path} does not match {MANIFEST_DIGEST}: the manifest was "
+                            "changed or damaged after it was written")
+    _check_fields(manifest)
+    if LIBRARY not in manifest["files"]:
+        raise ArtifactError(f"{MANIFEST}: files does not list {LIBRARY}")
+    _check_weight_index(manifest)
+    for name, entry in manifest["files"].items():
         fpath = os.path.join(artifact_dir, name)
+        if os.path.islink(fpath):
+            raise ArtifactError(f"artifact file {fpath} is a symbolic link; artifacts hold "
+                                "plain files")
         if not os.path.isfile(fpath):
             raise ArtifactError(f"artifact file {fpath} is missing")
-        if verify and _sha256(fpath) != digest:
+        size = os.path.getsize(fpath)
+        if size != entry["bytes"]:
+            raise ArtifactError(f"artifact file {fpath} is {size} bytes, the manifest says "
+                                f"{entry['bytes']} (truncated or corrupt)")
+        if verify and _sha256(fpath) != entry["sha256"]:
             raise ArtifactError(f"artifact file {fpath} is corrupt (sha256 mismatch)")
     return manifest
 
 
 def read_weights(artifact_dir: str, manifest: dict) -> list[np.ndarray]:
-    """The weights mapped copy-on-write from weights.bin (64-byte aligned), in ``main``'s order."""
+    """The weights mapped copy-on-write from the weights file (64-byte aligned), in ``main``'s
+    order; ``manifest`` as ``read_manifest`` returned it (index and size already checked)."""
     spec = manifest["weights"]
     path = os.path.join(artifact_dir, spec["file"])
-    size = os.path.getsize(path)
     out = []
     for t in spec["tensors"]:
-        if t["offset"] + t["nbytes"] > size:
-            raise ArtifactError(f"{path} is truncated: {t['name']} ends past the end of the file")
         dtype = np.dtype(t["dtype"]).newbyteorder("<")
-        count = int(np.prod(t["shape"], dtype=np.int64))
-        if count * dtype.itemsize != t["nbytes"]:
-            raise ArtifactError(f"{MANIFEST}: {t['name']} has inconsistent size")
         out.append(np.memmap(path, dtype=dtype, mode="c", offset=t["offset"],
-                             shape=tuple(t["shape"])) if count else np.zeros(t["shape"], dtype))
+                             shape=tuple(t["shape"])) if t["nbytes"] else
+                   np.zeros(t["shape"], dtype))
     return out
 
 
 def replace_weights(artifact_dir: str, weights: dict) -> dict:
     """Write new values for every weight of an artifact (same names, dtypes and shapes as
-    its manifest lists; a retrained model, or weights made where the artifact is deployed)
-    into ``weights.bin``, atomically, and update the manifest's index and digest."""
+    its manifest lists; a retrained model, or weights made where the artifact is deployed),
+    replacing the artifact directory atomically (the library is hard-linked, not copied)."""
+    artifact_dir = os.path.abspath(artifact_dir)
     manifest = read_manifest(artifact_dir, verify=False)
     arrays = []
     for t in manifest["weights"]["tensors"]:
@@ -177,12 +355,18 @@ def replace_weights(artifact_dir: str, weights: dict) -> dict:
             raise ArtifactError(f"weight {t['name']!r}: expected {t['dtype']} {t['shape']}, got "
                                 f"{a.dtype} {list(a.shape)}")
         arrays.append((t["name"], a))
-    path = os.path.join(artifact_dir, manifest["weights"]["file"])
-    index, digest = _write_weights(path + ".tmp", arrays)
-    manifest["weights"]["tensors"] = index
-    manifest["files"][manifest["weights"]["file"]] = digest
-    with open(os.path.join(artifact_dir, MANIFEST + ".tmp"), "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(path + ".tmp", path)
-    os.replace(os.path.join(artifact_dir, MANIFEST + ".tmp"), os.path.join(artifact_dir, MANIFEST))
+    tmp = staging_dir(artifact_dir)
+    try:
+        wfile = manifest["weights"]["file"]
+        for name in manifest["files"]:
+            if name != wfile:
+                os.link(os.path.join(artifact_dir, name), os.path.join(tmp, name))
+        index, digest = _write_weights(os.path.join(tmp, wfile), arrays)
+        manifest["weights"]["tensors"] = index
+        manifest["files"][wfile] = _file_entry(os.path.join(tmp, wfile), digest)
+        _write_manifest(tmp, manifest)
+        replace_dir(tmp, artifact_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return manifest

@@ -66,7 +66,13 @@ def evaluate(runtime, data: ProcessedData, split: str, batch_size: int) -> dict:
             labels.append(y)
     ours, ref, y = np.concatenate(ours), np.concatenate(ref), np.concatenate(labels)
     return {"samples": len(y), "dlrmc": metrics(y, ours), "pytorch": metrics(y, ref),
-            "max_abs_diff": float(np.abs(ours - ref).max()) if len(y) else 0.0}
+            "max_abs_diff": float(np.abs(ours - ref).max()) if len(y) else 0.0,
+            "spread": float(np.ptp(ours)) if len(y) else 0.0}
+
+
+# Predictions that all lie within this of each other are constant: a model that learned
+# nothing (a diverged training run's saturated sigmoid, say).
+CONSTANT_SPREAD = 1e-4
 
 
 VARIANTS = {"fp32": {}, "int8-emb": {"emb_quant": "int8"}, "int4-emb": {"emb_quant": "int4"},
@@ -139,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         m = result[name]
         print(f"{name:<10} {m['auc']:>9.6f} {m['log_loss']:>9.6f} {m['accuracy'] * 100:>8.3f}%")
     print(f"max |dlrmc - PyTorch| prediction: {result['max_abs_diff']:.3g}")
+    if result["samples"] > 1 and result["spread"] < CONSTANT_SPREAD:
+        print(f"dlrm-eval: warning: the artifact's predictions are constant (all within "
+              f"{result['spread']:.2g} of each other): the model learned nothing; check how it "
+              "was trained", file=sys.stderr)
     return 0
 
 

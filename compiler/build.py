@@ -96,13 +96,16 @@ def build(lowered: Lowered, target: tvm.target.Target, tuning_log: str | None = 
     return tvm.compile(mod, target), summary
 
 
-def export_library(module, target: tvm.target.Target, path: str) -> None:
+def export_library(module, target: tvm.target.Target, path: str,
+                   workspace: str | None = None) -> None:
     """Write a built ``module`` as the shared library ``path`` for ``target``: CUDA device
-    code compiled here by nvcc (not at load time), linked for the target's machine."""
+    code compiled here by nvcc (not at load time), linked for the target's machine; the
+    object files go under ``workspace`` (default: a temporary directory)."""
     if target.kind.name == "cuda":
-        module.export_library(path, fpack_imports=pack_imports(str(target.attrs["arch"])))
-    else:
-        module.export_library(path, fcompile=linker(target))   # None: this machine's g++
+        module.export_library(path, fpack_imports=pack_imports(str(target.attrs["arch"])),
+                              workspace_dir=workspace)
+    else:   # fcompile None: this machine's g++
+        module.export_library(path, fcompile=linker(target), workspace_dir=workspace)
 
 
 def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_dir: str,
@@ -151,5 +154,5 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
             "path": str(tuning_log), "tuned": summary["tuned"], "default": summary["default"]},
     }
     return _stage(log, "write", write_artifact, out_dir,
-                  lambda path: export_library(executable, tgt, path),
+                  lambda path, workspace: export_library(executable, tgt, path, workspace),
                   zip(lowered.param_names, lowered.params), manifest)

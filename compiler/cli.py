@@ -126,15 +126,15 @@ def main(argv: list[str] | None = None) -> int:
                       precision=args.precision, mlp_quant=args.mlp_quant,
                       calibration=calibration)
         print(f"wrote {args.output}")
-        if args.check and parse_target(args.target).kind.name == "cuda":
-            from ..runtime.model import artifact_device
+        if args.check:
             from ..artifact import read_manifest
+            from ..runtime.model import artifact_device
             try:
                 artifact_device(args.output, read_manifest(args.output, verify=False))
-            except ArtifactError as e:      # a build machine without a GPU: the build stands
-                print(f"dlrm-compile: warning: --check skipped: {e}", file=sys.stderr)
+            except ArtifactError as e:   # built for another CPU or a GPU: the build stands
+                print(f"dlrm-compile: warning: --check skipped on this machine: {e}",
+                      file=sys.stderr)
                 return 0
-        if args.check:
             diff = check_artifact(model, args.output, args.check, args.seed)
             # reduced-precision builds are compared with the fp32 model: their error shows
             exact = args.emb_quant is None and args.precision == "fp32" and not args.mlp_quant

@@ -5,7 +5,10 @@ is captured again with ``torch.export`` at its example shapes and goes through t
 lowering and build as ``dlrm-compile``. Compiled modules are cached by graph code, weights,
 target and input shapes/dtypes; a new shape compiles once more, also when Dynamo has made
 the graph dynamic (its size inputs are fixed to each call's values). A graph dlrmc cannot lower
-(or inputs off the CPU) runs eagerly instead, with a warning naming the reason.
+(or inputs off the CPU) runs eagerly instead, with a warning naming the reason. A target
+whose code this CPU cannot run (``-mcpu=skylake-avx512`` on an AVX2-only CPU) is refused
+with the runtime's ``ArtifactError`` before anything is compiled: running it would die of
+SIGILL.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import tvm
 from tvm import relax
 
 from ..runtime import set_threads
-from ..runtime.model import to_tvm
-from ..targets import parse_target
+from ..runtime.model import check_cpu, to_tvm
+from ..targets import parse_target, requirements
 from .build import TRANSFORM_PARAMS, build
 from .lower import lower
 
@@ -85,6 +88,7 @@ def dlrmc_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None
     """Dynamo backend entry; ``options={"target": "llvm -mcpu=..."}`` (default: host CPU)."""
     target_text = (options or {}).get("target", "host")
     target = parse_target(target_text)
+    check_cpu(requirements(target))
     key = (gm.code, str(target), _weights_key(gm))
 
     def fallback(reason: str) -> Callable:

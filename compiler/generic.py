@@ -22,6 +22,7 @@ from ..artifact import write_artifact
 from ..frontend.onnx_import import OnnxImportError, graph_inputs
 from ..targets import parse_target, requirements, resolved
 from ..targets.toolchain import linker
+from .build import export_library
 
 
 def _value_info(v: onnx.ValueInfoProto) -> dict:
@@ -36,7 +37,7 @@ def compile_generic(model: onnx.ModelProto, target: str | None, out_dir: str, re
     """Compile ``model`` through TVM's Relax ONNX frontend into an artifact; ``reason``:
     why it is not a recognised DLRM (kept in the manifest)."""
     tgt = parse_target(target)
-    fcompile = linker(tgt)
+    linker(tgt)                # a missing cross compiler fails before the build
     try:
         mod = from_onnx(model, keep_params_in_input=True)
     except Exception as e:  # noqa: BLE001 - the frontend raises many types for what it lacks
@@ -65,6 +66,5 @@ def compile_generic(model: onnx.ModelProto, target: str | None, out_dir: str, re
                    "requires": requirements(tgt)},
         "tuning_log": None,
     }
-    export = (executable.export_library if fcompile is None else
-              lambda path: executable.export_library(path, fcompile=fcompile))
-    return write_artifact(out_dir, export, zip(names, params), manifest)
+    return write_artifact(out_dir, lambda path, workspace: export_library(
+        executable, tgt, path, workspace), zip(names, params), manifest)

@@ -92,6 +92,19 @@ class Arch:
     def ln_top(self) -> tuple[int, ...]:
         return (self.top_input_width,) + self.mlp_top
 
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every weight of the model by its state_dict name (``dlrmc.frontend.model``'s keys),
+        with its float32 shape."""
+        shapes = {f"emb_l.{k}.weight": (n, self.sparse_feature_size)
+                  for k, n in enumerate(self.embedding_sizes)}
+        if self.weighted_pooling == "learned":
+            shapes.update({f"v_W_l.{k}": (n,) for k, n in enumerate(self.embedding_sizes)})
+        for prefix, widths in (("bot_l", self.mlp_bot), ("top_l", self.ln_top)):
+            for i in range(len(widths) - 1):
+                shapes[f"{prefix}.{2 * i}.weight"] = (widths[i + 1], widths[i])
+                shapes[f"{prefix}.{2 * i}.bias"] = (widths[i + 1],)
+        return shapes
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

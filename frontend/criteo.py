@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
+
+from ..artifact.staging import staging_dir
 
 NUM_DENSE = 13
 NUM_CAT = 26
@@ -171,9 +172,7 @@ def preprocess(raw_path: str, out_path: str, max_ind_range: int | None = None,
     if max_ind_range is not None and max_ind_range < 1:
         raise ValueError(f"--max-ind-range must be positive, got {max_ind_range}")
     out_path = os.path.abspath(out_path)
-    parent = os.path.dirname(out_path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_path)}.tmp-", dir=parent)
+    tmp = staging_dir(out_path)      # also sweeps what a killed run left
     stats, columns = Stats(), _Columns(max_ind_range)
     try:
         arrays = {"X_int": _Growing(os.path.join(tmp, "X_int.npy"), NUM_DENSE, np.int32),

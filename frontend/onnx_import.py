@@ -44,6 +44,10 @@ from .model import DLRM
 
 REDUCE_MODES = {"ReduceSum": "sum", "ReduceMean": "mean", "ReduceMax": "max"}
 VERIFY_TOLERANCE = 1e-4
+# The check batch stays small whatever sizes the graph declares (a static batch of 10**6
+# would make it gigabytes); sizes above these are cut down to them.
+VERIFY_MAX_BATCH = 64
+VERIFY_MAX_COUNT = 256
 
 
 class OnnxImportError(ValueError):
@@ -272,18 +276,24 @@ def _bags(rng, batch: int, count: int) -> np.ndarray:
     return np.concatenate([[0], cuts]).astype(np.int64)
 
 
-def _verification_feed(model, arch: Arch, seed: int = 0) -> tuple[dict, tuple]:
-    """A small random batch in the ONNX graph's inputs and in our model's."""
+def _verification_feed(model, arch: Arch, seed: int = 0) -> tuple[dict, tuple, list[str]]:
+    """A small random batch in the ONNX graph's inputs and in our model's, and the static
+    sizes of the graph's inputs it had to cut (``VERIFY_MAX_BATCH``, ``VERIFY_MAX_COUNT``)."""
     rng = np.random.default_rng(seed)
     layout = input_layout(model, arch.num_tables)
     inputs = graph_inputs(model)
     t = arch.num_tables
+    cut: list[str] = []
 
-    def static(inp, axis):
+    def static(inp, axis, limit=VERIFY_MAX_COUNT):
         d = inp.type.tensor_type.shape.dim
-        return d[axis].dim_value if len(d) > axis and d[axis].HasField("dim_value") else None
+        size = d[axis].dim_value if len(d) > axis and d[axis].HasField("dim_value") else None
+        if size and size > limit:
+            cut.append(f"{inp.name} (dimension {axis} declared {size})")
+            return limit
+        return size
 
-    batch = static(inputs[0], 0) or 3
+    batch = static(inputs[0], 0, VERIFY_MAX_BATCH) or 3
     dense = rng.random((batch, arch.num_dense), dtype=np.float32)
     feed = {inputs[0].name: dense}
     if layout == "fixed":
@@ -291,7 +301,7 @@ def _verification_feed(model, arch: Arch, seed: int = 0) -> tuple[dict, tuple]:
         idx = [rng.integers(0, rows, (batch, bag)) for rows, bag in zip(arch.embedding_sizes, bags)]
         feed.update({inputs[1 + k].name: idx[k] for k in range(t)})
         offsets = np.stack([np.arange(batch) * bag for bag in bags]).astype(np.int64)
-        return feed, (dense, offsets, [i.reshape(-1) for i in idx])
+        return feed, (dense, offsets, [i.reshape(-1) for i in idx]), cut
     index_inputs = {"offsets": inputs[2:], "offset-lists": inputs[1 + t:]}.get(layout)
     if layout == "stacked":
         count = static(inputs[2], 1) or 2 * batch
@@ -309,7 +319,7 @@ def _verification_feed(model, arch: Arch, seed: int = 0) -> tuple[dict, tuple]:
     else:
         feed.update({inputs[1 + k].name: offsets[k] for k in range(t)})
         feed.update({i.name: idx for i, idx in zip(index_inputs, indices)})
-    return feed, (dense, offsets, indices)
+    return feed, (dense, offsets, indices), cut
 
 
 def _aten_op():
@@ -347,10 +357,16 @@ def verify(model: onnx.ModelProto, dlrm: DLRM) -> float:
     """Max |ONNX graph - rebuilt model| on a random batch; an error above the tolerance."""
     from onnx.reference import ReferenceEvaluator
 
-    feed, (dense, offsets, indices) = _verification_feed(model, dlrm.arch)
+    feed, (dense, offsets, indices), cut = _verification_feed(model, dlrm.arch)
     try:
         want = ReferenceEvaluator(model, new_ops=[_aten_op()]).run(None, feed)[0]
     except Exception as e:  # noqa: BLE001 - e.g. an ATen node the evaluator cannot run
+        if cut:
+            raise OnnxImportError(
+                f"the graph declares static sizes too large to check it with "
+                f"({'; '.join(cut)}) and does not run on a check batch of "
+                f"{len(dense)}: export it with a dynamic batch (torch.onnx.export's "
+                "dynamic_axes or dynamic_shapes)") from e
         raise NotADlrm(f"could not run the ONNX graph to check the rebuilt DLRM "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
     with torch.no_grad():

@@ -11,10 +11,12 @@ preset's MLPs and dimension).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 from .arch import PRESETS, add_arch_args, arch_from_fields, given_fields
@@ -22,9 +24,28 @@ from .dataset import ProcessedData
 from .model import DLRM
 
 
+# A test AUC below this after training is chance: the model learned nothing.
+CHANCE_AUC = 0.55
+# A training loss this many times that of always predicting the click rate has diverged
+# (saturated sigmoids give BCE losses in the tens and no gradient to recover).
+DIVERGED = 3.0
+
+
+class TrainingFailed(RuntimeError):
+    """Training that went wrong in a way no checkpoint should come of."""
+
+
+def base_rate_loss(positives: float, n: int) -> float:
+    """BCE of always predicting the observed click rate."""
+    p = min(max(positives / max(n, 1), 1e-6), 1 - 1e-6)
+    return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+
 def evaluate(model: DLRM, data: ProcessedData, split: str, batch_size: int) -> dict:
-    """BCE loss and accuracy (threshold 0.5) of ``model`` on ``split``."""
-    loss, correct, n = 0.0, 0, 0
+    """BCE loss, accuracy (threshold 0.5) and AUC of ``model`` on ``split``."""
+    from sklearn.metrics import roc_auc_score
+
+    loss, correct, n, preds, labels = 0.0, 0, 0, [], []
     with torch.no_grad():
         for dense, offsets, indices, y in data.batches(split, batch_size):
             p = model(torch.from_numpy(dense), torch.from_numpy(offsets),
@@ -33,7 +54,23 @@ def evaluate(model: DLRM, data: ProcessedData, split: str, batch_size: int) -> d
             loss += float(torch.nn.functional.binary_cross_entropy(p, t, reduction="sum"))
             correct += int(((p > 0.5).float() == t).sum())
             n += len(y)
-    return {"loss": loss / max(n, 1), "accuracy": correct / max(n, 1), "samples": n}
+            preds.append(p.numpy())
+            labels.append(y)
+    labels_all = np.concatenate(labels) if labels else np.zeros(0)
+    auc = (float(roc_auc_score(labels_all, np.concatenate(preds)))
+           if len(np.unique(labels_all)) == 2 else float("nan"))
+    return {"loss": loss / max(n, 1), "accuracy": correct / max(n, 1), "auc": auc, "samples": n}
+
+
+def check_progress(loss: float, positives: float, seen: int, lr: float) -> None:
+    """Stop a run whose loss is not finite or has diverged far above the base rate's."""
+    base = base_rate_loss(positives, seen)
+    hint = f"lower --learning-rate (now {lr:g}; adagrad: try 0.01)"
+    if not math.isfinite(loss):
+        raise TrainingFailed(f"the training loss is {loss}: {hint}")
+    if loss > DIVERGED * base:
+        raise TrainingFailed(f"training diverged: loss {loss:.3f}, where always predicting the "
+                             f"click rate gives {base:.3f} (the sigmoid saturated): {hint}")
 
 
 def save_checkpoint(path: str, model: DLRM, optimizer, epoch: int, nepochs: int, it: int,
@@ -84,8 +121,18 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = opt_cls(model.parameters(), lr=args.learning_rate)
     nbatches = data.num_batches("train", args.mini_batch_size)
     print(f"model: {arch.describe()}; {nbatches} batches per epoch", flush=True)
+    try:
+        train(args, model, optimizer, data, nbatches)
+    except TrainingFailed as e:
+        print(f"dlrm-train: error: {e}; no checkpoint written", file=sys.stderr)
+        return 1
+    return 0
+
+
+def train(args, model: DLRM, optimizer, data: ProcessedData, nbatches: int) -> None:
+    """The epochs, with the reference's progress lines; raises ``TrainingFailed``."""
     best, test = 0.0, None
-    it = 0
+    it, positives, labelled = 0, 0.0, 0
     for epoch in range(args.nepochs):
         model.train()
         t0, loss_sum, seen = time.perf_counter(), 0.0, 0
@@ -98,14 +145,17 @@ def main(argv: list[str] | None = None) -> int:
             loss.backward()
             optimizer.step()
             it += 1
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
             seen += len(y)
+            positives += float(y.sum())
+            labelled += len(y)
             last = j + 1 == nbatches
             if (j + 1) % args.print_freq == 0 or last:
                 ms = (time.perf_counter() - t0) * 1000 / (args.print_freq if not last
                                                            else (j % args.print_freq) + 1)
                 print(f"Finished training it {j + 1}/{nbatches} of epoch {epoch}, {ms:.2f} ms/it,"
                       f" loss {loss_sum / seen:.6f}", flush=True)
+                check_progress(loss_sum / seen, positives, labelled, args.learning_rate)
                 t0, loss_sum, seen = time.perf_counter(), 0.0, 0
             if (args.test_freq and (j + 1) % args.test_freq == 0) or last:
                 model.eval()
@@ -114,14 +164,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"Testing at - {j + 1}/{nbatches} of epoch {epoch},", flush=True)
                 print(f" loss {test['loss']:.6f}, accuracy {test['accuracy'] * 100:3.3f} %, "
                       f"best {best * 100:3.3f} %", flush=True)
+                print(f" auc {test['auc']:.4f}", flush=True)
                 model.train()
+        if test and test["auc"] < CHANCE_AUC:      # NaN (one class in the split): no verdict
+            raise TrainingFailed(
+                f"the model did not learn: test AUC {test['auc']:.4f} after epoch {epoch} "
+                f"(chance is 0.5); try another --learning-rate (now {args.learning_rate:g}) or "
+                "more data")
         if args.save_model:
             model.eval()
-            train = {"loss": float(loss), "accuracy": 0.0}
             save_checkpoint(args.save_model, model, optimizer, epoch, args.nepochs, it,
-                            nbatches, train, test)
+                            nbatches, {"loss": float(loss), "accuracy": 0.0}, test)
             print(f"saved {args.save_model}", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

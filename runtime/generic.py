@@ -7,12 +7,15 @@ count, dtype, rank and static sizes against them before any native code runs.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import tvm
 
 from ..artifact import ArtifactError, read_manifest, read_weights
-from .model import artifact_device, open_vm, set_threads, to_tvm
+from tvm.runtime.vm import VirtualMachine
+
+from .model import artifact_device, load_library, set_threads, to_tvm
 from .validate import InputError
 
 
@@ -27,8 +30,9 @@ class GenericModel:
         self.device = artifact_device(self.path, self.manifest)
         if self.device.dlpack_device_type() != tvm.cpu().dlpack_device_type():
             raise ArtifactError("generic ONNX artifacts run on the CPU only")
-        vm = open_vm(self.path, self.manifest, self.device)
+        vm = VirtualMachine(load_library(self.path), self.device)
         self._main = vm[self.manifest["entry"]]
+        self._lock = threading.Lock()
         self._weights = [tvm.runtime.tensor(w, self.device)
                          for w in read_weights(self.path, self.manifest)]
 
@@ -49,6 +53,8 @@ class GenericModel:
         return out
 
     def run(self, *arrays) -> list[np.ndarray]:
-        result = self._main(*to_tvm(self._check(arrays)), *self._weights)
+        args = to_tvm(self._check(arrays))
+        with self._lock:       # one VM: one call at a time
+            result = self._main(*args, *self._weights)
         items = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
         return [r.numpy() for r in items]

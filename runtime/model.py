@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Callable
 
@@ -11,6 +12,7 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 from ..artifact import LIBRARY, ArtifactError, read_manifest, read_weights
+from ..frontend.arch import Arch
 from .plan import pick, slice_batch
 from .validate import check_batch
 
@@ -66,8 +68,9 @@ def check_cpu(requires: dict, cpuinfo: str = "/proc/cpuinfo") -> None:
             flags |= set(line.split(":", 1)[1].split())
     missing = [f for f in requires.get("cpu_flags", []) if f not in flags]
     if flags and missing:
-        raise ArtifactError(f"the artifact needs CPU features this CPU lacks: {', '.join(missing)} "
-                            "(recompile with a --target for this CPU, e.g. the default host)")
+        raise ArtifactError(f"code for this target needs CPU features this CPU lacks: "
+                            f"{', '.join(missing)} (compile with a --target for this CPU, e.g. "
+                            "the default host, to run here)")
 
 
 def set_threads(threads: int | None = None) -> int:
@@ -157,17 +160,45 @@ def artifact_device(path: str, manifest: dict):
     return tvm.cpu()
 
 
-def open_vm(path: str, manifest: dict, device) -> VirtualMachine:
-    """The artifact's VM on ``device`` (``artifact_device``)."""
+def load_library(path: str) -> tvm.runtime.Module:
+    """The artifact's compiled library (checked by ``read_manifest`` first: a truncated file
+    must never reach the loader, which would die of SIGBUS)."""
     try:
-        lib = tvm.runtime.load_module(os.path.join(path, LIBRARY))
+        return tvm.runtime.load_module(os.path.join(path, LIBRARY))
     except Exception as e:  # noqa: BLE001 - dlopen failures surface as many types
         raise ArtifactError(f"cannot load {os.path.join(path, LIBRARY)}: {e}") from None
-    return VirtualMachine(lib, device)
+
+
+def check_weights(manifest: dict) -> None:
+    """The weight index against the manifest's architecture: exactly the model's weights,
+    every table with the rows the architecture (and so input validation) assumes, every
+    float32 weight of its shape. (A manifest whose ``arch`` says a table is larger than it
+    is would let out-of-range indices through to the gathers.)"""
+    try:
+        arch = Arch.from_dict(manifest["arch"])
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"manifest.json: arch is not a valid DLRM architecture: {e}") from None
+    want = arch.weight_shapes()
+    have = {t["name"]: t for t in manifest["weights"]["tensors"]}
+    odd = sorted(set(want) ^ set(have))
+    if odd:
+        raise ArtifactError(f"manifest.json: the weights do not match arch: "
+                            f"{', '.join(n + (' missing' if n in want else ' unexpected') for n in odd[:6])}")
+    for name, shape in want.items():
+        got = have[name]
+        rows_differ = name.startswith("emb_l.") and got["shape"][:1] != [shape[0]]
+        if rows_differ or (got["dtype"] == "float32" and tuple(got["shape"]) != shape):
+            raise ArtifactError(f"manifest.json: weight {name} is {got['dtype']} {got['shape']}; "
+                                f"arch says {list(shape)}")
 
 
 class CompiledDLRM:
-    """A loaded artifact. ``predict(dense_x, lS_o, lS_i)`` -> click probabilities [B, 1]."""
+    """A loaded artifact. ``predict(dense_x, lS_o, lS_i)`` -> click probabilities [B, 1].
+
+    ``predict`` may be called from many threads at once: each thread runs its own Relax VM
+    over the one library and the one copy of the weights (a VM keeps per-call state, its
+    registers and frames, so one VM cannot serve two calls at a time).
+    """
 
     def __init__(self, artifact_dir: str, verify: bool = True, mmap: bool = False,
                  threads: int | None = None):
@@ -178,18 +209,30 @@ class CompiledDLRM:
         if self.arch is None:
             raise ArtifactError(f"{self.path} is a generic (non-DLRM) artifact: load it with "
                                 "dlrmc.runtime.load, which gives a GenericModel")
+        check_weights(self.manifest)
         self.device = artifact_device(self.path, self.manifest)
-        self._vm = open_vm(self.path, self.manifest, self.device)
-        self._main = self._vm[self.manifest["entry"]]
-        self._buckets = {int(b): self._vm[name]
-                         for b, name in self.manifest.get("buckets", {}).items()}
+        self._library = load_library(self.path)
+        self._bucket_sizes = [int(b) for b in self.manifest["buckets"]]
+        self._local = threading.local()
+        vm = self._vm()
         # mmap: TVM reads the file's pages in place (fast load, memory shared between
         # processes, first touches fault pages in); else the weights are copied in at load.
         on_cpu = self.device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
         weights = [tvm.runtime.from_dlpack(w) if mmap and on_cpu
                    else tvm.runtime.tensor(w, self.device)
                    for w in read_weights(self.path, self.manifest)]
-        self._weights = list(self._vm[self.manifest["transform_params"]](weights))
+        self._weights = list(vm[self.manifest["transform_params"]](weights))
+
+    def _vm(self) -> VirtualMachine:
+        """This thread's VM; its entries are cached beside it."""
+        vm = getattr(self._local, "vm", None)
+        if vm is None:
+            set_threads(self.threads)      # TVM's worker pool is per calling thread
+            vm = self._local.vm = VirtualMachine(self._library, self.device)
+            self._local.main = vm[self.manifest["entry"]]
+            self._local.buckets = {int(b): vm[name]
+                                   for b, name in self.manifest["buckets"].items()}
+        return vm
 
     def _to_device(self, arrays: list[np.ndarray]) -> list:
         """Inputs for the entries: one host copy on the CPU; copies to the GPU otherwise."""
@@ -197,33 +240,39 @@ class CompiledDLRM:
             return to_tvm(arrays)
         return [tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for a in arrays]
 
+    def _entry(self, size: int):
+        """This thread's entry for a static batch ``size``, or ``main`` for 0."""
+        if getattr(self._local, "vm", None) is None:
+            self._vm()
+        return self._local.buckets[size] if size else self._local.main
+
     @property
     def num_tables(self) -> int:
         return len(self.arch["embedding_sizes"])
 
     @property
     def buckets(self) -> list[int]:
-        return sorted(self._buckets)
+        return sorted(self._bucket_sizes)
 
     def bind(self, dense_x, lS_o, lS_i) -> Callable[[], object]:
         """Validate a batch once and plan it over the entries (``dlrmc.runtime.plan``);
         return a call that runs it (what benchmarks time), giving a [B, 1] tensor or array."""
         dense, offsets, indices = check_batch(self.arch, dense_x, lS_o, lS_i)
         batch = dense.shape[0]
-        plan = pick(batch, self._buckets)
+        plan = pick(batch, self._bucket_sizes)
         if len(plan) == 1 and plan[0][1] in (0, batch):
-            fn = self._buckets[batch] if plan[0][1] else self._main
+            size = plan[0][1]
             args = self._to_device([dense, offsets, *indices])
-            return lambda: fn(*args, *self._weights)
+            return lambda: self._entry(size)(*args, *self._weights)
         calls, start = [], 0
         for rows, size in plan:
             piece = slice_batch(dense, offsets, indices, start, rows, size or rows)
-            calls.append((self._buckets[size] if size else self._main, rows,
-                          self._to_device([piece[0], piece[1], *piece[2]])))
+            calls.append((size, rows, self._to_device([piece[0], piece[1], *piece[2]])))
             start += rows
 
         def run():
-            outs = [fn(*args, *self._weights).numpy()[:rows] for fn, rows, args in calls]
+            outs = [self._entry(size)(*args, *self._weights).numpy()[:rows]
+                    for size, rows, args in calls]
             return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
         return run

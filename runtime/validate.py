@@ -2,8 +2,13 @@
 
 Everything is checked against the artifact's manifest: dtypes, ranks and shapes, offsets
 (start at 0, non-decreasing, within the table's index count) and every index inside its
-table. A bad index would make native code read arbitrary memory, so it is a ``ValueError``
-naming the table and position, never a crash or silent garbage.
+table, all compared as int64 (an unsigned value past int64's range is refused, never wrapped).
+A bad index would make native code read arbitrary memory, so it is a ``ValueError`` naming
+the table and position, never a crash or silent garbage.
+
+Dense features must be finite: a NaN or inf is refused with its row and column. (PyTorch
+would give NaN for such a row; the compiled ReLU, ``max(v, 0)``, would turn a NaN into a
+confident prediction, so the batch is refused instead of answered wrongly.)
 """
 
 from __future__ import annotations
@@ -15,11 +20,19 @@ class InputError(ValueError):
     """A batch that does not fit the artifact."""
 
 
+_INT64_MAX = np.iinfo(np.int64).max
+
+
 def _int_array(value, what: str) -> np.ndarray:
+    """``value`` as an int64 array; any integer dtype, an unsigned value above int64's range
+    refused with its position."""
     arr = np.asarray(value)
     if arr.dtype.kind not in "iu":  # np.issubdtype costs more than the model at batch 1
         raise InputError(f"{what} must be an integer array, got dtype {arr.dtype}")
-    return arr
+    if arr.dtype == np.uint64 and arr.size and arr.max() > _INT64_MAX:
+        pos = np.unravel_index(int(np.argmax(arr > _INT64_MAX)), arr.shape)
+        raise InputError(f"{what}[{', '.join(map(str, pos))}] = {arr[pos]} is beyond int64's range")
+    return arr.astype(np.int64, copy=False)
 
 
 def check_batch(arch: dict, dense_x, lS_o, lS_i) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
@@ -36,6 +49,10 @@ def check_batch(arch: dict, dense_x, lS_o, lS_i) -> tuple[np.ndarray, np.ndarray
         raise InputError(f"dense_x must have shape [batch >= 1, {num_dense}], got "
                          f"{list(dense.shape)}")
     batch = dense.shape[0]
+    finite = np.isfinite(dense)
+    if not finite.all():
+        r, c = divmod(int(np.argmin(finite)), num_dense)
+        raise InputError(f"dense_x[{r}, {c}] is {dense[r, c]}; dense features must be finite")
     offsets = _int_array(lS_o, "lS_o")
     if offsets.shape != (num_tables, batch):
         raise InputError(f"lS_o must have shape [{num_tables}, {batch}] (tables, batch), got "
@@ -51,7 +68,7 @@ def check_batch(arch: dict, dense_x, lS_o, lS_i) -> tuple[np.ndarray, np.ndarray
         idx = _int_array(idx, f"lS_i[{k}]")
         if idx.ndim != 1:
             raise InputError(f"lS_i[{k}] must be 1-D, got shape {list(idx.shape)}")
-        indices.append(np.ascontiguousarray(idx, dtype=np.int64))
+        indices.append(np.ascontiguousarray(idx))
     # All tables at once: a per-table loop of numpy calls costs more than the model at batch 1.
     lengths = np.array([len(i) for i in indices], np.int64)
     if (offsets[:, 0] != 0).any():
@@ -76,4 +93,4 @@ def check_batch(arch: dict, dense_x, lS_o, lS_i) -> tuple[np.ndarray, np.ndarray
         pos = p - int(lengths[:k].sum())
         raise InputError(f"lS_i[{k}][{pos}] = {flat[p]} is out of range for table {k} with "
                          f"{rows[k]} rows")
-    return (np.ascontiguousarray(dense), np.ascontiguousarray(offsets, dtype=np.int64), indices)
+    return np.ascontiguousarray(dense), np.ascontiguousarray(offsets), indices

@@ -71,6 +71,36 @@ def compiled(tmp_path_factory):
 
 TINY = Arch(4, (10, 7, 5), (6, 8, 4), (5, 1))
 
+# x86 targets from widest to narrowest: tests compile for any of them but run only what this
+# CPU can run (this project's machines differ: some have AVX-512, some only AVX2 + FMA).
+X86_TARGETS = ("llvm -mcpu=sapphirerapids", "llvm -mcpu=skylake-avx512", "llvm -mcpu=haswell")
+
+
+def host_runs(target: str) -> bool:
+    """Whether this CPU can run code compiled for ``target``."""
+    from dlrmc.artifact import ArtifactError
+    from dlrmc.runtime.model import check_cpu
+    from dlrmc.targets import parse_target, requirements
+    try:
+        check_cpu(requirements(parse_target(target)))
+    except ArtifactError:
+        return False
+    return True
+
+
+def widest_runnable_target() -> str:
+    """The widest of ``X86_TARGETS`` this CPU runs (AVX-512 where it has it)."""
+    return next(t for t in X86_TARGETS if host_runs(t))
+
+
+def foreign_target() -> str:
+    """A target whose code this CPU cannot run (AMX and AVX512-FP16 on an AVX-512 machine
+    without them, AVX-512 on an AVX2-only one); skips where the CPU runs them all."""
+    foreign = [t for t in X86_TARGETS if not host_runs(t)]
+    if not foreign:
+        pytest.skip("this CPU runs every x86 target the tests know")
+    return foreign[-1]
+
 
 @pytest.fixture(scope="session")
 def tiny_cuda_artifact(tmp_path_factory):

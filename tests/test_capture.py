@@ -15,6 +15,8 @@ from dlrmc.frontend.arch import PRESETS, Arch
 from dlrmc.frontend.export import example_inputs, export_model
 from dlrmc.frontend.model import DLRM
 
+from conftest import foreign_target, widest_runnable_target
+
 
 @pytest.mark.parametrize("itself", [False, True])
 def test_interaction_pattern_becomes_one_op(itself):
@@ -56,7 +58,7 @@ def test_torch_compile_backend_matches_eager_and_caches():
     dynamo_backend._CACHE.clear()
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="dlrmc", dynamic=False,
-                             options={"target": "llvm -mcpu=skylake-avx512"})
+                             options={"target": widest_runnable_target()})
     with torch.no_grad():
         for batch in (3, 8, 3):
             d, o, i = example_inputs(arch, batch, seed=batch)
@@ -64,6 +66,21 @@ def test_torch_compile_backend_matches_eager_and_caches():
                                        rtol=1e-5, atol=2e-6)
     assert len(dynamo_backend._CACHE) == 2       # one per batch shape, reused for the repeat
     assert all(isinstance(v, dynamo_backend._Compiled) for v in dynamo_backend._CACHE.values())
+
+
+def test_torch_compile_backend_refuses_a_target_this_cpu_cannot_run():
+    """Code for a CPU feature this one lacks would die of SIGILL: refused with the runtime's
+    message before anything is compiled or run."""
+    arch = PRESETS["tiny"]
+    model = DLRM(arch, seed=2).eval()
+    dynamo_backend._CACHE.clear()
+    torch._dynamo.reset()
+    target = foreign_target()
+    compiled = torch.compile(model, backend="dlrmc", dynamic=False, options={"target": target})
+    d, o, i = example_inputs(arch, 3, seed=1)
+    with torch.no_grad(), pytest.raises(Exception, match="needs CPU features this CPU lacks"):
+        compiled(d, o, list(i))
+    assert not dynamo_backend._CACHE
 
 
 def test_torch_compile_backend_with_dynamos_dynamic_shapes():

@@ -14,7 +14,7 @@ from dlrmc.artifact import ArtifactError, write_artifact
 from dlrmc.frontend.arch import Arch
 from dlrmc.frontend.model import DLRM
 
-from conftest import make_batch, torch_predict
+from conftest import foreign_target, make_batch, torch_predict, widest_runnable_target
 
 
 def run(*args, check=True):
@@ -29,14 +29,15 @@ def test_compile_checkpoint_then_run(tmp_path):
     model = DLRM(arch, seed=3).eval()
     torch.save({"state_dict": model.state_dict(), "train_acc": np.float64(0.5)}, tmp_path / "m.pt")
     out = tmp_path / "art"
-    res = run("dlrm-compile", "--target", "llvm -mcpu=skylake-avx512", "--load-model",
+    target = widest_runnable_target()
+    res = run("dlrm-compile", "--target", target, "--load-model",
               str(tmp_path / "m.pt"), "-o", str(out), "--check", "7")
     for stage in ("export", "lower", "build", "write"):
         assert f"[dlrmc] {stage}" in res.stdout
     assert "max |dlrmc - PyTorch| over batch 7" in res.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["arch"]["interaction_itself"] is True
-    assert manifest["target"]["resolved"]["mcpu"] == "skylake-avx512"
+    assert manifest["target"]["resolved"]["mcpu"] == target.split("=")[1]
 
     dense, offsets, indices = make_batch(arch, 11, np.random.default_rng(2), max_bag=4)
     expected = torch_predict(model, dense, offsets, indices)
@@ -80,8 +81,12 @@ def test_compile_errors_are_clear_and_write_nothing(tmp_path, args, message):
     assert not out.exists() and os.listdir(tmp_path) == []
 
 
+def _empty_library(path, workspace):
+    open(path, "wb").close()
+
+
 def test_failed_write_leaves_nothing_and_never_clobbers(tmp_path):
-    def fail(path):
+    def fail(path, workspace):
         raise RuntimeError("linker exploded")
 
     out = tmp_path / "art"
@@ -92,10 +97,46 @@ def test_failed_write_leaves_nothing_and_never_clobbers(tmp_path):
     precious.mkdir()
     (precious / "thesis.txt").write_text("do not delete")
     with pytest.raises(ArtifactError, match="not a dlrmc artifact; not overwriting"):
-        write_artifact(str(precious), lambda p: open(p, "wb").close(), [], {})
+        write_artifact(str(precious), _empty_library, [], {})
     assert (precious / "thesis.txt").read_text() == "do not delete"
     # An existing artifact is replaced whole.
-    write_artifact(str(out), lambda p: open(p, "wb").close(), [("w", np.ones(4, np.float32))], {})
-    write_artifact(str(out), lambda p: open(p, "wb").close(), [("v", np.zeros(2, np.int64))], {})
+    write_artifact(str(out), _empty_library, [("w", np.ones(4, np.float32))], {})
+    write_artifact(str(out), _empty_library, [("v", np.zeros(2, np.int64))], {})
     names = [t["name"] for t in json.loads((out / "manifest.json").read_text())["weights"]["tensors"]]
     assert names == ["v"] and sorted(os.listdir(tmp_path)) == ["art", "precious"]
+
+
+def test_a_directory_that_is_not_only_an_artifact_is_never_replaced(tmp_path):
+    """A manifest.json that is not dlrmc's, or an artifact with a user's file beside it: the
+    compile is refused and nothing in the directory is touched."""
+    w = tmp_path / "w"
+    w.mkdir()
+    (w / "manifest.json").write_text('{"name": "app"}')
+    (w / "keep.txt").write_text("keep")
+    res = run("dlrm-compile", "--preset", "tiny", "-o", str(w), check=False)
+    assert res.returncode == 2 and "is not a dlrmc artifact; not overwriting it" in res.stderr
+    assert sorted(os.listdir(w)) == ["keep.txt", "manifest.json"]
+    assert (w / "keep.txt").read_text() == "keep"
+
+    art = tmp_path / "art"
+    write_artifact(str(art), _empty_library, [("w", np.ones(4, np.float32))], {})
+    (art / "notes.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="also holds notes.txt; not overwriting"):
+        write_artifact(str(art), _empty_library, [("v", np.zeros(2, np.int64))], {})
+    assert (art / "notes.txt").read_text() == "mine"
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+
+
+def test_compile_for_a_cpu_we_are_not_on_builds_and_says_the_check_is_skipped(tmp_path):
+    """A foreign target builds; --check and dlrm-run refuse to run it here, plainly (never
+    SIGILL)."""
+    target, out = foreign_target(), tmp_path / "art"
+    res = run("dlrm-compile", "--target", target, "--preset", "tiny", "-o", str(out),
+              "--check", "3", check=False)
+    assert res.returncode == 0, res.stderr
+    assert "--check skipped on this machine" in res.stderr
+    assert "needs CPU features this CPU lacks" in res.stderr
+    assert (out / "model.so").is_file()
+    res = run("dlrm-run", str(out), "--random", "2", check=False)
+    assert res.returncode == 2 and "needs CPU features this CPU lacks" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -13,13 +13,18 @@
 #include <tvm/ffi/function.h>
 
 #include <dlfcn.h>
+#include <sys/stat.h>
 #include <sys/utsname.h>
 
 #include <algorithm>
+#include <array>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <mutex>
+#include <set>
 #include <sstream>
 
 namespace dlrmc {
@@ -31,7 +36,8 @@ using tvm::ffi::Tensor;
 namespace {
 
 constexpr const char* kFormat = "dlrmc-artifact";
-constexpr int64_t kFormatVersion = 1;
+constexpr int64_t kFormatVersion = 2;  // as dlrmc.artifact.format.FORMAT_VERSION
+constexpr int64_t kAlign = 64;         // as dlrmc.artifact.format.ALIGN
 constexpr double kMaxPadding = 0.25;  // as dlrmc.runtime.plan.MAX_PADDING
 constexpr int kPooledAllocator = 2;
 
@@ -56,9 +62,9 @@ json::Value Get(const json::Object& o, const std::string& key) {
 }
 
 int64_t Int(const json::Value& v, const std::string& what) {
-  auto i = v.try_cast<int64_t>();
-  if (!i) throw Error("manifest.json: " + what + " is not an integer");
-  return *i;
+  if (v.type_index() != ffi::TypeIndex::kTVMFFIInt)  // never a bool or a string
+    throw Error("manifest.json: " + what + " is not an integer");
+  return v.cast<int64_t>();
 }
 
 std::string Str(const json::Value& v, const std::string& what) {
@@ -73,6 +79,108 @@ std::vector<int64_t> Ints(const json::Value& v, const std::string& what) {
   std::vector<int64_t> out;
   for (const auto& x : *a) out.push_back(Int(x, what));
   return out;
+}
+
+/*! \brief SHA-256 (FIPS 180-4) of a file's bytes, as lowercase hex. */
+std::string Sha256(const std::string& data) {
+  static const uint32_t k[64] = {
+      0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+      0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+      0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+      0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+      0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+      0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+      0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+      0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+      0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+      0xc67178f2};
+  uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+  auto rotr = [](uint32_t x, int n) { return (x >> n) | (x << (32 - n)); };
+  std::string tail = data.substr(data.size() - data.size() % 64);
+  tail.push_back(static_cast<char>(0x80));
+  while (tail.size() % 64 != 56) tail.push_back(0);
+  const uint64_t bits = static_cast<uint64_t>(data.size()) * 8;
+  for (int i = 7; i >= 0; --i) tail.push_back(static_cast<char>(bits >> (8 * i)));
+  auto block = [&](const unsigned char* p) {
+    uint32_t w[64];
+    for (int i = 0; i < 16; ++i)
+      w[i] = uint32_t(p[4 * i]) << 24 | uint32_t(p[4 * i + 1]) << 16 |
+             uint32_t(p[4 * i + 2]) << 8 | p[4 * i + 3];
+    for (int i = 16; i < 64; ++i) {
+      uint32_t s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >> 3);
+      uint32_t s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
+      w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], hh = h[7];
+    for (int i = 0; i < 64; ++i) {
+      uint32_t t1 = hh + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + k[i] + w[i];
+      uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+      hh = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
+    }
+    h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += hh;
+  };
+  const auto* bytes = reinterpret_cast<const unsigned char*>(data.data());
+  for (size_t i = 0; i + 64 <= data.size(); i += 64) block(bytes + i);
+  for (size_t i = 0; i < tail.size(); i += 64)
+    block(reinterpret_cast<const unsigned char*>(tail.data()) + i);
+  char hex[65];
+  for (int i = 0; i < 8; ++i) std::snprintf(hex + 8 * i, 9, "%08x", h[i]);
+  return std::string(hex, 64);
+}
+
+/*! \brief A manifest's file name, checked to be a plain name inside the artifact. */
+std::string PlainName(const json::Value& v, const std::string& what) {
+  std::string name = Str(v, what);
+  if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos ||
+      name.find('\\') != std::string::npos || name.find('\0') != std::string::npos)
+    throw Error("manifest.json: " + what + " '" + name +
+                "' is not a plain file name inside the artifact");
+  return name;
+}
+
+/*! \brief /proc/cpuinfo's flags (x86) or Features (Arm); empty where there is no such file. */
+std::set<std::string> CpuFlags() {
+  std::ifstream f("/proc/cpuinfo");
+  std::set<std::string> flags;
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind("flags", 0) != 0 && line.rfind("Features", 0) != 0) continue;
+    std::istringstream words(line.substr(line.find(':') + 1));
+    for (std::string w; words >> w;) flags.insert(w);
+  }
+  return flags;
+}
+
+/*! \brief The weights a DLRM of this arch has, by name, with their float32 shapes (as
+ *  dlrmc.frontend.arch.Arch.weight_shapes). */
+std::map<std::string, std::vector<int64_t>> WeightShapes(const json::Object& arch) {
+  std::vector<int64_t> rows = Ints(Get(arch, "embedding_sizes"), "arch.embedding_sizes");
+  std::vector<int64_t> bot = Ints(Get(arch, "mlp_bot"), "arch.mlp_bot");
+  std::vector<int64_t> top = Ints(Get(arch, "mlp_top"), "arch.mlp_top");
+  int64_t dim = Int(Get(arch, "sparse_feature_size"), "arch.sparse_feature_size");
+  std::string op = Str(Get(arch, "interaction_op"), "arch.interaction_op");
+  auto itself = Get(arch, "interaction_itself").try_cast<bool>();
+  if (!itself) throw Error("manifest.json: arch.interaction_itself is not a boolean");
+  auto weighted = Get(arch, "weighted_pooling").try_cast<ffi::String>();
+  if (bot.size() < 2 || top.empty()) throw Error("manifest.json: arch has too few MLP layers");
+  const int64_t fea = static_cast<int64_t>(rows.size()) + 1;
+  int64_t top_in = op == "dot" ? (*itself ? fea * (fea + 1) / 2 : fea * (fea - 1) / 2) + bot.back()
+                               : fea * bot.back();
+  top.insert(top.begin(), top_in);
+  std::map<std::string, std::vector<int64_t>> shapes;
+  for (size_t k = 0; k < rows.size(); ++k) {
+    shapes["emb_l." + std::to_string(k) + ".weight"] = {rows[k], dim};
+    if (weighted && std::string(*weighted) == "learned")
+      shapes["v_W_l." + std::to_string(k)] = {rows[k]};
+  }
+  for (const auto& mlp : {std::make_pair(std::string("bot_l"), bot), std::make_pair(std::string("top_l"), top)})
+    for (size_t i = 0; i + 1 < mlp.second.size(); ++i) {
+      std::string layer = mlp.first + "." + std::to_string(2 * i);
+      shapes[layer + ".weight"] = {mlp.second[i + 1], mlp.second[i]};
+      shapes[layer + ".bias"] = {mlp.second[i + 1]};
+    }
+  return shapes;
 }
 
 /*! \brief TVM runtime's global function ``name`` (the wheel ships no runtime headers beyond
@@ -124,23 +232,39 @@ struct Model::Impl {
   ffi::Function main;
   std::map<int64_t, ffi::Function> buckets;
   std::vector<Tensor> weights;  // after transform_params: what main takes after the inputs
+  mutable std::mutex mu;         // one VM: one Predict at a time
 
   std::vector<float> Run(const ffi::Function& fn, int64_t b, const float* dense,
                          const std::vector<std::vector<int64_t>>& off,
                          const std::vector<std::vector<int64_t>>& idx) const;
 };
 
-Model::Model(const std::string& artifact_dir) : impl_(new Impl) {
+Model::Model(const std::string& artifact_dir, bool verify) : impl_(new Impl) {
   Impl& m = *impl_;
   m.dir = artifact_dir;
+  const std::string raw = ReadFile(artifact_dir + "/manifest.json");
   ffi::String err;
-  json::Value parsed = json::Parse(ReadFile(artifact_dir + "/manifest.json"), &err);
+  json::Value parsed = json::Parse(raw, &err);
   if (!err.empty()) throw Error(artifact_dir + "/manifest.json is corrupt: " + std::string(err));
   json::Object man = Obj(parsed, "the manifest");
   if (Str(Get(man, "format"), "format") != kFormat)
     throw Error(artifact_dir + " is not a dlrmc artifact");
-  if (Int(Get(man, "format_version"), "format_version") != kFormatVersion)
-    throw Error(artifact_dir + " has another artifact format version; recompile the model");
+  json::Value version = Get(man, "format_version");
+  if (version.type_index() != ffi::TypeIndex::kTVMFFIInt ||
+      version.cast<int64_t>() != kFormatVersion)
+    throw Error(artifact_dir + " has format version " + std::string(json::Stringify(version)) +
+                "; this runner reads version " + std::to_string(kFormatVersion) +
+                ": recompile the model with this dlrmc");
+  // manifest.sha256 covers the manifest (sha256sum's format: the digest comes first).
+  std::string recorded;
+  {
+    std::ifstream f(artifact_dir + "/manifest.sha256");
+    if (!f) throw Error(artifact_dir + ": manifest.sha256 is missing");
+    f >> recorded;
+  }
+  if (recorded != Sha256(raw))
+    throw Error(artifact_dir + "/manifest.json does not match manifest.sha256: the manifest "
+                "was changed or damaged after it was written");
   json::Object target = Obj(Get(man, "target"), "target");
   json::Object resolved = Obj(Get(target, "resolved"), "target.resolved");
   std::string kind = Str(Get(resolved, "kind"), "target kind");
@@ -165,15 +289,90 @@ Model::Model(const std::string& artifact_dir) : impl_(new Impl) {
     if (want != have && !(want == "aarch64" && have == "arm64"))
       throw Error("the artifact was built for " + want + "; this machine is " + have);
   }
+  auto flags_it = requires.find(ffi::String("cpu_flags"));
+  std::set<std::string> have_flags = CpuFlags();
+  if (flags_it != requires.end() && !have_flags.empty()) {  // as dlrmc.runtime.model.check_cpu
+    std::string missing;
+    auto flags = (*flags_it).second.try_cast<json::Array>();
+    if (!flags) throw Error("manifest.json: target.requires.cpu_flags is not a list");
+    for (const auto& f : *flags) {
+      std::string flag = Str(f, "a cpu flag");
+      if (!have_flags.count(flag)) missing += (missing.empty() ? "" : ", ") + flag;
+    }
+    if (!missing.empty())
+      throw Error("code for this target needs CPU features this CPU lacks: " + missing +
+                  " (compile with a --target for this CPU, e.g. the default host, to run here)");
+  }
   json::Object arch = Obj(Get(man, "arch"), "arch");
   m.num_dense = Ints(Get(arch, "mlp_bot"), "arch.mlp_bot").at(0);
   m.rows = Ints(Get(arch, "embedding_sizes"), "arch.embedding_sizes");
 
-  std::string lib = artifact_dir + "/model.so";
-  {
-    std::ifstream probe(lib);
-    if (!probe) throw Error("artifact file " + lib + " is missing");
+  // Files: plain names inside the artifact, regular files of the listed size and digest.
+  json::Object files = Obj(Get(man, "files"), "files");
+  std::map<std::string, int64_t> sizes;
+  for (const auto& kv : files) {
+    std::string name = PlainName(kv.first, "files entry");
+    json::Object entry = Obj(kv.second, "files." + name);
+    int64_t bytes = Int(Get(entry, "bytes"), "files." + name + ".bytes");
+    std::string path = artifact_dir + "/" + name;
+    struct stat st{};
+    if (lstat(path.c_str(), &st) != 0) throw Error("artifact file " + path + " is missing");
+    if (!S_ISREG(st.st_mode))
+      throw Error("artifact file " + path + " is not a plain file (a link or a directory)");
+    if (st.st_size != bytes)
+      throw Error("artifact file " + path + " is " + std::to_string(st.st_size) +
+                  " bytes, the manifest says " + std::to_string(bytes) + " (truncated or corrupt)");
+    if (verify && Sha256(ReadFile(path)) != Str(Get(entry, "sha256"), "files." + name + ".sha256"))
+      throw Error("artifact file " + path + " is corrupt (sha256 mismatch)");
+    sizes[name] = bytes;
   }
+  if (!sizes.count("model.so")) throw Error("manifest.json: files does not list model.so");
+  json::Object wspec = Obj(Get(man, "weights"), "weights");
+  std::string wfile = PlainName(Get(wspec, "file"), "weights.file");
+  if (!sizes.count(wfile))
+    throw Error("manifest.json: weights.file '" + wfile + "' is not listed under files");
+
+  // The weight index: the writer's layout exactly, and the arch's weights.
+  auto tensors = Get(wspec, "tensors").try_cast<json::Array>();
+  if (!tensors) throw Error("manifest.json: weights.tensors is not a list");
+  std::map<std::string, std::vector<int64_t>> want = WeightShapes(arch);
+  struct Spec { std::vector<int64_t> shape; DLDataType dtype; int64_t offset, nbytes; };
+  std::vector<Spec> specs;
+  int64_t pos = 0;
+  for (const auto& t : *tensors) {
+    json::Object spec = Obj(t, "a weight");
+    std::string name = Str(Get(spec, "name"), "weight name");
+    Spec w{Ints(Get(spec, "shape"), name + " shape"),
+           ffi::StringToDLDataType(Str(Get(spec, "dtype"), name + " dtype")),
+           Int(Get(spec, "offset"), name + " offset"), Int(Get(spec, "nbytes"), name + " nbytes")};
+    int64_t count = 1;
+    for (int64_t d : w.shape) {
+      if (d < 0) throw Error("manifest.json: " + name + " has a negative size");
+      count *= d;
+    }
+    pos += (kAlign - pos % kAlign) % kAlign;
+    if (w.offset != pos || w.nbytes != count * ((w.dtype.bits * w.dtype.lanes + 7) / 8))
+      throw Error("manifest.json: " + name + "'s offset or size is not the layout's "
+                  "(a tampered or corrupt index)");
+    pos += w.nbytes;
+    auto it = want.find(name);
+    if (it == want.end()) throw Error("manifest.json: the weights do not match arch: " + name +
+                                      " unexpected");
+    bool table = name.rfind("emb_l.", 0) == 0;
+    bool is_f32 = w.dtype.code == kDLFloat && w.dtype.bits == 32;
+    if ((table && (w.shape.empty() || w.shape[0] != it->second[0])) ||
+        (is_f32 && w.shape != it->second))
+      throw Error("manifest.json: weight " + name + " does not have the shape arch says");
+    want.erase(it);
+    specs.push_back(w);
+  }
+  if (!want.empty()) throw Error("manifest.json: the weights do not match arch: " +
+                                 want.begin()->first + " missing");
+  if (pos != sizes[wfile])
+    throw Error("manifest.json: the weight index covers " + std::to_string(pos) + " bytes, " +
+                wfile + " is listed with " + std::to_string(sizes[wfile]));
+
+  std::string lib = artifact_dir + "/model.so";
   try {
     ffi::Module exec = ffi::Module::LoadFromFile(lib);
     ffi::Module vm = exec->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
@@ -194,23 +393,16 @@ Model::Model(const std::string& artifact_dir) : impl_(new Impl) {
     throw Error("cannot load " + lib + ": " + e.what());
   }
 
-  // Weights: weights.bin, each tensor at its offset, then transform_params once.
-  json::Object wspec = Obj(Get(man, "weights"), "weights");
-  std::string blob = ReadFile(artifact_dir + "/" + Str(Get(wspec, "file"), "weights.file"));
-  auto tensors = Get(wspec, "tensors").try_cast<json::Array>();
-  if (!tensors) throw Error("manifest.json: weights.tensors is not a list");
-  ffi::Array<Tensor> raw;
-  for (const auto& t : *tensors) {
-    json::Object spec = Obj(t, "a weight");
-    int64_t off = Int(Get(spec, "offset"), "offset"), n = Int(Get(spec, "nbytes"), "nbytes");
-    if (off < 0 || n < 0 || static_cast<size_t>(off + n) > blob.size())
-      throw Error("weights.bin is shorter than the manifest says (corrupt artifact)");
-    DLDataType dtype = ffi::StringToDLDataType(Str(Get(spec, "dtype"), "dtype"));
-    raw.push_back(Make(Ints(Get(spec, "shape"), "shape"), dtype, blob.data() + off, n, m.dev));
-  }
+  // Weights: each tensor at its offset, then transform_params once.
+  std::string blob = ReadFile(artifact_dir + "/" + wfile);
+  if (static_cast<int64_t>(blob.size()) != pos)
+    throw Error(wfile + " changed while it was read");
+  ffi::Array<Tensor> raw_weights;
+  for (const Spec& w : specs)
+    raw_weights.push_back(Make(w.shape, w.dtype, blob.data() + w.offset, w.nbytes, m.dev));
   ffi::Function transform = m.vm.value()->GetFunction(Str(Get(man, "transform_params"),
                                                   "transform_params")).value();
-  auto packed = transform(raw).cast<ffi::Array<ffi::Any>>();
+  auto packed = transform(raw_weights).cast<ffi::Array<ffi::Any>>();
   for (const auto& w : packed) m.weights.push_back(w.cast<Tensor>());
 }
 
@@ -289,6 +481,7 @@ std::vector<float> Model::Predict(const Batch& in) const {
                     " with " + std::to_string(m.rows[k]) + " rows");
     }
   }
+  std::lock_guard<std::mutex> lock(m.mu);
   // Plan, as dlrmc.runtime.plan.pick: (rows, entry batch; 0 = any-batch main).
   std::vector<std::pair<int64_t, int64_t>> plan;
   int64_t left = B;

@@ -3,11 +3,14 @@
  * \brief Run a dlrmc artifact (model.so + weights.bin + manifest.json) from C++ with the TVM
  *        runtime alone: no Python, no torch, no compiler.
  *
- * The C++ twin of dlrmc.runtime (Python): the same manifest checks (format, version, target
- * kind and machine, file sizes; not the sha256 digests), the same input validation (shapes,
+ * The C++ twin of dlrmc.runtime (Python): the same artifact checks (format and version, the
+ * manifest against manifest.sha256, every field read, plain file names inside the artifact,
+ * file sizes and, with ``verify``, sha256 digests, the weight layout, the weights against the
+ * architecture, target kind, machine and CPU features), the same input validation (shapes,
  * offsets that start at 0, never decrease and stay within the indices, every index inside its
  * table) and the same batch plan (static-batch buckets, padding at most 25%, splitting above
- * the largest bucket, the any-batch entry otherwise).
+ * the largest bucket, the any-batch entry otherwise). Predict may be called from several
+ * threads; calls on one Model run one at a time.
  *
  * CUDA artifacts run on the first GPU: TVM's CUDA runtime (libtvm_runtime_cuda.so, beside
  * libtvm_runtime.so) is loaded when one is opened; inputs are copied to the GPU and the
@@ -40,8 +43,9 @@ struct Batch {
 
 class Model {
  public:
-  /*! \brief Load an artifact directory; throws Error. */
-  explicit Model(const std::string& artifact_dir);
+  /*! \brief Load an artifact directory; throws Error. ``verify``: check every file's sha256
+   *  (sizes and the manifest's digest are checked always). */
+  explicit Model(const std::string& artifact_dir, bool verify = true);
   ~Model();
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
