@@ -151,9 +151,9 @@ def write_artifact(out_dir: str, export_library: Callable[[str, str], None],
     An existing ``out_dir`` is replaced only if it is empty or an artifact and nothing else.
     """
     out_dir = os.path.abspath(out_dir)
-    _check_replaceable(out_dir)
-    tmp = staging_dir(out_dir)
+    tmp = staging_dir(out_dir)         # puts back an artifact a killed replace had moved
     try:
+        _check_replaceable(out_dir)
         workspace = os.path.join(tmp, ".build")
         os.mkdir(workspace)
         # The library's code generation and the weights' write + hash overlap.

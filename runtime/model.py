@@ -62,9 +62,12 @@ def check_cpu(requires: dict, cpuinfo: str = "/proc/cpuinfo") -> None:
             text = f.read()
     except OSError:
         return  # not Linux: nothing to check against
+    # x86 lists "flags", Arm "Features"; under an emulator (qemu-user) the file is the host's
+    # and has the other key, and nothing can be checked.
+    key = "Features" if machine == "aarch64" else "flags"
     flags = set()
     for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
+        if line.startswith(key):
             flags |= set(line.split(":", 1)[1].split())
     missing = [f for f in requires.get("cpu_flags", []) if f not in flags]
     if flags and missing:

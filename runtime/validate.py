@@ -74,7 +74,7 @@ def check_batch(arch: dict, dense_x, lS_o, lS_i) -> tuple[np.ndarray, np.ndarray
     if (offsets[:, 0] != 0).any():
         k = int(np.argmax(offsets[:, 0] != 0))
         raise InputError(f"lS_o[{k}][0] is {offsets[k, 0]}; the first bag must start at 0")
-    falling = np.diff(offsets, axis=1) < 0
+    falling = offsets[:, 1:] < offsets[:, :-1]     # not np.diff: it overflows at the edges
     if falling.any():
         k, b = divmod(int(np.argmax(falling)), batch - 1)
         raise InputError(f"lS_o[{k}] decreases at position {b + 1} ({offsets[k, b]} -> "

@@ -331,3 +331,36 @@ def test_unrecognised_encoding_compiles_generically_with_a_warning(tmp_path):
     from dlrmc.runtime.validate import InputError
     with pytest.raises(InputError, match="'idx' must be int64"):
         compiled.run(dense, idx.astype(np.int32))
+
+
+def _declare(path, sizes: dict) -> None:
+    """Set the graph's declared input dims: {input name: {axis: size}}."""
+    proto = onnx.load(str(path))
+    for inp in proto.graph.input:
+        for axis, size in sizes.get(inp.name, {}).items():
+            dim = inp.type.tensor_type.shape.dim[axis]
+            dim.ClearField("dim_param")
+            dim.dim_value = size
+    onnx.save(proto, str(path))
+
+
+@pytest.mark.parametrize("batch", [1_000_000, 2 ** 36])
+def test_a_huge_static_batch_is_checked_on_a_small_one(tmp_path, batch):
+    """The check batch stays small whatever the graph declares; a graph that only runs at its
+    declared size gets an error naming the input, never gigabytes or a MemoryError."""
+    model = DLRM(ARCHS["tiny"], seed=5).eval()
+    export(model, tmp_path / "m.onnx", dynamo=False)
+    _declare(tmp_path / "m.onnx", {"dense_x": {0: batch}, "offsets": {1: batch}})
+    rebuilt, _ = model_from_onnx(str(tmp_path / "m.onnx"), log=lambda _: None)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(rebuilt.state_dict()[k].numpy(), v.numpy(), err_msg=k)
+
+    # Exported at a fixed batch of 4 (no dynamic axes): its reshapes hold the 4.
+    d, o, i = example_inputs(model.arch, 4)
+    names = ["dense_x", "offsets"] + [f"indices_{k}" for k in range(model.arch.num_tables)]
+    torch.onnx.export(model, (d, o, list(i)), str(tmp_path / "s.onnx"), dynamo=False,
+                      opset_version=11, input_names=names, output_names=["pred"])
+    _declare(tmp_path / "s.onnx", {"dense_x": {0: batch}, "offsets": {1: batch}})
+    with pytest.raises(OnnxImportError, match=rf"dense_x \(dimension 0 declared {batch}\).*"
+                                              "export it with a dynamic batch"):
+        model_from_onnx(str(tmp_path / "s.onnx"), log=lambda _: None)

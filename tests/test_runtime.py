@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from dlrmc.artifact import ArtifactError
+from dlrmc.artifact import FORMAT_VERSION, ArtifactError
 from dlrmc.runtime import InputError, load
 
 from conftest import TINY, make_batch, torch_predict
@@ -83,6 +83,91 @@ def test_bad_input_is_a_clear_error(compiled, name, mutate, message):
         c.runtime.predict(*mutate(dense, offsets, indices))
 
 
+INT_DTYPES = (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=lambda t: np.dtype(t).name)
+def test_every_integer_dtype_for_offsets_and_indices(compiled, dtype):
+    """Any integer dtype is read as the same values; each type's edge values, as an offset or
+    an index, are refused (compared as int64, never wrapped into a range that passes)."""
+    c = compiled(TINY)
+    dense, offsets, indices = make_batch(TINY, 13, np.random.default_rng(5), max_bag=3,
+                                         empty=0.0)
+    want = c.runtime.predict(dense, offsets, indices)
+    typed_o, typed_i = offsets.astype(dtype), [i.astype(dtype) for i in indices]
+    np.testing.assert_array_equal(c.runtime.predict(dense, typed_o, typed_i), want)
+    info = np.iinfo(dtype)
+    for edge in sorted({int(info.min), int(info.max), int(info.max) - 1} - {0}):
+        o = typed_o.copy()
+        o[1, 6] = edge
+        with pytest.raises(InputError, match=r"lS_o\[1"):
+            c.runtime.predict(dense, o, typed_i)
+        o = typed_o.copy()
+        o[2, -1] = edge
+        with pytest.raises(InputError, match=r"lS_o\[2"):
+            c.runtime.predict(dense, o, typed_i)
+        idx = [i.copy() for i in typed_i]
+        idx[2][0] = edge
+        with pytest.raises(InputError, match=rf"lS_i\[2\]\[0\] = {edge} is (out of range for "
+                                             rf"table 2|beyond int64's range)"):
+            c.runtime.predict(dense, typed_o, idx)
+
+
+def test_unsigned_offsets_past_int64_through_dlrm_run(compiled, tmp_path):
+    c = compiled(TINY)
+    dense, offsets, indices = make_batch(TINY, 9, np.random.default_rng(6), empty=0.0)
+    o = offsets.astype(np.uint64)
+    o[0, 4] = 2 ** 63 + 5
+    np.savez(tmp_path / "b.npz", dense_x=dense, lS_o=o,
+             **{f"lS_i_{k}": i for k, i in enumerate(indices)})
+    res = subprocess.run(["dlrm-run", str(c.path), "--input", str(tmp_path / "b.npz")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert "lS_o[0, 4] = 9223372036854775813 is beyond int64's range" in res.stderr
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=str)
+def test_non_finite_dense_features_are_refused_on_every_bucket_path(compiled, value):
+    """PyTorch gives NaN for such a row, the compiled ReLU would not: refused instead."""
+    c = compiled(TINY)
+    for batch in (4, 3, 37, 2, 1):    # exact bucket, padded, split over the largest, main
+        dense, offsets, indices = make_batch(TINY, batch, np.random.default_rng(batch))
+        dense[-1, 2] = value
+        with pytest.raises(InputError, match=rf"dense_x\[{batch - 1}, 2\] is {value}; dense "
+                                             r"features must be finite"):
+            c.runtime.predict(dense, offsets, indices)
+
+
+def test_concurrent_predict_on_one_model_equals_serial(compiled):
+    """8 threads x 200 calls on one loaded model, batch sizes across every bucket path; each
+    output equals the single-threaded one."""
+    import threading
+
+    c = compiled(TINY)
+    model = load(str(c.path))
+    rng = np.random.default_rng(8)
+    batches = [make_batch(TINY, b, rng, max_bag=4) for b in (1, 2, 3, 4, 13, 16, 20, 37, 50)]
+    want = [model.predict(*b) for b in batches]
+    wrong, errors = [], []
+
+    def work(k):
+        try:
+            for j in range(200):
+                n = (7 * k + j) % len(batches)
+                if not np.array_equal(model.predict(*batches[n]), want[n]):
+                    wrong.append((k, j, n))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and not wrong, (errors[:3], wrong[:3])
+    assert not any(t.is_alive() for t in threads)
+
+
 def _copy(c, tmp_path):
     dst = tmp_path / "copy"
     shutil.copytree(c.path, dst)
@@ -123,7 +208,7 @@ def test_corrupt_or_missing_artifact_files(compiled, tmp_path):
 def test_manifest_describes_the_artifact(compiled):
     c = compiled(TINY)
     m = json.loads((c.path / "manifest.json").read_text())
-    assert m["format_version"] == 1 and m["tuning_log"] is None
+    assert m["format_version"] == FORMAT_VERSION == 2 and m["tuning_log"] is None
     assert [i["name"] for i in m["inputs"]] == ["dense_x", "lS_o", "lS_i_0", "lS_i_1", "lS_i_2"]
     assert m["inputs"][0]["shape"] == ["batch", 6] and m["dynamic_dims"]["batch"] == [1, None]
     assert m["target"]["string"] == "llvm" and m["target"]["resolved"]["kind"] == "llvm"

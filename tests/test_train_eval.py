@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 
@@ -65,6 +66,53 @@ def test_compiled_artifact_evaluates_like_pytorch(trained):
     assert float(res.stdout.split("prediction:")[1]) < 1e-5
     bad = run("dlrm-eval", str(d / "m.dlrmc"), "--data", str(d / "s.txt"), check=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_eval_warns_when_predictions_are_constant(trained):
+    d, _ = trained
+    ckpt = torch.load(d / "m.pt", weights_only=True)
+    last = max(k for k in ckpt["state_dict"] if k.startswith("top_l.") and k.endswith(".weight"))
+    ckpt["state_dict"][last].zero_()          # the output no longer depends on the input
+    torch.save(ckpt, d / "const.pt")
+    run("dlrm-compile", "--load-model", str(d / "const.pt"), "--buckets", "64", "-o",
+        str(d / "const.dlrmc"))
+    res = run("dlrm-eval", str(d / "const.dlrmc"), "--data", str(d / "s.npz"), "--split", "test",
+              "--batch-size", "1000")
+    assert "warning: the artifact's predictions are constant" in res.stderr
+    res = run("dlrm-eval", str(d / "m.dlrmc"), "--data", str(d / "s.npz"), "--split", "test",
+              "--batch-size", "1000")
+    assert "constant" not in res.stderr
+
+
+@pytest.fixture(scope="module")
+def kaggle_sized(tmp_path_factory):
+    """The README's recipe data: 20,000 synthetic rows, the default (Kaggle) MLPs."""
+    d = tmp_path_factory.mktemp("recipe")
+    run("dlrm-data", "synth", "-o", str(d / "synth.txt"), "--rows", "20000", "--seed", "0")
+    run("dlrm-data", "criteo", str(d / "synth.txt"), "-o", str(d / "synth.npz"))
+    return d
+
+
+def test_a_diverging_run_stops_without_a_checkpoint(kaggle_sized):
+    d = kaggle_sized
+    res = run("dlrm-train", "--data", str(d / "synth.npz"), "--optimizer", "adagrad",
+              "--learning-rate", "0.05", "--save-model", str(d / "bad.pt"), "--threads", "2",
+              check=False)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "training diverged" in res.stderr and "lower --learning-rate" in res.stderr
+    assert "no checkpoint written" in res.stderr and not (d / "bad.pt").exists()
+
+
+def test_the_readme_recipe_learns(kaggle_sized):
+    d = kaggle_sized
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    recipe = next(ln for ln in readme.splitlines() if ln.startswith("dlrm-train --data synth.npz"))
+    args = recipe.split("#")[0].split()[1:]
+    args = [str(d / a) if a in ("synth.npz", "m.pt") else a for a in args]
+    res = run("dlrm-train", *args, "--threads", "2")
+    auc = float(re.search(r"^ auc ([\d.]+)$", res.stdout, re.M).group(1))
+    assert auc > 0.65, res.stdout
+    assert (d / "m.pt").is_file()
 
 
 def _auc_by_ranks(y, p):

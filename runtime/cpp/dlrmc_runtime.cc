@@ -139,13 +139,14 @@ std::string PlainName(const json::Value& v, const std::string& what) {
   return name;
 }
 
-/*! \brief /proc/cpuinfo's flags (x86) or Features (Arm); empty where there is no such file. */
-std::set<std::string> CpuFlags() {
+/*! \brief /proc/cpuinfo's flags (x86) or Features (``arm``); empty where there are none (no
+ *  such file, or the host's under an emulator such as qemu-user). */
+std::set<std::string> CpuFlags(bool arm) {
   std::ifstream f("/proc/cpuinfo");
   std::set<std::string> flags;
   std::string line;
   while (std::getline(f, line)) {
-    if (line.rfind("flags", 0) != 0 && line.rfind("Features", 0) != 0) continue;
+    if (line.rfind(arm ? "Features" : "flags", 0) != 0) continue;
     std::istringstream words(line.substr(line.find(':') + 1));
     for (std::string w; words >> w;) flags.insert(w);
   }
@@ -281,8 +282,9 @@ Model::Model(const std::string& artifact_dir, bool verify) : impl_(new Impl) {
                 "artifacts");
   }
   auto machine_it = requires.find(ffi::String("machine"));
+  std::string want_machine;
   if (machine_it != requires.end()) {
-    std::string want = Str((*machine_it).second, "machine");
+    std::string want = want_machine = Str((*machine_it).second, "machine");
     utsname u{};
     uname(&u);
     std::string have = u.machine;
@@ -290,7 +292,7 @@ Model::Model(const std::string& artifact_dir, bool verify) : impl_(new Impl) {
       throw Error("the artifact was built for " + want + "; this machine is " + have);
   }
   auto flags_it = requires.find(ffi::String("cpu_flags"));
-  std::set<std::string> have_flags = CpuFlags();
+  std::set<std::string> have_flags = CpuFlags(want_machine == "aarch64");
   if (flags_it != requires.end() && !have_flags.empty()) {  // as dlrmc.runtime.model.check_cpu
     std::string missing;
     auto flags = (*flags_it).second.try_cast<json::Array>();
