@@ -276,9 +276,10 @@ def _check_weight_index(m: dict) -> None:
                             f"listed with {m['files'][wfile]['bytes']}")
 
 
-def read_manifest(artifact_dir: str, verify: bool = True) -> dict:
+def read_manifest(artifact_dir: str, verify: bool = True, files: bool = True) -> dict:
     """Read and check the manifest (see the module docstring); with ``verify`` also every
-    file's sha256. Never returns a manifest a reader could trip over."""
+    file's sha256. Never returns a manifest a reader could trip over. ``files=False`` leaves
+    the files themselves unchecked (``replace_weights`` of a shipped-without-weights copy)."""
     path = os.path.join(artifact_dir, MANIFEST)
     if not os.path.isdir(artifact_dir):
         raise ArtifactError(f"artifact directory {artifact_dir!r} does not exist")
@@ -310,7 +311,7 @@ def read_manifest(artifact_dir: str, verify: bool = True) -> dict:
     if LIBRARY not in manifest["files"]:
         raise ArtifactError(f"{MANIFEST}: files does not list {LIBRARY}")
     _check_weight_index(manifest)
-    for name, entry in manifest["files"].items():
+    for name, entry in (manifest["files"].items() if files else ()):
         fpath = os.path.join(artifact_dir, name)
         if os.path.islink(fpath):
             raise ArtifactError(f"artifact file {fpath} is a symbolic link; artifacts hold "
@@ -340,12 +341,13 @@ def read_weights(artifact_dir: str, manifest: dict) -> list[np.ndarray]:
     return out
 
 
-def replace_weights(artifact_dir: str, weights: dict) -> dict:
+def replace_weights(artifact_dir: str, weights: dict, shipped_without: bool = False) -> dict:
     """Write new values for every weight of an artifact (same names, dtypes and shapes as
     its manifest lists; a retrained model, or weights made where the artifact is deployed),
-    replacing the artifact directory atomically (the library is hard-linked, not copied)."""
+    replacing the artifact directory atomically (the library is hard-linked, not copied).
+    ``shipped_without``: the weights file was left empty on purpose (made where it runs)."""
     artifact_dir = os.path.abspath(artifact_dir)
-    manifest = read_manifest(artifact_dir, verify=False)
+    manifest = read_manifest(artifact_dir, verify=False, files=not shipped_without)
     arrays = []
     for t in manifest["weights"]["tensors"]:
         if t["name"] not in weights:

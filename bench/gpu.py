@@ -108,10 +108,11 @@ def _ready(art: str):
     from ..artifact import read_manifest, replace_weights
     from ..runtime import load
 
-    manifest = read_manifest(art, verify=False)
+    manifest = read_manifest(art, verify=False, files=False)
     model = _model(manifest)
-    if os.path.getsize(os.path.join(art, "weights.bin")) == 0:
-        replace_weights(art, {k: v.numpy() for k, v in model.state_dict().items()})
+    if os.path.getsize(os.path.join(art, "weights.bin")) == 0:     # shipped without them
+        replace_weights(art, {k: v.numpy() for k, v in model.state_dict().items()},
+                        shipped_without=True)
     ours = load(art)
     return ours, model.to(_torch_device(ours.device))
 
