@@ -174,8 +174,9 @@ def load_library(path: str) -> tvm.runtime.Module:
 
 def check_weights(manifest: dict) -> None:
     """The weight index against the manifest's architecture: exactly the model's weights,
-    every table with the rows the architecture (and so input validation) assumes, every
-    float32 weight of its shape. (A manifest whose ``arch`` says a table is larger than it
+    each of its dtype (float32; a table may be uint8, row-wise quantised), every table with
+    the rows the architecture (and so input validation) assumes, every float32 weight of its
+    shape. (A manifest whose ``arch`` says a table is larger than it
     is would let out-of-range indices through to the gathers.)"""
     try:
         arch = Arch.from_dict(manifest["arch"])
@@ -183,16 +184,17 @@ def check_weights(manifest: dict) -> None:
         raise ArtifactError(f"manifest.json: arch is not a valid DLRM architecture: {e}") from None
     want = arch.weight_shapes()
     have = {t["name"]: t for t in manifest["weights"]["tensors"]}
-    odd = sorted(set(want) ^ set(have))
+    odd = [n + (" missing" if n in want else " unexpected") for n in sorted(set(want) ^ set(have))]
     if odd:
-        raise ArtifactError(f"manifest.json: the weights do not match arch: "
-                            f"{', '.join(n + (' missing' if n in want else ' unexpected') for n in odd[:6])}")
+        raise ArtifactError(f"manifest.json: the weights do not match arch: {', '.join(odd[:6])}")
     for name, shape in want.items():
         got = have[name]
-        rows_differ = name.startswith("emb_l.") and got["shape"][:1] != [shape[0]]
-        if rows_differ or (got["dtype"] == "float32" and tuple(got["shape"]) != shape):
+        table = name.startswith("emb_l.")
+        dtypes = ("float32", "uint8") if table else ("float32",)   # uint8: quantised rows
+        if got["dtype"] not in dtypes or (table and got["shape"][:1] != [shape[0]]) or (
+                got["dtype"] == "float32" and tuple(got["shape"]) != shape):
             raise ArtifactError(f"manifest.json: weight {name} is {got['dtype']} {got['shape']}; "
-                                f"arch says {list(shape)}")
+                                f"arch says {' or '.join(dtypes)} {list(shape)}")
 
 
 class CompiledDLRM:
@@ -245,8 +247,7 @@ class CompiledDLRM:
 
     def _entry(self, size: int):
         """This thread's entry for a static batch ``size``, or ``main`` for 0."""
-        if getattr(self._local, "vm", None) is None:
-            self._vm()
+        self._vm()
         return self._local.buckets[size] if size else self._local.main
 
     @property

@@ -61,9 +61,13 @@ TAMPERING = {
     "foreign file listed": (lambda m: m["files"].update({"/etc/hostname": {
         "sha256": "0" * 64, "bytes": 1}}), "'/etc/hostname' is not a plain file name"),
     "table rows raised": (lambda m: m["arch"]["embedding_sizes"].__setitem__(0, 10 ** 6),
-                          "weight emb_l.0.weight is float32 [10, 4]; arch says [1000000, 4]"),
+                          "weight emb_l.0.weight is float32 [10, 4]; arch says float32 or uint8 "
+                          "[1000000, 4]"),
     "tables swapped": (_swap_first_tables, "emb_l.0.weight is at offset"),
-    "table shrunk": (_shrink_table, "emb_l.0.weight is float32 [9, 4]; arch says [10, 4]"),
+    "table shrunk": (_shrink_table, "emb_l.0.weight is float32 [9, 4]; arch says"),
+    "bias as int32": (lambda m: next(t for t in m["weights"]["tensors"]
+                                     if t["name"] == "top_l.2.bias").update(dtype="int32"),
+                      "weight top_l.2.bias is int32 [1]; arch says float32 [1]"),
     "version as string": (lambda m: m.update(format_version="2"),
                           'format version "2"; this dlrmc reads version 2'),
     "version as bool": (lambda m: m.update(format_version=True), "format version true"),

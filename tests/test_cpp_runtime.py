@@ -122,7 +122,7 @@ def test_native_runner_checks_what_the_python_runtime_checks(native, model, tmp_
             (a / "manifest.json").read_text().replace('"entry": "main"', '"entry":  "main"')),
             "manifest.json does not match manifest.sha256"),
         "rows raised": (lambda a: _rewrite(a, lambda m: m["arch"]["embedding_sizes"].__setitem__(
-            0, 10 ** 6)), "weight emb_l.0.weight does not have the shape arch says"),
+            0, 10 ** 6)), "weight emb_l.0.weight does not have the dtype and shape arch says"),
         "outside": (lambda a: _rewrite(a, lambda m: m["weights"].update(file="../w.bin")),
                     "weights.file '../w.bin' is not a plain file name"),
         "version bool": (lambda a: _rewrite(a, lambda m: m.update(format_version=True)),

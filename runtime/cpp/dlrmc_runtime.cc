@@ -361,10 +361,13 @@ Model::Model(const std::string& artifact_dir, bool verify) : impl_(new Impl) {
     if (it == want.end()) throw Error("manifest.json: the weights do not match arch: " + name +
                                       " unexpected");
     bool table = name.rfind("emb_l.", 0) == 0;
-    bool is_f32 = w.dtype.code == kDLFloat && w.dtype.bits == 32;
-    if ((table && (w.shape.empty() || w.shape[0] != it->second[0])) ||
+    bool is_f32 = w.dtype.code == kDLFloat && w.dtype.bits == 32 && w.dtype.lanes == 1;
+    bool is_u8 = w.dtype.code == kDLUInt && w.dtype.bits == 8 && w.dtype.lanes == 1;
+    if (!(is_f32 || (table && is_u8)) ||   // float32; a table may be uint8 (quantised rows)
+        (table && (w.shape.empty() || w.shape[0] != it->second[0])) ||
         (is_f32 && w.shape != it->second))
-      throw Error("manifest.json: weight " + name + " does not have the shape arch says");
+      throw Error("manifest.json: weight " + name + " does not have the dtype and shape arch "
+                  "says");
     want.erase(it);
     specs.push_back(w);
   }
