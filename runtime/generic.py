@@ -15,7 +15,7 @@ import tvm
 from ..artifact import ArtifactError, read_manifest, read_weights
 from tvm.runtime.vm import VirtualMachine
 
-from .model import artifact_device, load_library, set_threads, to_tvm
+from .model import artifact_device, load_library, set_threads, to_tvm, vm_function
 from .validate import InputError
 
 
@@ -31,7 +31,7 @@ class GenericModel:
         if self.device.dlpack_device_type() != tvm.cpu().dlpack_device_type():
             raise ArtifactError("generic ONNX artifacts run on the CPU only")
         vm = VirtualMachine(load_library(self.path), self.device)
-        self._main = vm[self.manifest["entry"]]
+        self._main = vm_function(vm, self.manifest["entry"], "entry")
         self._lock = threading.Lock()
         self._weights = [tvm.runtime.tensor(w, self.device)
                          for w in read_weights(self.path, self.manifest)]

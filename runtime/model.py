@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -172,6 +173,16 @@ def load_library(path: str) -> tvm.runtime.Module:
         raise ArtifactError(f"cannot load {os.path.join(path, LIBRARY)}: {e}") from None
 
 
+def vm_function(vm: VirtualMachine, name, field: str):
+    """The VM function a manifest field names; an ``ArtifactError`` naming the field if the
+    library has none of that name."""
+    try:
+        return vm[name]
+    except (AttributeError, ValueError, TypeError):
+        raise ArtifactError(f"manifest.json: {field} {json.dumps(name)} is not a function of "
+                            f"{LIBRARY}") from None
+
+
 def check_weights(manifest: dict) -> None:
     """The weight index against the manifest's architecture: exactly the model's weights,
     each of its dtype (float32; a table may be uint8, row-wise quantised), every table with
@@ -226,17 +237,19 @@ class CompiledDLRM:
         weights = [tvm.runtime.from_dlpack(w) if mmap and on_cpu
                    else tvm.runtime.tensor(w, self.device)
                    for w in read_weights(self.path, self.manifest)]
-        self._weights = list(vm[self.manifest["transform_params"]](weights))
+        self._weights = list(vm_function(vm, self.manifest["transform_params"],
+                                         "transform_params")(weights))
 
     def _vm(self) -> VirtualMachine:
         """This thread's VM; its entries are cached beside it."""
         vm = getattr(self._local, "vm", None)
         if vm is None:
             set_threads(self.threads)      # TVM's worker pool is per calling thread
-            vm = self._local.vm = VirtualMachine(self._library, self.device)
-            self._local.main = vm[self.manifest["entry"]]
-            self._local.buckets = {int(b): vm[name]
+            vm = VirtualMachine(self._library, self.device)
+            self._local.main = vm_function(vm, self.manifest["entry"], "entry")
+            self._local.buckets = {int(b): vm_function(vm, name, f"buckets.{b}")
                                    for b, name in self.manifest["buckets"].items()}
+            self._local.vm = vm
         return vm
 
     def _to_device(self, arrays: list[np.ndarray]) -> list:

@@ -378,6 +378,14 @@ Model::Model(const std::string& artifact_dir, bool verify) : impl_(new Impl) {
                 wfile + " is listed with " + std::to_string(sizes[wfile]));
 
   std::string lib = artifact_dir + "/model.so";
+  // The VM function a manifest field names, or an Error naming the field.
+  auto vm_function = [](const ffi::Module& vm, const json::Value& name, const std::string& field) {
+    auto fn = vm->GetFunction(Str(name, field));
+    if (!fn.has_value())
+      throw Error("manifest.json: " + field + " \"" + Str(name, field) +
+                  "\" is not a function of model.so");
+    return *fn;
+  };
   try {
     ffi::Module exec = ffi::Module::LoadFromFile(lib);
     ffi::Module vm = exec->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
@@ -388,11 +396,13 @@ Model::Model(const std::string& artifact_dir, bool verify) : impl_(new Impl) {
     else  // the GPU, then the host for the VM's shape computations
       init(static_cast<int>(m.dev.device_type), m.dev.device_id, kPooledAllocator,
            static_cast<int>(kDLCPU), 0, kPooledAllocator);
-    m.main = vm->GetFunction(Str(Get(man, "entry"), "entry")).value();
+    m.main = vm_function(vm, Get(man, "entry"), "entry");
     json::Object buckets = Obj(Get(man, "buckets"), "buckets");
     for (const auto& kv : buckets) {
-      int64_t b = std::stoll(std::string(kv.first.cast<ffi::String>()));
-      m.buckets[b] = vm->GetFunction(Str(kv.second, "bucket entry")).value();
+      std::string key = std::string(kv.first.cast<ffi::String>());
+      if (key.empty() || key.size() > 9 || key.find_first_not_of("0123456789") != std::string::npos)
+        throw Error("manifest.json: buckets must map batch sizes to entry names, got '" + key + "'");
+      m.buckets[std::stoll(key)] = vm_function(vm, kv.second, "buckets." + key);
     }
   } catch (const ffi::Error& e) {
     throw Error("cannot load " + lib + ": " + e.what());
@@ -405,8 +415,8 @@ Model::Model(const std::string& artifact_dir, bool verify) : impl_(new Impl) {
   ffi::Array<Tensor> raw_weights;
   for (const Spec& w : specs)
     raw_weights.push_back(Make(w.shape, w.dtype, blob.data() + w.offset, w.nbytes, m.dev));
-  ffi::Function transform = m.vm.value()->GetFunction(Str(Get(man, "transform_params"),
-                                                  "transform_params")).value();
+  ffi::Function transform = vm_function(m.vm.value(), Get(man, "transform_params"),
+                                        "transform_params");
   auto packed = transform(raw_weights).cast<ffi::Array<ffi::Any>>();
   for (const auto& w : packed) m.weights.push_back(w.cast<Tensor>());
 }
