@@ -81,8 +81,13 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _write_weights(path: str, weights: Iterable[tuple[str, np.ndarray]]) -> tuple[list, str]:
-    """Stream the arrays to ``path``; return their index and the file's sha256."""
+CHUNK = 1 << 26     # bytes written (and reported to ``progress``) at a time
+
+
+def _write_weights(path: str, weights: Iterable[tuple[str, np.ndarray]],
+                   progress: Callable[[int], object] | None = None) -> tuple[list, str]:
+    """Stream the arrays to ``path``; return their index and the file's sha256.
+    ``progress(n)`` is told each ``n`` bytes written."""
     index, h, pos = [], hashlib.sha256(), 0
     with open(path, "wb") as f:
         for name, arr in weights:
@@ -93,8 +98,11 @@ def _write_weights(path: str, weights: Iterable[tuple[str, np.ndarray]]) -> tupl
                 h.update(b"\0" * pad)
                 pos += pad
             data = memoryview(arr.astype(arr.dtype.newbyteorder("<"), copy=False)).cast("B")
-            f.write(data)
-            h.update(data)
+            for start in range(0, len(data), CHUNK):
+                f.write(data[start:start + CHUNK])
+                h.update(data[start:start + CHUNK])
+                if progress:
+                    progress(len(data[start:start + CHUNK]))
             index.append({"name": name, "dtype": str(arr.dtype), "shape": list(arr.shape),
                           "offset": pos, "nbytes": arr.nbytes})
             pos += arr.nbytes
@@ -144,9 +152,11 @@ def _check_replaceable(out_dir: str) -> None:
 
 
 def write_artifact(out_dir: str, export_library: Callable[[str, str], None],
-                   weights: Iterable[tuple[str, np.ndarray]], manifest: dict) -> dict:
+                   weights: Iterable[tuple[str, np.ndarray]], manifest: dict,
+                   progress: Callable[[int], object] | None = None) -> dict:
     """Write the artifact atomically; ``export_library(path, workspace)`` writes the .so,
-    keeping its intermediate files under the directory ``workspace``. Returns the manifest.
+    keeping its intermediate files under the directory ``workspace``; ``progress(n)`` is told
+    of each ``n`` bytes of weights written. Returns the manifest.
 
     An existing ``out_dir`` is replaced only if it is empty or an artifact and nothing else.
     """
@@ -159,7 +169,7 @@ def write_artifact(out_dir: str, export_library: Callable[[str, str], None],
         # The library's code generation and the weights' write + hash overlap.
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             library = pool.submit(export_library, os.path.join(tmp, LIBRARY), workspace)
-            index, weights_sha = _write_weights(os.path.join(tmp, WEIGHTS), weights)
+            index, weights_sha = _write_weights(os.path.join(tmp, WEIGHTS), weights, progress)
             library.result()
         shutil.rmtree(workspace)
         manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION)

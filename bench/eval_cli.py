@@ -81,10 +81,13 @@ VARIANTS = {"fp32": {}, "int8-emb": {"emb_quant": "int8"}, "int4-emb": {"emb_qua
 
 
 def compare(checkpoint: str, variants: list[str], data: ProcessedData, split: str,
-            batch_size: int) -> list[dict]:
-    """Compile ``checkpoint`` per variant, evaluate each, time a batch of 512."""
+            batch_size: int, progress: bool = False) -> list[dict]:
+    """Compile ``checkpoint`` per variant, evaluate each, time a batch of 512; ``progress``:
+    a bar over the variants on stderr, naming the step under way."""
     import os
     import tempfile
+
+    from tqdm import tqdm
 
     from ..compiler.build import compile_model
     from ..compiler.numerics import CALIBRATION_ROWS
@@ -92,8 +95,10 @@ def compare(checkpoint: str, variants: list[str], data: ProcessedData, split: st
 
     model = load_model(checkpoint)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="dlrm-eval-") as tmp:
-        for name in variants:
+    with tempfile.TemporaryDirectory(prefix="dlrm-eval-") as tmp, \
+            tqdm(variants, unit="variant", disable=not progress) as bar:
+        for name in bar:
+            bar.set_postfix_str(f"{name}: compiling")
             out = os.path.join(tmp, name)
             options = dict(VARIANTS[name])
             if "mlp_quant" in options:
@@ -101,6 +106,7 @@ def compare(checkpoint: str, variants: list[str], data: ProcessedData, split: st
             compile_model(model, model.arch, None, out, log=lambda _: None, buckets=(512,),
                           **options)
             runtime = load(out)
+            bar.set_postfix_str(f"{name}: evaluating {split}")
             result = evaluate(runtime, data, split, batch_size)
             dense, offsets, indices, _ = next(data.batches(split, 512))
             times = runtime.time_per_batch(dense, offsets, indices, repeat=20)
@@ -125,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="test", choices=("train", "test", "val", "all"))
     p.add_argument("--max-ind-range", type=int)
     p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = p.parse_args(argv)
     if bool(args.compare) == bool(args.artifact) or bool(args.compare) != bool(args.load_model):
         p.error("give an ARTIFACT, or --compare VARIANTS with --load-model CKPT")
@@ -161,7 +168,8 @@ def _compare_main(args) -> int:
         return 2
     try:
         data = ProcessedData.load(args.data, args.max_ind_range)
-        rows = compare(args.load_model, variants, data, args.split, args.batch_size)
+        rows = compare(args.load_model, variants, data, args.split, args.batch_size,
+                       progress=not args.no_progress)
     except (ArtifactError, InputError, ValueError, OSError) as e:
         print(f"dlrm-eval: error: {e}", file=sys.stderr)
         return 2

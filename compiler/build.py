@@ -10,12 +10,15 @@ shared by every entry, which the runtime calls once at load; then Relax's ``zero
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from importlib.metadata import version
 from typing import Callable
 
 import torch
 import tvm
+from tqdm import tqdm
 from tvm import relax
 
 from ..artifact import write_artifact
@@ -54,24 +57,49 @@ def tuning_identity(arch: Arch, target: tvm.target.Target) -> dict:
     return {"target": resolved(target), "model_hash": model_hash(arch.to_dict())}
 
 
-def _stage(log: Callable[[str], None], name: str, fn, *args, **kwargs):
+@contextlib.contextmanager
+def _ticking(desc: str, show: bool):
+    """While a step with no finer progress runs, a line on stderr counting its seconds."""
+    if not show:
+        yield
+        return
+    bar = tqdm(desc=desc, bar_format="{desc} {elapsed}", leave=False)
+    stop = threading.Event()
+
+    def tick():
+        while not stop.wait(0.5):
+            bar.refresh()
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ticker.join()
+        bar.close()
+
+
+def _stage(log: Callable[[str], None], name: str, show: bool, fn, *args, **kwargs):
+    """Run one stage of the build: its seconds ticking on stderr (``show``), then logged."""
     t0 = time.perf_counter()
-    result = fn(*args, **kwargs)
+    with _ticking(f"[dlrmc] {name}", show):
+        result = fn(*args, **kwargs)
     log(f"[dlrmc] {name:<6} {time.perf_counter() - t0:7.2f} s")
     return result
 
 
 def prepare(model: torch.nn.Module, arch: Arch, target: tvm.target.Target, buckets=(),
             log: Callable[[str], None] = print, emb_quant: str | None = None,
-            **numerics) -> Lowered:
+            progress: bool = False, **numerics) -> Lowered:
     """Export and lower ``model`` (tables quantised with ``emb_quant``; ``numerics``:
     ``lower``'s precision, mlp_quant and calibration); its module gains ``main_b{B}`` for
     every bucket."""
     if target.kind.name not in ("llvm", "cuda"):
         raise BuildError(f"dlrmc does not build for target kind {target.kind.name!r}; use an "
                          "llvm or cuda target")
-    ep = _stage(log, "export", export_model, model, arch)
-    lowered = _stage(log, "lower", lower, ep, target, emb_quant=emb_quant, **numerics)
+    ep = _stage(log, "export", progress, export_model, model, arch)
+    lowered = _stage(log, "lower", progress, lower, ep, target, emb_quant=emb_quant, **numerics)
     if buckets:
         lowered.mod = add_buckets(lowered.mod, buckets)
     return lowered
@@ -112,13 +140,14 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
                   log: Callable[[str], None] = print, buckets=None,
                   tuning_log: str | None = None, emb_quant: str | None = None,
                   precision: str = "fp32", mlp_quant: str | None = None,
-                  calibration=None) -> dict:
+                  calibration=None, progress: bool = False) -> dict:
     """Compile ``model`` for ``target`` into the artifact directory ``out_dir``; return its
     manifest. ``buckets``: static batch sizes compiled beside the symbolic batch (default:
     the tuning log's, else ``DEFAULT_BUCKETS``); ``tuning_log``: a ``dlrm-tune`` directory
     whose schedules are replayed; ``emb_quant``: "int8" stores the tables row-wise quantised;
     ``precision``: the dense layers' and interaction's type; ``mlp_quant`` "int8": int8 dense
-    layers calibrated on ``calibration`` (batches of (dense_x, lS_o, [lS_i_k]))."""
+    layers calibrated on ``calibration`` (batches of (dense_x, lS_o, [lS_i_k])); ``progress``:
+    each stage's seconds, and the bytes written, shown on stderr while it runs."""
     tgt = parse_target(target)
     linker(tgt)                # before the build: a missing cross compiler fails fast
     cuda_arch = str(tgt.attrs["arch"]) if tgt.kind.name == "cuda" else None
@@ -127,9 +156,9 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
     if buckets is None:
         buckets = read_log_manifest(tuning_log)["buckets"] if tuning_log else DEFAULT_BUCKETS
     buckets = tuple(sorted({int(b) for b in buckets}))
-    lowered = prepare(model, arch, tgt, buckets, log, emb_quant, precision=precision,
+    lowered = prepare(model, arch, tgt, buckets, log, emb_quant, progress, precision=precision,
                       mlp_quant=mlp_quant, calibration=calibration)
-    executable, summary = _stage(log, "build", build, lowered, tgt, tuning_log,
+    executable, summary = _stage(log, "build", progress, build, lowered, tgt, tuning_log,
                                  tuning_identity(arch, tgt), log)
     inputs, dims = input_spec(arch)
     if lowered.num_inputs != len(inputs):
@@ -153,6 +182,9 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
         "tuning_log": None if tuning_log is None else {
             "path": str(tuning_log), "tuned": summary["tuned"], "default": summary["default"]},
     }
-    return _stage(log, "write", write_artifact, out_dir,
-                  lambda path, workspace: export_library(executable, tgt, path, workspace),
-                  zip(lowered.param_names, lowered.params), manifest)
+    total = sum(p.nbytes for p in lowered.params)
+    with tqdm(total=total, desc="[dlrmc] write", unit="B", unit_scale=True, leave=False,
+              disable=not progress) as bar:
+        return _stage(log, "write", False, write_artifact, out_dir,
+                      lambda path, workspace: export_library(executable, tgt, path, workspace),
+                      zip(lowered.param_names, lowered.params), manifest, bar.update)

@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-ind-range", type=int, metavar="N",
                    help="hash the calibration data's categories modulo N, as the model was "
                         "trained")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress lines on stderr while the stages run")
     add_model_args(p)
     args = p.parse_args(argv)
     if args.mlp_quant and not args.calibration_data:
@@ -124,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         compile_model(model, arch, args.target, args.output, buckets=buckets,
                       tuning_log=args.tuning_log, emb_quant=args.emb_quant,
                       precision=args.precision, mlp_quant=args.mlp_quant,
-                      calibration=calibration)
-        print(f"wrote {args.output}")
+                      calibration=calibration, progress=not args.no_progress)
+        print(f"wrote {args.output}", flush=True)
         if args.check:
             from ..artifact import read_manifest
             from ..runtime.model import artifact_device
@@ -135,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"dlrm-compile: warning: --check skipped on this machine: {e}",
                       file=sys.stderr)
                 return 0
+            print(f"[dlrmc] check: loading {args.output} (checking its files' digests) and "
+                  f"running a batch of {args.check} through it and PyTorch eager", flush=True)
             diff = check_artifact(model, args.output, args.check, args.seed)
             # reduced-precision builds are compared with the fp32 model: their error shows
             exact = args.emb_quant is None and args.precision == "fp32" and not args.mlp_quant

@@ -18,9 +18,9 @@ from tqdm import tqdm
 from ..frontend.source import add_model_args, model_from_args
 from ..schedules.measure import make_runner
 from ..schedules.tasks import extract_tasks
-from ..schedules.tuning import tune
+from ..schedules.tuning import trial_plan, tune
 from ..schedules.tuning_log import task_table
-from ..targets import parse_target, resolved
+from ..targets import parse_target, target_text
 from .build import prepare, tuning_identity
 from .buckets import DEFAULT_BUCKETS, parse_buckets
 from .cli import USER_ERRORS
@@ -70,14 +70,14 @@ def main(argv: list[str] | None = None) -> int:
                     "indices_per_bag": args.indices_per_bag, "trials": trials,
                     "dlrmc_version": version("dlrmc"), "tvm_version": tvm.__version__,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        print(f"{len(tasks)} tasks at buckets {','.join(map(str, buckets))}; "
-              f"target {resolved(tgt)}")
-        bar = None if args.no_progress else tqdm(total=trials, unit="trial", dynamic_ncols=True)
+        per_task, planned = trial_plan(trials, len(tasks))
+        print(f"{len(tasks)} tasks at buckets {','.join(map(str, buckets))}, {per_task} trials "
+              f"each ({planned} in all); target {target_text(tgt)}")
+        bar = None if args.no_progress else tqdm(total=planned, unit="trial", dynamic_ncols=True)
 
         def progress(name, done, total, best):
             if bar is None:
                 return
-            bar.total = total
             bar.n = done
             bar.set_postfix_str(f"{name}" + (f" best {best * 1e6:.1f} us" if best else ""))
 

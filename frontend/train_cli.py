@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .arch import PRESETS, add_arch_args, arch_from_fields, given_fields
 from .dataset import ProcessedData
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-model", help="checkpoint path (reference format)")
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar on stderr (the reference's lines still print)")
     add_arch_args(p)
     args = p.parse_args(argv)
     try:
@@ -136,8 +139,10 @@ def train(args, model: DLRM, optimizer, data: ProcessedData, nbatches: int) -> N
     for epoch in range(args.nepochs):
         model.train()
         t0, loss_sum, seen = time.perf_counter(), 0.0, 0
-        for j, (dense, offsets, indices, y) in enumerate(
-                data.batches("train", args.mini_batch_size, shuffle_seed=args.seed + epoch)):
+        batches = tqdm(data.batches("train", args.mini_batch_size, shuffle_seed=args.seed + epoch),
+                       total=nbatches, desc=f"epoch {epoch}", unit="batch", leave=False,
+                       disable=args.no_progress)
+        for j, (dense, offsets, indices, y) in enumerate(batches):
             p_ = model(torch.from_numpy(dense), torch.from_numpy(offsets),
                        [torch.from_numpy(i) for i in indices])[:, 0]
             loss = torch.nn.functional.binary_cross_entropy(p_, torch.from_numpy(y))

@@ -49,6 +49,12 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
                     task_scheduler.terminate_task(i)
 
 
+def trial_plan(trials: int, num_tasks: int) -> tuple[int, int]:
+    """Trials per task and in all: ``trials`` split evenly, rounded up to whole rounds."""
+    per_task = math.ceil(trials / num_tasks)
+    return per_task, per_task * num_tasks
+
+
 def tune(tasks: list[Task], target: tvm.target.Target, log_dir: str, trials: int,
          manifest: dict, time_budget_s: float | None = None, runner=None,
          progress: Callable[[str, int, int, float | None], None] | None = None) -> dict:
@@ -70,11 +76,10 @@ def tune(tasks: list[Task], target: tvm.target.Target, log_dir: str, trials: int
                                      f"({old.get(key)!r}, not {manifest.get(key)!r}); use a new "
                                      "directory")
     db = ms.database.JSONDatabase(work_dir=log_dir)
-    per_task = math.ceil(trials / len(tasks))
+    per_task, total = trial_plan(trials, len(tasks))
     done = {t.name: min(len(records(db, t)), per_task) for t in tasks}
     # Least-measured first: a time budget cut short last time resumes where it stopped.
     todo = sorted((t for t in tasks if done[t.name] < per_task), key=lambda t: done[t.name])
-    total = per_task * len(tasks)
     state = {"done": sum(done.values()), "best": {}}
 
     def report(task_id, measured, best):

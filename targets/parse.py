@@ -146,6 +146,18 @@ def parse_target(text: str | None) -> Target:
         raise TargetError(f"TVM rejects target {text!r}: {e}") from None
 
 
+def target_text(target: Target) -> str:
+    """The target in the familiar string form, for people (``llvm -mcpu=znver4 -num-cores=2``)."""
+    words = [target.kind.name]
+    for key in ("mtriple", "mcpu", "mattr", "arch", "num-cores"):
+        value = target.attrs.get(key)
+        if not isinstance(value, (str, int)) and value is not None:
+            value = ",".join(str(v) for v in value)     # mattr: an array
+        if value not in (None, ""):
+            words.append(f"-{key}={value}")
+    return " ".join(words)
+
+
 def resolved(target: Target) -> dict:
     """The target's full attribute set, JSON-ready (for the manifest)."""
     import json

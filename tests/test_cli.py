@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import numpy as np
@@ -34,6 +35,9 @@ def test_compile_checkpoint_then_run(tmp_path):
               str(tmp_path / "m.pt"), "-o", str(out), "--check", "7")
     for stage in ("export", "lower", "build", "write"):
         assert f"[dlrmc] {stage}" in res.stdout
+        assert f"[dlrmc] {stage}" in res.stderr         # progress while it runs
+    assert re.search(r"\[dlrmc\] write: +\d+%\|.*/2\.62k \[", res.stderr)   # weights' bytes
+    assert "[dlrmc] check: loading" in res.stdout
     assert "max |dlrmc - PyTorch| over batch 7" in res.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["arch"]["interaction_itself"] is True

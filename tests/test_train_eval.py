@@ -42,6 +42,7 @@ def test_train_prints_the_reference_lines_and_saves_its_checkpoint(trained):
     assert any(re.fullmatch(r"Finished training it \d+/\d+ of epoch 0, [\d.]+ ms/it, "
                             r"loss [\d.]+", ln) for ln in lines), res.stdout
     assert any(re.fullmatch(r"Testing at - \d+/\d+ of epoch 0,", ln) for ln in lines)
+    assert re.search(r"epoch 0: +\d+%\|.*\| \d+/\d+ \[", res.stderr)     # the progress bar
     assert any(re.fullmatch(r" loss [\d.]+, accuracy [\d.]+ %, best [\d.]+ %", ln)
                for ln in lines)
     ckpt = torch.load(d / "m.pt", weights_only=True)
@@ -158,6 +159,7 @@ def test_eval_compare_variants(trained):
     assert delta["int4-emb"] < 0.03 and delta["int8-mlp"] < 0.005, res.stdout
     sizes = {k: float(v[-2]) for k, v in rows.items()}
     assert sizes["int4-emb"] < sizes["fp32"] == sizes["int8-mlp"]
+    assert "int8-mlp: compiling" in res.stderr          # its progress bar names the step
     assert all(float(v[5]) > 0 for v in rows.values())           # ms per batch of 512
     for args, message in [(["--compare", "fp8", "--load-model", str(d / "m.pt")],
                            "unknown variant"),

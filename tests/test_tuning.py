@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -141,9 +142,19 @@ TUNE_MODEL = ["--arch-sparse-feature-size", "4", "--arch-embedding-size", "100-5
 @pytest.fixture(scope="module")
 def tuned_log(tmp_path_factory):
     log = tmp_path_factory.mktemp("tune") / "log"
-    res = run("dlrm-tune", *TUNE_MODEL, "--buckets", "64,512", "--trials", "8",
-              "--no-progress", "-o", str(log))
+    res = run("dlrm-tune", *TUNE_MODEL, "--buckets", "64,512", "--trials", "8", "-o", str(log))
     return log, res
+
+
+def test_tune_states_its_plan_and_its_bar_keeps_its_total(tuned_log):
+    """8 trials over more tasks are one round each: the plan says so, the bar's total is that
+    from the start, and the target reads as it was given, not as a dict."""
+    _, res = tuned_log
+    plan = re.search(r"^(\d+) tasks at buckets 64,512, 1 trials each \((\d+) in all\); "
+                     r"target llvm -mcpu=\S+ -num-cores=\d+$", res.stdout, re.M)
+    assert plan and plan.group(1) == plan.group(2), res.stdout
+    totals = set(re.findall(r"\d+/(\d+) \[", res.stderr))
+    assert totals == {plan.group(2)}, totals
 
 
 def _records(log) -> int:
