@@ -299,8 +299,10 @@ def read_manifest(artifact_dir: str, verify: bool = True, files: bool = True) ->
         manifest = json.loads(raw)
     except FileNotFoundError:
         raise ArtifactError(f"{artifact_dir!r} is not a dlrmc artifact: {MANIFEST} is missing") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:      # RecursionError: nested absurdly deep
         raise ArtifactError(f"{path} is corrupt: {e}") from None
+    except OSError as e:
+        raise ArtifactError(f"cannot read {path}: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a dlrmc artifact manifest")
     version = manifest.get("format_version")

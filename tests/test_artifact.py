@@ -123,6 +123,15 @@ def test_the_manifest_is_covered_by_its_digest(compiled, tmp_path):
         load(str(art), verify=False)
 
 
+def test_a_manifest_nested_absurdly_deep_is_corrupt_not_a_crash(compiled, tmp_path):
+    art = _copy(compiled(TINY), tmp_path)
+    deep = b"[" * 300_000 + b"]" * 300_000
+    (art / "manifest.json").write_bytes(deep)
+    (art / "manifest.sha256").write_text(f"{hashlib.sha256(deep).hexdigest()}  manifest.json\n")
+    with pytest.raises(ArtifactError, match="manifest.json is corrupt"):
+        load(str(art), verify=False)
+
+
 def test_a_truncated_or_linked_file_is_refused_without_hashing(compiled, tmp_path):
     """verify=False skips the digests, never the sizes: a truncated library would die of
     SIGBUS in the loader."""

@@ -128,6 +128,8 @@ def test_native_runner_checks_what_the_python_runtime_checks(native, model, tmp_
         "version bool": (lambda a: _rewrite(a, lambda m: m.update(format_version=True)),
                          "has format version true; this runner reads version 2"),
         "truncated": (lambda a: os.truncate(a / "model.so", 1000), "model.so is 1000 bytes"),
+        "nested deep": (lambda a: (a / "manifest.json").write_text("[" * 300000 + "]" * 300000),
+                        "nested 300000 levels deep"),
         "entry renamed": (lambda a: _rewrite(a, lambda m: m["buckets"].update({"4": "nope"})),
                           'buckets.4 "nope" is not a function of model.so'),
         "flipped byte": (lambda a: (a / "weights.bin").write_bytes(

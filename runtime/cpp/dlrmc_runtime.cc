@@ -38,6 +38,7 @@ namespace {
 constexpr const char* kFormat = "dlrmc-artifact";
 constexpr int64_t kFormatVersion = 2;  // as dlrmc.artifact.format.FORMAT_VERSION
 constexpr int64_t kAlign = 64;         // as dlrmc.artifact.format.ALIGN
+constexpr int kMaxDepth = 64;          // JSON nesting a manifest may have
 constexpr double kMaxPadding = 0.25;  // as dlrmc.runtime.plan.MAX_PADDING
 constexpr int kPooledAllocator = 2;
 
@@ -244,6 +245,25 @@ Model::Model(const std::string& artifact_dir, bool verify) : impl_(new Impl) {
   Impl& m = *impl_;
   m.dir = artifact_dir;
   const std::string raw = ReadFile(artifact_dir + "/manifest.json");
+  // A manifest nests a few levels; a deeper one would overflow the parser's stack.
+  int depth = 0, deepest = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < raw.size(); ++i) {
+    char c = raw[i];
+    if (in_string) {
+      if (c == '\\') ++i;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      deepest = std::max(deepest, ++depth);
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  if (deepest > kMaxDepth)
+    throw Error(artifact_dir + "/manifest.json is corrupt: nested " + std::to_string(deepest) +
+                " levels deep (a manifest nests at most " + std::to_string(kMaxDepth) + ")");
   ffi::String err;
   json::Value parsed = json::Parse(raw, &err);
   if (!err.empty()) throw Error(artifact_dir + "/manifest.json is corrupt: " + std::string(err));
