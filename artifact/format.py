@@ -25,8 +25,9 @@ Layout (format version 2)::
 - ``inputs``: ``[{name, dtype, shape}]``, a shape entry being an int or the name of a
   dynamic dim; ``dynamic_dims``: ``{name: [min, max or null]}``; ``output``: likewise;
 - ``target``: ``{"string": what the user gave, "resolved": TVM's full target as JSON,
-  "requires": {"machine": "x86_64", "cpu_flags": [/proc/cpuinfo flags the code uses]}}``
-  (a CUDA build: ``{"cuda_arch": "sm_90"}``);
+  "requires": what the machine needs, as the target's backend (``dlrmc.targets.backend``)
+  states it: ``{"device": "cpu", "machine": "x86_64", "cpu_flags": [/proc/cpuinfo flags the
+  code uses]}`` or ``{"device": "cuda", "cuda_arch": "sm_90"}``}``;
 - ``weights``: ``{"file": "weights.bin", "tensors": [{name, dtype, shape, offset, nbytes}]}``;
 - ``files``: ``{file name: {"sha256": hex digest, "bytes": size}}``: model.so and the weights
   file, each a plain name inside the artifact;
@@ -222,6 +223,7 @@ def _check_fields(m: dict) -> None:
     target = m["target"]
     _field(_field(target, "resolved", dict, "target."), "kind", str, "target.resolved.")
     requires = _field(target, "requires", dict, "target.")
+    _field(requires, "device", str, "target.requires.")
     if "cpu_flags" in requires:
         flags = _field(requires, "cpu_flags", list, "target.requires.")
         if not all(isinstance(f, str) for f in flags):

@@ -56,11 +56,12 @@ def prepare(out: str, target: str = "cuda -arch=sm_90", python: str | None = "3.
     from ..compiler.build import compile_model, export_library
     from ..frontend.arch import Arch
     from ..frontend.model import DLRM
-    from ..targets import parse_target
+    from ..targets import parse_target, requirements
     from . import gpu_kernels
 
     tgt = parse_target(target)
-    cuda = tgt.kind.name == "cuda"
+    device = requirements(tgt)["device"]
+    cuda = device == "cuda"
     os.makedirs(out, exist_ok=True)
     kernels = gpu_kernels.build(tgt, bind=cuda)    # on a CPU, the same loops run serially
     export_library(kernels, tgt, os.path.join(out, KERNELS))
@@ -71,7 +72,7 @@ def prepare(out: str, target: str = "cuda -arch=sm_90", python: str | None = "3.
                       buckets=spec["buckets"], log=lambda _: None)
         open(os.path.join(art, "weights.bin"), "w").close()   # remade there (``run``)
     with open(os.path.join(out, BUNDLE), "w") as f:
-        json.dump({"target": target, "device": "cuda" if cuda else "cpu",
+        json.dump({"target": target, "device": device,
                    "artifacts": [m["name"] for m in models]}, f, indent=1)
     site = os.path.join(out, "site")
     shutil.rmtree(site, ignore_errors=True)

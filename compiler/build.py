@@ -25,11 +25,8 @@ from ..artifact import write_artifact
 from ..frontend.arch import Arch
 from ..frontend.export import export_model
 from ..schedules.tuning import model_hash
-from ..schedules.tuning_log import schedule_kernels
 from ..schedules.tuning_log import read_manifest as read_log_manifest
-from ..targets import parse_target, requirements, resolved
-from ..targets.cuda import nvcc_path, pack_imports
-from ..targets.toolchain import linker
+from ..targets import backend_for, parse_target, resolved
 from .buckets import DEFAULT_BUCKETS, add_buckets, entry_name
 from .lower import Lowered, lower
 
@@ -95,9 +92,6 @@ def prepare(model: torch.nn.Module, arch: Arch, target: tvm.target.Target, bucke
     """Export and lower ``model`` (tables quantised with ``emb_quant``; ``numerics``:
     ``lower``'s precision, mlp_quant and calibration); its module gains ``main_b{B}`` for
     every bucket."""
-    if target.kind.name not in ("llvm", "cuda"):
-        raise BuildError(f"dlrmc does not build for target kind {target.kind.name!r}; use an "
-                         "llvm or cuda target")
     ep = _stage(log, "export", progress, export_model, model, arch)
     lowered = _stage(log, "lower", progress, lower, ep, target, emb_quant=emb_quant, **numerics)
     if buckets:
@@ -108,32 +102,17 @@ def prepare(model: torch.nn.Module, arch: Arch, target: tvm.target.Target, bucke
 def build(lowered: Lowered, target: tvm.target.Target, tuning_log: str | None = None,
           expect: dict | None = None, log: Callable[[str], None] = print
           ) -> tuple[relax.VMExecutable, dict]:
-    """Compile the lowered module for ``target``; returns it and which kernels were tuned.
-
-    CUDA: TVM's CUDA pipeline (dlight's default GPU schedules for what is not ours) with
-    Relax's CUDA-graph rewriting, so each entry's static part replays as one graph."""
-    if target.kind.name == "cuda":
-        if tuning_log:
-            raise BuildError("tuning logs for CUDA targets are not supported yet")
-        mod = relax.transform.LiftTransformParams(shared_transform=True)(lowered.mod)
-        with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True}):
-            return tvm.compile(mod, target), {"tuned": {}, "default": []}
-    mod, summary = schedule_kernels(lowered.mod, target, tuning_log, expect, warn=log)
-    mod = relax.transform.LiftTransformParams(shared_transform=True)(mod)
-    mod = relax.get_pipeline("zero")(mod)
-    return tvm.compile(mod, target), summary
+    """Compile the lowered module for ``target`` as its backend does (``targets.backend``);
+    returns it and which kernels were tuned."""
+    return backend_for(target).build(lowered.mod, target, tuning_log, expect, log)
 
 
 def export_library(module, target: tvm.target.Target, path: str,
                    workspace: str | None = None) -> None:
-    """Write a built ``module`` as the shared library ``path`` for ``target``: CUDA device
-    code compiled here by nvcc (not at load time), linked for the target's machine; the
-    object files go under ``workspace`` (default: a temporary directory)."""
-    if target.kind.name == "cuda":
-        module.export_library(path, fpack_imports=pack_imports(str(target.attrs["arch"])),
-                              workspace_dir=workspace)
-    else:   # fcompile None: this machine's g++
-        module.export_library(path, fcompile=linker(target), workspace_dir=workspace)
+    """Write a built ``module`` as the shared library ``path`` for ``target``, as its backend
+    does (device code compiled here, linked for the target's machine); the object files go
+    under ``workspace`` (default: a temporary directory)."""
+    backend_for(target).export_library(module, target, path, workspace)
 
 
 def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_dir: str,
@@ -149,10 +128,9 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
     layers calibrated on ``calibration`` (batches of (dense_x, lS_o, [lS_i_k])); ``progress``:
     each stage's seconds, and the bytes written, shown on stderr while it runs."""
     tgt = parse_target(target)
-    linker(tgt)                # before the build: a missing cross compiler fails fast
-    cuda_arch = str(tgt.attrs["arch"]) if tgt.kind.name == "cuda" else None
-    if cuda_arch:
-        nvcc_path()            # likewise a missing nvcc
+    backend = backend_for(tgt)
+    backend.check_options(tuning_log=tuning_log)
+    backend.check_tools(tgt)   # before the build: a missing cross compiler or nvcc fails fast
     if buckets is None:
         buckets = read_log_manifest(tuning_log)["buckets"] if tuning_log else DEFAULT_BUCKETS
     buckets = tuple(sorted({int(b) for b in buckets}))
@@ -178,7 +156,7 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
         "dynamic_dims": dims,
         "output": {"name": "pred", "dtype": "float32", "shape": ["batch", 1]},
         "target": {"string": target or "host", "resolved": resolved(tgt),
-                   "requires": {"cuda_arch": cuda_arch} if cuda_arch else requirements(tgt)},
+                   "requires": backend.requirements(tgt)},
         "tuning_log": None if tuning_log is None else {
             "path": str(tuning_log), "tuned": summary["tuned"], "default": summary["default"]},
     }

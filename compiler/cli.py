@@ -12,7 +12,7 @@ import torch
 from ..artifact import ArtifactError
 from ..frontend.checkpoint import CheckpointError
 from ..frontend.source import add_model_args, model_from_args
-from ..targets import TargetError, parse_target
+from ..targets import TargetError, backend_for, parse_target
 from ..schedules.tuning_log import read_manifest as read_log_manifest
 from ..schedules.embedding_bag import QUANTS
 from .buckets import DEFAULT_BUCKETS, parse_buckets
@@ -108,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     # torch.export's own pytree deprecation notice, not the user's concern.
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     try:
-        parse_target(args.target)  # fail before building a large model
+        # fail before building a large model: the target, and what its backend refuses
+        backend_for(parse_target(args.target)).check_options(
+            emb_quant=args.emb_quant, precision=args.precision != "fp32",
+            mlp_quant=args.mlp_quant, tuning_log=args.tuning_log)
         buckets = None if args.buckets is None else parse_buckets(args.buckets)
         if args.tuning_log:
             read_log_manifest(args.tuning_log)

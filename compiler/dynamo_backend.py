@@ -5,10 +5,11 @@ is captured again with ``torch.export`` at its example shapes and goes through t
 lowering and build as ``dlrm-compile``. Compiled modules are cached by graph code, weights,
 target and input shapes/dtypes; a new shape compiles once more, also when Dynamo has made
 the graph dynamic (its size inputs are fixed to each call's values). A graph dlrmc cannot lower
-(or inputs off the CPU) runs eagerly instead, with a warning naming the reason. A target
-whose code this CPU cannot run (``-mcpu=skylake-avx512`` on an AVX2-only CPU) is refused
-with the runtime's ``ArtifactError`` before anything is compiled: running it would die of
-SIGILL.
+(or inputs off the CPU) runs eagerly instead, with a warning naming the reason. The graph
+runs on its target's device (inputs copied there and outputs back where they are not the
+CPU); a target whose code this machine cannot run (``-mcpu=skylake-avx512`` on an AVX2-only
+CPU, a CUDA target without a GPU) is refused with the runtime's ``ArtifactError`` before
+anything is compiled: running it would die of SIGILL.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import tvm
 from tvm import relax
 
 from ..runtime import set_threads
-from ..runtime.model import check_cpu, to_tvm
-from ..targets import parse_target, requirements
+from ..runtime.model import device_for, to_tvm
+from ..targets import parse_target, requirements, target_text
 from .build import TRANSFORM_PARAMS, build
 from .lower import lower
 
@@ -55,9 +56,12 @@ class _SizesFixed(torch.nn.Module):
                          for k in range(self.count)])
 
 
-def _as_tvm(t: torch.Tensor) -> tvm.runtime.Tensor:
-    """Zero-copy where TVM can take the memory (Dynamo passes the weights in every call)."""
+def _as_tvm(t: torch.Tensor, device) -> tvm.runtime.Tensor:
+    """On ``device``; zero-copy where TVM can take the memory (Dynamo passes the weights in
+    every call)."""
     t = t.detach()
+    if device.dlpack_device_type() != tvm.cpu().dlpack_device_type():
+        return tvm.runtime.tensor(t.contiguous().numpy(), device)
     if t.is_contiguous() and t.numel() and t.data_ptr() % 64 == 0:
         return tvm.runtime.from_dlpack(t)
     return to_tvm([t.contiguous().numpy()])[0]
@@ -66,29 +70,29 @@ def _as_tvm(t: torch.Tensor) -> tvm.runtime.Tensor:
 class _Compiled:
     """One graph compiled for one input signature; called with the graph's inputs."""
 
-    def __init__(self, gm: torch.fx.GraphModule, inputs, target: tvm.target.Target):
+    def __init__(self, gm: torch.fx.GraphModule, inputs, target: tvm.target.Target, device):
         tensors = tuple(t for t in inputs if isinstance(t, torch.Tensor))
         module = gm if len(tensors) == len(inputs) else _SizesFixed(gm, inputs)
         with torch.no_grad():
             ep = torch.export.export(module, tensors, strict=False)
         lowered = lower(ep, target, unwrap_single_output=False)
         set_threads()
-        self.vm = relax.VirtualMachine(build(lowered, target)[0], tvm.cpu())
-        weights = [tvm.runtime.tensor(p) for p in lowered.params]
+        self.device = device
+        self.vm = relax.VirtualMachine(build(lowered, target)[0], device)
+        weights = [tvm.runtime.tensor(p, device) for p in lowered.params]
         self.params = list(self.vm[TRANSFORM_PARAMS](weights))
 
     def __call__(self, *inputs):
-        args = [_as_tvm(t) for t in inputs if isinstance(t, torch.Tensor)]
+        args = [_as_tvm(t, self.device) for t in inputs if isinstance(t, torch.Tensor)]
         out = self.vm["main"](*args, *self.params)
-        return tuple(torch.from_dlpack(o) for o in out)
+        return tuple(torch.from_dlpack(o).cpu() for o in out)   # where the inputs were
 
 
 def dlrmc_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None,
                   **_: object) -> Callable:
     """Dynamo backend entry; ``options={"target": "llvm -mcpu=..."}`` (default: host CPU)."""
-    target_text = (options or {}).get("target", "host")
-    target = parse_target(target_text)
-    check_cpu(requirements(target))
+    target = parse_target((options or {}).get("target", "host"))
+    device = device_for(requirements(target), f"code for {target_text(target)}")
     key = (gm.code, str(target), _weights_key(gm))
 
     def fallback(reason: str) -> Callable:
@@ -102,7 +106,7 @@ def dlrmc_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None
         k = key + (_signature(inputs),)
         if k not in _CACHE:
             try:
-                _CACHE[k] = _Compiled(gm, inputs, target)
+                _CACHE[k] = _Compiled(gm, inputs, target, device)
             except Exception as e:  # noqa: BLE001 - any lowering failure falls back
                 _CACHE[k] = fallback(f"{type(e).__name__}: {e}")
         return _CACHE[k]

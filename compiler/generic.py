@@ -20,8 +20,7 @@ from tvm.relax.frontend.onnx import from_onnx
 
 from ..artifact import write_artifact
 from ..frontend.onnx_import import OnnxImportError, graph_inputs
-from ..targets import parse_target, requirements, resolved
-from ..targets.toolchain import linker
+from ..targets import backend_for, parse_target, requirements, resolved
 from .build import export_library
 
 
@@ -37,7 +36,7 @@ def compile_generic(model: onnx.ModelProto, target: str | None, out_dir: str, re
     """Compile ``model`` through TVM's Relax ONNX frontend into an artifact; ``reason``:
     why it is not a recognised DLRM (kept in the manifest)."""
     tgt = parse_target(target)
-    linker(tgt)                # a missing cross compiler fails before the build
+    backend_for(tgt).check_tools(tgt)     # a missing cross compiler fails before the build
     try:
         mod = from_onnx(model, keep_params_in_input=True)
     except Exception as e:  # noqa: BLE001 - the frontend raises many types for what it lacks

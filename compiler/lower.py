@@ -38,6 +38,7 @@ from ..schedules.dense_lowp import pack_lowp_kernel, quantize_pack_kernel, words
 from ..schedules.embedding_bag import MODES, QUANTS, fused_width, quantize_rows
 from ..schedules.interaction import output_width
 from ..schedules.kernels import make
+from ..targets import backend_for
 from ..targets.knobs import CpuKnobs, cpu_knobs
 from . import torch_ops  # noqa: F401  (registers torch.ops.dlrmc)
 from .fx_passes import batch_embedding_bags, embedding_bag_args, fuse_dot_interaction, fuse_linear
@@ -103,11 +104,9 @@ def _convert_embedding_bag(node, importer, quant=None, tables=None, gpu=False) -
 
 
 def _bags_kernel(gpu: bool, quant, **args):
-    if not gpu:
-        return make("embedding_bags", **args, quant=quant)
-    if quant is not None:
-        raise LoweringError("--emb-quant is not available for CUDA targets yet")
-    return make("embedding_bags_gpu", **args)
+    """The CPU kernel (reading ``quant`` tables) or the GPU one (its backend refuses them)."""
+    return make("embedding_bags_gpu", **args) if gpu else make("embedding_bags", **args,
+                                                                quant=quant)
 
 
 def _convert_embedding_bags(node, importer, quant=None, tables=None, gpu=False) -> relax.Expr:
@@ -269,9 +268,8 @@ def _convert_linear(node, importer, knobs: CpuKnobs, numerics: Numerics) -> rela
 
 def gpu_converters(numerics: Numerics = Numerics()) -> dict:
     """The ops we lower ourselves for CUDA targets: our GPU embedding-bag and interaction
-    kernels; dense layers as Relax ops for dlight; the rest TVM's."""
-    if numerics.precision != "fp32" or numerics.mlp_quant:
-        raise LoweringError("--precision and --mlp-quant are not available for CUDA targets yet")
+    kernels; dense layers as Relax ops for dlight; the rest TVM's. (What it cannot do, the
+    CUDA backend refuses first.)"""
 
     def bag(node, imp):
         return _convert_embedding_bag(node, imp, gpu=True)
@@ -306,6 +304,15 @@ def converters(knobs: CpuKnobs, stock: dict, emb_quant: str | None = None,
                                                                               numerics),
         "linear.default": lambda node, imp: _convert_linear(node, imp, knobs, numerics),
     }
+
+
+# The converter families, by the name a backend gives as its ``lowering``
+# (``dlrmc.targets.backend``): (target, stock, emb_quant, quantized, numerics) -> convert map.
+CONVERTERS = {
+    "cpu": lambda target, stock, emb_quant, quantized, numerics: converters(
+        cpu_knobs(target), stock, emb_quant, quantized, numerics),
+    "gpu": lambda target, stock, emb_quant, quantized, numerics: gpu_converters(numerics),
+}
 
 
 @dataclass
@@ -346,12 +353,9 @@ def lower(ep: torch.export.ExportedProgram, target: tvm.target.Target,
     importer = ExportedProgramImporter()
     stock = importer.create_convert_map()
     quantized: set[str] = set()
-    if target.kind.name == "cuda":
-        if emb_quant:
-            raise LoweringError("--emb-quant is not available for CUDA targets yet")
-        convert_map = gpu_converters(numerics)
-    else:
-        convert_map = converters(cpu_knobs(target), stock, emb_quant, quantized, numerics)
+    backend = backend_for(target)
+    backend.check_options(emb_quant=emb_quant, precision=precision != "fp32", mlp_quant=mlp_quant)
+    convert_map = CONVERTERS[backend.lowering](target, stock, emb_quant, quantized, numerics)
     unsupported = sorted({n.target.__name__ for n in ep.graph.nodes if n.op == "call_function"
                           and n.target.__name__ not in convert_map
                           and n.target.__name__ not in stock})

@@ -147,21 +147,38 @@ def cuda_unavailable() -> str | None:
     return _load_cuda_runtime() or (None if tvm.cuda(0).exist else "no CUDA GPU found")
 
 
+# What must hold on this machine before code for a device runs, by the device name the
+# manifest's ``target.requires.device`` gives (the backend that built it wrote it there):
+# (requires, what) -> None, or an ArtifactError naming what is missing.
+def _cpu_ready(requires: dict, what: str) -> None:
+    check_cpu(requires)
+
+
+def _cuda_ready(requires: dict, what: str) -> None:
+    reason = cuda_unavailable()
+    if reason:
+        raise ArtifactError(f"{what} was built for CUDA ({requires.get('cuda_arch', '?')}) and "
+                            f"cannot run here: {reason}")
+
+
+DEVICES = {"cpu": (_cpu_ready, tvm.cpu), "cuda": (_cuda_ready, tvm.cuda)}
+
+
+def device_for(requires: dict, what: str):
+    """The TVM device code with these ``requires`` runs on, once this machine is checked to
+    run it (``what`` names the code in the error)."""
+    name = requires.get("device")
+    if name not in DEVICES:
+        raise ArtifactError(f"{what} was built for device {name!r}; this runtime runs "
+                            f"{', '.join(DEVICES)}")
+    ready, device = DEVICES[name]
+    ready(requires, what)
+    return device(0)
+
+
 def artifact_device(path: str, manifest: dict):
-    """The device an artifact runs on: the CPU, or the first CUDA GPU for a CUDA build."""
-    kind = manifest["target"]["resolved"].get("kind")
-    if kind == "cuda":
-        arch = manifest["target"].get("requires", {}).get("cuda_arch", "?")
-        reason = cuda_unavailable()
-        if reason:
-            raise ArtifactError(f"{path} was built for CUDA ({arch}) and cannot run here: "
-                                f"{reason}")
-        return tvm.cuda(0)
-    if kind != "llvm":
-        raise ArtifactError(f"{path} was built for {kind}; this runtime runs llvm and cuda "
-                            "artifacts")
-    check_cpu(manifest["target"].get("requires", {}))
-    return tvm.cpu()
+    """The device an artifact runs on (``device_for`` its manifest's requirements)."""
+    return device_for(manifest["target"]["requires"], path)
 
 
 def load_library(path: str) -> tvm.runtime.Module:

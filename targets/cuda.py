@@ -24,6 +24,7 @@ import struct
 import subprocess
 import tempfile
 
+from .backend import Backend, register
 from .parse import TargetError
 
 FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)
@@ -156,3 +157,45 @@ def fatbin_archs(library: bytes) -> list[str]:
         archs |= {a.decode() for a in re.findall(rb"sm_\d+a?", library[at:at + (1 << 22)])}
         at = library.find(FATBIN_MAGIC, at + 4)
     return sorted(archs)
+
+
+class CudaBackend(Backend):
+    """CUDA targets: our GPU embedding-bag and interaction kernels, dense layers as Relax ops
+    for dlight's GPU rules, Relax's CUDA-graph rewriting, device code compiled here by nvcc
+    (``pack_imports``); the runtime needs a driver and a GPU."""
+
+    name = "cuda"
+    device = "cuda"
+    lowering = "gpu"
+    refuses = {
+        "emb_quant": "--emb-quant is not available for CUDA targets yet",
+        "precision": "--precision bf16/fp16 is not available for CUDA targets yet",
+        "mlp_quant": "--mlp-quant is not available for CUDA targets yet",
+        "tuning_log": "tuning logs for CUDA targets are not supported yet (dlight's GPU rules "
+                      "schedule the dense layers)",
+    }
+
+    def matches(self, target) -> bool:
+        return target.kind.name == "cuda"
+
+    def check_tools(self, target) -> None:
+        nvcc_path()
+
+    def requirements(self, target) -> dict:
+        return {"device": self.device, "cuda_arch": str(target.attrs["arch"])}
+
+    def build(self, mod, target, tuning_log, expect, log):
+        import tvm
+        from tvm import relax
+
+        self.check_options(tuning_log=tuning_log)
+        mod = relax.transform.LiftTransformParams(shared_transform=True)(mod)
+        with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True}):
+            return tvm.compile(mod, target), {"tuned": {}, "default": []}
+
+    def export_library(self, module, target, path, workspace=None) -> None:
+        module.export_library(path, fpack_imports=pack_imports(str(target.attrs["arch"])),
+                              workspace_dir=workspace)
+
+
+register(CudaBackend())

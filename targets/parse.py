@@ -163,25 +163,3 @@ def resolved(target: Target) -> dict:
     import json
 
     return json.loads(str(target))
-
-
-# LLVM feature names whose absence makes code crash with SIGILL, and what Linux's
-# /proc/cpuinfo calls them.
-CPUINFO_FLAGS = {
-    "sse4.2": "sse4_2", "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c",
-    "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512dq": "avx512dq", "avx512vl": "avx512vl",
-    "avx512cd": "avx512cd", "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16",
-    "avx512fp16": "avx512_fp16", "amx-tile": "amx_tile", "sve": "sve", "sve2": "sve2",
-    "dotprod": "asimddp", "i8mm": "i8mm", "bf16": "bf16",
-}
-
-
-def requirements(target: Target) -> dict:
-    """What a CPU must have to run code for ``target``: machine and instruction-set flags
-    (as /proc/cpuinfo names them), so a deployment can refuse instead of crashing."""
-    if target.kind.name != "llvm":
-        return {}
-    triple = str(target.attrs.get("mtriple", "")) or codegen.llvm_get_system_triple()
-    feats = set(codegen.llvm_get_cpu_features(target))
-    return {"machine": triple.split("-")[0],
-            "cpu_flags": sorted(CPUINFO_FLAGS[f] for f in feats if f in CPUINFO_FLAGS)}

@@ -286,20 +286,20 @@ Model::Model(const std::string& artifact_dir, bool verify) : impl_(new Impl) {
   if (recorded != Sha256(raw))
     throw Error(artifact_dir + "/manifest.json does not match manifest.sha256: the manifest "
                 "was changed or damaged after it was written");
+  // The device, as the target's backend recorded it (dlrmc.runtime.model.DEVICES).
   json::Object target = Obj(Get(man, "target"), "target");
-  json::Object resolved = Obj(Get(target, "resolved"), "target.resolved");
-  std::string kind = Str(Get(resolved, "kind"), "target kind");
   json::Object requires = Obj(Get(target, "requires"), "target.requires");
-  if (kind == "cuda") {
+  std::string device = Str(Get(requires, "device"), "target.requires.device");
+  if (device == "cuda") {
     auto arch_it = requires.find(ffi::String("cuda_arch"));
     std::string arch = arch_it == requires.end() ? "?" : Str((*arch_it).second, "cuda_arch");
     std::string why = CudaUnavailable();
     if (!why.empty())
       throw Error(artifact_dir + " was built for CUDA (" + arch + ") and cannot run here: " + why);
     m.dev = DLDevice{kDLCUDA, 0};
-  } else if (kind != "llvm") {
-    throw Error(artifact_dir + " was built for " + kind + "; this runner runs llvm and cuda "
-                "artifacts");
+  } else if (device != "cpu") {
+    throw Error(artifact_dir + " was built for device '" + device + "'; this runner runs cpu "
+                "and cuda");
   }
   auto machine_it = requires.find(ffi::String("machine"));
   std::string want_machine;
