@@ -63,7 +63,7 @@ def test_cuda_artifact_carries_device_code_for_its_arch(tmp_path, target, arch):
     manifest = compile_model(model, model.arch, target, str(tmp_path / "a"), log=lambda _: None,
                              buckets=(64,))
     assert manifest["target"]["resolved"]["kind"] == "cuda"
-    assert manifest["target"]["requires"] == {"cuda_arch": arch}
+    assert manifest["target"]["requires"] == {"device": "cuda", "cuda_arch": arch}
     library = (tmp_path / "a" / "model.so").read_bytes()
     assert fatbin_archs(library) == [arch]
     assert b"__global__" not in library            # no CUDA source left to compile at load
