@@ -1,5 +1,5 @@
 """The GPU kernels' checks: our CUDA kernels over many configurations, in one library, against
-the numpy oracles (``dlrmc.schedules.reference``).
+the numpy oracles (``dlrmc.frontend.ops``).
 
 ``build(target, bind)`` compiles every case of ``CASES`` into one module, each as its own
 function (``bind=False``: the same loops serially, for a CPU target). ``run(lib, device)``
@@ -68,7 +68,7 @@ def build(target, bind: bool = True):
 
 def _bag_data(c: dict, rng):
     """Inputs in the kernel's argument order, and the oracle's outputs."""
-    from ..schedules import reference as ref
+    from ..frontend import ops as ref
 
     tables, n, dim = c["tables"] or 1, c["n"], c["dim"]
     rows = rng.integers(1, 60, tables)
@@ -88,7 +88,7 @@ def _bag_data(c: dict, rng):
 
 
 def _interaction_data(c: dict, rng):
-    from ..schedules import reference as ref
+    from ..frontend import ops as ref
 
     t = rng.standard_normal((c["n"], c["features"], c["dim"])).astype(np.float32)
     return [t], [ref.dot_interaction(t, c["itself"], c["prepend"])]

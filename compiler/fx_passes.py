@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from . import torch_ops
+from ..frontend.ops import interaction_pairs
+from . import torch_ops  # noqa: F401  (registers torch.ops.dlrmc)
 
 aten = torch.ops.aten
 _PASS_THROUGH = {aten.clone.default, aten.lift_fresh_copy.default, aten.detach_.default,
@@ -94,8 +95,8 @@ def _is_transpose_of(node, src) -> bool:
 def _triangle(li: torch.Tensor, lj: torch.Tensor, n: int) -> bool | None:
     """True/False: li, lj are the triangle with/without the diagonal; None: neither."""
     for itself in (False, True):
-        want_i, want_j = torch_ops._pairs(n, itself)
-        if li.tolist() == want_i and lj.tolist() == want_j:
+        want_i, want_j = interaction_pairs(n, itself)
+        if li.tolist() == want_i.tolist() and lj.tolist() == want_j.tolist():
             return itself
     return None
 

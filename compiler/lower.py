@@ -35,7 +35,8 @@ from tvm.relax.frontend.torch.exported_program_translator import ExportedProgram
 
 from ..schedules.dense import pack_kernel
 from ..schedules.dense_lowp import pack_lowp_kernel, quantize_pack_kernel, words
-from ..schedules.embedding_bag import MODES, QUANTS, fused_width, quantize_rows
+from ..frontend.ops import Pooling
+from ..schedules.embedding_bag import QUANTS, fused_width, quantize_rows
 from ..schedules.interaction import output_width
 from ..schedules.kernels import make
 from ..targets import backend_for
@@ -83,7 +84,7 @@ def _convert_embedding_bag(node, importer, quant=None, tables=None, gpu=False) -
     env, bb = importer.env, importer.block_builder
     weight, indices, offsets = env[a["weight"]], env[a["indices"]], env[a["offsets"]]
     dim = _table(weight, node)
-    mode = MODES[int(a["mode"])]
+    mode = Pooling.of(a["mode"]).label
     index_dtype = str(indices.ty.dtype)
     offsets = _as_dtype(bb, offsets, index_dtype)
     last = bool(a["include_last_offset"])
@@ -117,7 +118,7 @@ def _convert_embedding_bags(node, importer, quant=None, tables=None, gpu=False) 
     index_dtype = str(ids[0].ty.dtype)
     off = _as_dtype(bb, env[offsets], index_dtype)
     _quantized(ws, quant, tables)
-    kernel = _bags_kernel(gpu, quant, dim=dims.pop(), mode=MODES[mode], weighted=bool(psw),
+    kernel = _bags_kernel(gpu, quant, dim=dims.pop(), mode=Pooling.of(mode).label, weighted=bool(psw),
                           index_dtype=index_dtype, include_last_offset=False, padding_idx=None,
                           offset_rows=list(rows), batch=None)
     gv = bb.add_func(kernel, f"embedding_bags_{len(ws)}")

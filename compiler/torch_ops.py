@@ -15,12 +15,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _pairs(n: int, itself: bool):
-    extra = 1 if itself else 0
-    li = [i for i in range(n) for _ in range(i + extra)]
-    lj = [j for i in range(n) for j in range(i + extra)]
-    return li, lj
+from ..frontend.ops import interaction_pairs, num_pairs
 
 
 def _stack(features: list[torch.Tensor]) -> torch.Tensor:
@@ -33,7 +28,7 @@ def dot_interaction(features: list[torch.Tensor], self_interaction: bool,
     """``features``: F tensors [B, D], or one [B, F, D]."""
     t = _stack(features)
     z = torch.bmm(t, t.transpose(1, 2))
-    li, lj = _pairs(t.shape[1], self_interaction)
+    li, lj = (torch.from_numpy(p) for p in interaction_pairs(t.shape[1], self_interaction))
     flat = z[:, li, lj]
     return torch.cat([t[:, 0, :], flat], dim=1) if prepend_dense else flat.contiguous()
 
@@ -42,8 +37,7 @@ def dot_interaction(features: list[torch.Tensor], self_interaction: bool,
 def _(features, self_interaction, prepend_dense):
     t = features[0]
     n, d = (t.shape[1], t.shape[2]) if t.dim() == 3 else (len(features), t.shape[1])
-    pairs = n * (n + 1) // 2 if self_interaction else n * (n - 1) // 2
-    return t.new_empty((t.shape[0], pairs + (d if prepend_dense else 0)))
+    return t.new_empty((t.shape[0], num_pairs(n, self_interaction) + (d if prepend_dense else 0)))
 
 
 @torch.library.custom_op("dlrmc::linear", mutates_args=())

@@ -14,8 +14,9 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
+from .ops import POOLING_MODES, num_pairs
+
 INTERACTIONS = ("dot", "cat")
-POOLING_MODES = ("sum", "mean", "max")
 WEIGHTED_POOLING = (None, "fixed", "learned")
 
 # Rows per categorical feature of the Criteo Kaggle set (the reference's processed counts).
@@ -123,8 +124,7 @@ class Arch:
 def top_input_width(num_tables: int, dense_out: int, op: str, itself: bool) -> int:
     num_fea = num_tables + 1
     if op == "dot":
-        pairs = num_fea * (num_fea + 1) // 2 if itself else num_fea * (num_fea - 1) // 2
-        return pairs + dense_out
+        return num_pairs(num_fea, itself) + dense_out
     return num_fea * dense_out
 
 

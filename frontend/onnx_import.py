@@ -41,6 +41,7 @@ from onnx import numpy_helper
 
 from .arch import Arch
 from .model import DLRM
+from .ops import Pooling, num_pairs
 
 REDUCE_MODES = {"ReduceSum": "sum", "ReduceMean": "mean", "ReduceMax": "max"}
 VERIFY_TOLERANCE = 1e-4
@@ -126,7 +127,7 @@ def _find_tables(model, inits) -> list[tuple[str, str]]:
         modes = {REDUCE_MODES[n.op_type] for n in graph.node if n.op_type in REDUCE_MODES}
         if node.op_type == "ATen":
             mode_attr = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
-            modes = {("sum", "mean", "max")[mode_attr.get("mode", 0)]}
+            modes = {Pooling.of(mode_attr.get("mode", 0)).label}
         seen.add(name)
         tables.append((name, modes.pop() if len(modes) == 1 else "sum"))
     return tables
@@ -217,10 +218,10 @@ def recognise(model: onnx.ModelProto) -> tuple[Arch, dict[str, np.ndarray]]:
     if op == "dot":
         f = len(tables) + 1
         pairs = top_in - mlp_bot[-1]
-        if pairs not in (f * (f - 1) // 2, f * (f + 1) // 2):
+        if pairs not in (num_pairs(f, False), num_pairs(f, True)):
             raise NotADlrm(f"the top MLP takes {top_in} inputs, which no dot interaction "
                                   f"of {f} features of width {mlp_bot[-1]} gives")
-        itself = pairs == f * (f + 1) // 2
+        itself = pairs == num_pairs(f, True)
     try:
         arch = Arch(dim, tuple(int(inits[t].shape[0]) for t, _ in tables), mlp_bot, mlp_top,
                     interaction_op=op, interaction_itself=itself, pooling=modes.pop())

@@ -21,13 +21,10 @@ from typing import Callable
 
 import numpy as np
 
+from .arch import KAGGLE_TABLES
 from .criteo import NUM_CAT, NUM_DENSE
 
 BLOCK = 1 << 15
-# Distinct values per column in the Criteo Kaggle set (the reference's counts).
-KAGGLE_COUNTS = (1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593,
-                 3194, 27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105,
-                 142572)
 
 
 class Teacher:
@@ -35,7 +32,7 @@ class Teacher:
 
     def __init__(self, seed: int, max_vocab: int):
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7EAC4E2]))
-        self.vocab = np.array([max(2, min(c, max_vocab)) for c in KAGGLE_COUNTS])
+        self.vocab = np.array([max(2, min(c, max_vocab)) for c in KAGGLE_TABLES])   # the Kaggle set's counts
         self.zipf = rng.uniform(1.05, 1.4, NUM_CAT)
         self.cat_missing = rng.choice([0.0, 0.0, 0.02, 0.1, 0.4], NUM_CAT)
         self.dense_missing = rng.choice([0.0, 0.05, 0.2, 0.45], NUM_DENSE)

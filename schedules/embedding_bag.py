@@ -1,22 +1,15 @@
 """Embedding bags: rows of a table pooled per bag, for one table or many at once (TBE).
 
-Contract, per table (that of PyTorch's ``aten._embedding_bag``, which it replaces):
-
-- ``weight`` [V, D] float32, ``indices`` [N] int32/int64, optional ``per_sample_weights``
-  [N] float32; offsets either [B] start offsets (or [B+1] with ``include_last_offset``), or,
-  table-batched, one row of a shared [T, B] start-offset matrix (the reference's ``lS_o``).
-- Bag ``b`` pools rows ``indices[offsets[b]:offsets[b+1]]`` (the last bag ends at N).
-- ``mode`` "sum" (optionally weighted), "mean" or "max". An empty bag gives zeros in every
-  mode. Entries equal to ``padding_idx`` are skipped and not counted.
-- Indices and offsets are trusted here: the runtime validates them before native code runs.
+The contract (inputs, layouts, pooling modes, empty bags, padding) is stated once in
+``dlrmc.frontend.ops``, beside its numpy oracle. Indices and offsets are trusted here: the
+runtime validates them before native code runs.
 
 Table-batched (as FBGEMM's TBE): one kernel pools every table and writes one [B, D] output
 per table, so a batch costs one launch, not one per table. Work items are (table, chunk of
 bags); they are split over the cores when there are enough bags to pay for waking the thread
 pool. Each bag accumulates in a vector of D lanes.
 
-The kernel has one buffer per table, so it is built with TVM's IR builder. The numpy oracle
-is ``dlrmc.schedules.reference.embedding_bag``.
+The kernel has one buffer per table, so it is built with TVM's IR builder.
 """
 
 from __future__ import annotations
@@ -28,9 +21,9 @@ import numpy as np
 from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as T
 
+from ..frontend.ops import POOLING_MODES
 from .work_split import split_work
 
-MODES = ("sum", "mean", "max")
 QUANTS = ("int8", "int4")
 FUSED_EXTRA = 8           # bytes after a quantised row's codes: float32 scale, float32 bias
 
@@ -44,8 +37,8 @@ def fused_width(dim: int, quant: str) -> int:
     return code_bytes(dim, quant) + FUSED_EXTRA
 def check_bag_config(mode: str, weighted: bool, offset_rows, include_last_offset: bool) -> None:
     """A configuration error in an embedding-bag kernel's arguments, as ValueError."""
-    if mode not in MODES:
-        raise ValueError(f"embedding bag mode {mode!r} is not one of {MODES}")
+    if mode not in POOLING_MODES:
+        raise ValueError(f"embedding bag mode {mode!r} is not one of {POOLING_MODES}")
     if weighted and mode != "sum":
         raise ValueError("per_sample_weights are only defined for mode='sum'")
     if offset_rows is not None and include_last_offset:

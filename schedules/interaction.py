@@ -13,7 +13,7 @@ to the vector width), so row i of T.T^T is D vector FMAs over F' lanes; only its
 (i+1) entries are stored, straight into the output row: no Gram matrix, no concat.
 
 The kernel has one buffer per feature, so it is built with TVM's IR builder rather than
-TVMScript. The numpy oracle is ``dlrmc.schedules.reference.dot_interaction``.
+TVMScript. The contract and the numpy oracle: ``dlrmc.frontend.ops``.
 """
 
 from __future__ import annotations
@@ -23,17 +23,12 @@ import functools
 from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as T
 
+from ..frontend.ops import num_pairs
 from .dense_lowp import round_to
 from .work_split import split_work
 
 CHUNK = 16          # samples per work item
 PARALLEL_MIN_BATCH = 64
-
-
-def num_pairs(num_features: int, self_interaction: bool) -> int:
-    """P: the number of interaction entries kept for F features."""
-    f = num_features
-    return f * (f + 1) // 2 if self_interaction else f * (f - 1) // 2
 
 
 def output_width(num_features: int, dim: int, self_interaction: bool, prepend_dense: bool) -> int:

@@ -17,7 +17,7 @@ from tvm import relax, s_tir
 
 from ..targets.knobs import cpu_knobs
 from . import work_schedule
-from .interaction import num_pairs
+from ..frontend.ops import num_pairs
 from .kernels import KERNEL_ATTR, recipe, variants, with_args
 
 

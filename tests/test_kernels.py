@@ -8,10 +8,11 @@ import torch
 import tvm
 from hypothesis import given, settings, strategies as st
 
-from dlrmc.schedules import reference as ref
+from dlrmc.frontend import ops as ref
 from dlrmc.schedules.dense import dense_kernel, pack_kernel
 from dlrmc.schedules.embedding_bag import embedding_bag_kernel
-from dlrmc.schedules.interaction import dot_interaction_kernel, num_pairs
+from dlrmc.frontend.ops import num_pairs
+from dlrmc.schedules.interaction import dot_interaction_kernel
 
 TARGET = tvm.target.Target({"kind": "llvm"})
 _BUILT: dict = {}

@@ -12,7 +12,7 @@ import torch
 import tvm
 
 from dlrmc.compiler.numerics import activation_qparams
-from dlrmc.schedules import reference as ref
+from dlrmc.frontend import ops as ref
 from dlrmc.schedules import work_schedule
 from dlrmc.schedules.dense_lowp import dense_lowp_kernel, pack_lowp_kernel, quantize_pack_kernel
 from dlrmc.schedules.interaction import dot_interaction_kernel

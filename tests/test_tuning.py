@@ -19,7 +19,7 @@ from tvm import s_tir
 
 from dlrmc.frontend.arch import Arch
 from dlrmc.runtime.plan import MAX_PADDING, pick, slice_batch
-from dlrmc.schedules import reference as ref
+from dlrmc.frontend import ops as ref
 from dlrmc.schedules import work_schedule
 from dlrmc.schedules.kernels import make
 
