@@ -74,10 +74,19 @@ def write_raw_batch(directory: str, batch) -> None:
         np.asarray(idx, "<i8").tofile(os.path.join(directory, f"lS_i_{k}.bin"))
 
 
-def load_npz(path: str, num_tables: int):
-    """A batch from an .npz with keys dense_x, lS_o, and lS_i ([T, N]) or lS_i_0 .. lS_i_{T-1}."""
+def load_npz(path: str, num_tables: int, arch: dict | None = None):
+    """A batch from an .npz with keys dense_x, lS_o, and lS_i ([T, N]) or lS_i_0 .. lS_i_{T-1}.
+    With ``arch``, also FBGEMM's flat layout (dense_x, indices, offsets [T*B+1]) or TorchRec's
+    KeyedJaggedTensor one (dense_x, values, lengths [T*B]), validated and returned in the
+    reference layout."""
+    from .validate import check_jagged, check_kjt
+
     with np.load(path, allow_pickle=False) as z:
         keys = set(z.files)
+        for layout, check in ((("indices", "offsets"), check_jagged),
+                              (("values", "lengths"), check_kjt)):
+            if arch is not None and "dense_x" in keys and set(layout) <= keys:
+                return check(arch, z["dense_x"], *(z[k] for k in layout))
         missing = {"dense_x", "lS_o"} - keys
         if missing:
             raise ValueError(f"{path} lacks {', '.join(sorted(missing))}")

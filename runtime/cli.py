@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dlrm-run", description=__doc__)
     p.add_argument("artifact", help="artifact directory written by dlrm-compile")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", help=".npz with dense_x, lS_o, and lS_i [T, N] or lS_i_0..lS_i_{T-1}")
+    src.add_argument("--input", help=".npz with dense_x and the sparse features as lS_o with lS_i "
+                     "[T, N] or lS_i_0..lS_i_{T-1} (the reference's layout), indices with "
+                     "offsets [T*B+1] (FBGEMM's), or values with lengths [T*B] (TorchRec's)")
     src.add_argument("--random", type=int, metavar="B", help="run a synthetic batch of B samples")
     add_random_batch_args(p)
     p.add_argument("--seed", type=int, default=0)
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         if model.manifest["arch"] is None:
             return _run_generic(model, args)
         if args.input:
-            batch = load_npz(args.input, model.num_tables)
+            batch = load_npz(args.input, model.num_tables, model.arch)
         else:
             if args.random < 1:
                 raise InputError("--random needs a batch size >= 1")

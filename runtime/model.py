@@ -15,7 +15,7 @@ from tvm.runtime.vm import VirtualMachine
 from ..artifact import LIBRARY, ArtifactError, read_manifest, read_weights
 from ..frontend.arch import Arch
 from .plan import pick, slice_batch
-from .validate import check_batch
+from .validate import check_batch, check_jagged, check_kjt
 
 
 def to_tvm(arrays: list[np.ndarray]) -> list[tvm.runtime.Tensor]:
@@ -291,7 +291,10 @@ class CompiledDLRM:
     def bind(self, dense_x, lS_o, lS_i) -> Callable[[], object]:
         """Validate a batch once and plan it over the entries (``dlrmc.runtime.plan``);
         return a call that runs it (what benchmarks time), giving a [B, 1] tensor or array."""
-        dense, offsets, indices = check_batch(self.arch, dense_x, lS_o, lS_i)
+        return self._bind(*check_batch(self.arch, dense_x, lS_o, lS_i))
+
+    def _bind(self, dense, offsets, indices) -> Callable[[], object]:
+        """``bind`` for a batch already validated (the reference layout)."""
         batch = dense.shape[0]
         plan = pick(batch, self._bucket_sizes)
         if len(plan) == 1 and plan[0][1] in (0, batch):
@@ -312,8 +315,23 @@ class CompiledDLRM:
         return run
 
     def predict(self, dense_x, lS_o, lS_i) -> np.ndarray:
-        """Validate the batch (reference layout) and run it; returns float32 [B, 1]."""
-        out = self.bind(dense_x, lS_o, lS_i)()
+        """Validate the batch (reference layout: ``lS_o`` [T, B] bag starts, ``lS_i`` T index
+        arrays) and run it; returns float32 [B, 1]."""
+        return self._run(self.bind(dense_x, lS_o, lS_i))
+
+    def predict_jagged(self, dense_x, indices, offsets) -> np.ndarray:
+        """``predict`` for FBGEMM's table-batched layout: ``indices`` [N] (every table's,
+        table-major), ``offsets`` [T*B+1] (``dlrmc.runtime.validate.check_jagged``)."""
+        return self._run(self._bind(*check_jagged(self.arch, dense_x, indices, offsets)))
+
+    def predict_kjt(self, dense_x, values, lengths) -> np.ndarray:
+        """``predict`` for TorchRec's KeyedJaggedTensor layout: ``values`` [N] key-major,
+        ``lengths`` [T*B] bag sizes (``dlrmc.runtime.validate.check_kjt``)."""
+        return self._run(self._bind(*check_kjt(self.arch, dense_x, values, lengths)))
+
+    @staticmethod
+    def _run(call) -> np.ndarray:
+        out = call()
         return out.numpy() if isinstance(out, tvm.runtime.Tensor) else out
 
     def time_per_batch(self, dense_x, lS_o, lS_i, repeat: int = 20) -> list[float]:

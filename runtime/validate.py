@@ -35,13 +35,9 @@ def _int_array(value, what: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def check_batch(arch: dict, dense_x, lS_o, lS_i) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Validate a batch in the reference layout; return it as (float32, int64, [int64]) arrays.
-
-    ``lS_i`` is a list of T 1-D arrays or a [T, N] array.
-    """
-    rows = arch["embedding_sizes"]
-    num_tables, num_dense = len(rows), arch["mlp_bot"][0]
+def check_dense(arch: dict, dense_x) -> np.ndarray:
+    """float32 [batch >= 1, num_dense], every value finite."""
+    num_dense = arch["mlp_bot"][0]
     dense = np.asarray(dense_x)
     if dense.dtype != np.float32:
         raise InputError(f"dense_x must be float32, got {dense.dtype} (use .astype(np.float32))")
@@ -53,6 +49,18 @@ def check_batch(arch: dict, dense_x, lS_o, lS_i) -> tuple[np.ndarray, np.ndarray
     if not finite.all():
         r, c = divmod(int(np.argmin(finite)), num_dense)
         raise InputError(f"dense_x[{r}, {c}] is {dense[r, c]}; dense features must be finite")
+    return np.ascontiguousarray(dense)
+
+
+def check_batch(arch: dict, dense_x, lS_o, lS_i) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Validate a batch in the reference layout; return it as (float32, int64, [int64]) arrays.
+
+    ``lS_i`` is a list of T 1-D arrays or a [T, N] array.
+    """
+    rows = arch["embedding_sizes"]
+    num_tables = len(rows)
+    dense = check_dense(arch, dense_x)
+    batch = dense.shape[0]
     offsets = _int_array(lS_o, "lS_o")
     if offsets.shape != (num_tables, batch):
         raise InputError(f"lS_o must have shape [{num_tables}, {batch}] (tables, batch), got "
@@ -93,4 +101,67 @@ def check_batch(arch: dict, dense_x, lS_o, lS_i) -> tuple[np.ndarray, np.ndarray
         pos = p - int(lengths[:k].sum())
         raise InputError(f"lS_i[{k}][{pos}] = {flat[p]} is out of range for table {k} with "
                          f"{rows[k]} rows")
-    return np.ascontiguousarray(dense), np.ascontiguousarray(offsets), indices
+    return dense, np.ascontiguousarray(offsets), indices
+
+
+def check_jagged(arch: dict, dense_x, indices, offsets, names=("indices", "offsets")
+                 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Validate a batch in the flat layout of FBGEMM's table-batched embedding bags:
+    ``indices`` [N], every table's indices concatenated table-major, and ``offsets`` [T*B+1]
+    (any integer types), ``offsets[t*B + b]`` the start of bag b of table t and the last entry
+    N. Return it in the reference layout, as ``check_batch`` does; errors name the table and
+    position (``names``: what the caller calls the two arrays)."""
+    rows = arch["embedding_sizes"]
+    num_tables = len(rows)
+    dense = check_dense(arch, dense_x)
+    batch = dense.shape[0]
+    idx_name, off_name = names
+    idx, off = _int_array(indices, idx_name), _int_array(offsets, off_name)
+    if idx.ndim != 1:
+        raise InputError(f"{idx_name} must be 1-D, got shape {list(idx.shape)}")
+    if off.shape != (num_tables * batch + 1,):
+        raise InputError(f"{off_name} must have shape [{num_tables * batch + 1}] (tables x batch "
+                         f"+ 1), got {list(off.shape)}")
+    if off[0] != 0:
+        raise InputError(f"{off_name}[0] is {off[0]}; the first bag must start at 0")
+    falling = off[1:] < off[:-1]
+    if falling.any():
+        p = int(np.argmax(falling)) + 1
+        k, b = divmod(p, batch)
+        raise InputError(f"{off_name} decreases at position {p} (table {k}, bag {b}: "
+                         f"{off[p - 1]} -> {off[p]}); offsets must be non-decreasing")
+    if off[-1] != len(idx):
+        raise InputError(f"{off_name}[{num_tables * batch}] = {off[-1]}, but {idx_name} holds "
+                         f"{len(idx)} values; the last offset is their count")
+    starts = off[::batch]                       # where each table's indices begin, then N
+    bad = idx.view(np.uint64) >= np.repeat(np.asarray(rows, np.uint64), np.diff(starts))
+    if bad.any():
+        p = int(np.argmax(bad))
+        k = int(np.searchsorted(starts, p, side="right")) - 1
+        raise InputError(f"{idx_name}[{p}] = {idx[p]} (table {k}, position {p - starts[k]}) is "
+                         f"out of range for table {k} with {rows[k]} rows")
+    lS_o = off[:-1].reshape(num_tables, batch) - starts[:-1, None]
+    return dense, np.ascontiguousarray(lS_o), np.split(idx, starts[1:-1])
+
+
+def check_kjt(arch: dict, dense_x, values, lengths) -> tuple[np.ndarray, np.ndarray, list]:
+    """Validate a batch in TorchRec's KeyedJaggedTensor layout: ``values`` [N] key-major (every
+    table's indices concatenated) and ``lengths`` [T*B], the bag sizes; as ``check_jagged``."""
+    batch, num_tables = check_dense(arch, dense_x).shape[0], len(arch["embedding_sizes"])
+    lens = _int_array(lengths, "lengths")
+    if lens.shape != (num_tables * batch,):
+        raise InputError(f"lengths must have shape [{num_tables * batch}] (tables x batch), got "
+                         f"{list(lens.shape)}")
+    negative = lens < 0
+    if negative.any():
+        p = int(np.argmax(negative))
+        raise InputError(f"lengths[{p}] = {lens[p]} (table {p // batch}, bag {p % batch}) is "
+                         "negative")
+    vals = _int_array(values, "values")
+    if vals.ndim != 1:
+        raise InputError(f"values must be 1-D, got shape {list(vals.shape)}")
+    if int(lens.sum()) != len(vals):
+        raise InputError(f"lengths add up to {int(lens.sum())}, but values holds {len(vals)} "
+                         "indices")
+    offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lens)])
+    return check_jagged(arch, dense_x, vals, offsets, names=("values", "offsets"))

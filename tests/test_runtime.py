@@ -278,3 +278,84 @@ def test_replace_weights_redeploys_without_recompiling(compiled, tmp_path):
     with pytest.raises(ArtifactError, match="no new value"):
         replace_weights(str(art), {k: v for k, v in new.items() if k != "emb_l.0.weight"})
     assert load(str(art)).predict(dense, offsets, indices).tolist() == got.tolist()
+
+
+def _flat(offsets, indices):
+    """The reference layout as FBGEMM's flat one (indices, offsets [T*B+1]) and TorchRec's
+    KeyedJaggedTensor one (values, lengths [T*B]), built independently of the runtime."""
+    values = np.concatenate(indices)
+    flat, start = [], 0
+    lengths = []
+    for o, idx in zip(offsets, indices):
+        flat.extend(int(v) + start for v in o)
+        ends = list(o[1:]) + [len(idx)]
+        lengths.extend(int(e) - int(s) for s, e in zip(o, ends))
+        start += len(idx)
+    return values, np.array(flat + [start]), np.array(lengths)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_flat_and_kjt_layouts_agree_with_pytorch(compiled, dtype):
+    """predict_jagged and predict_kjt on variable bags with empty ones, across bucket paths."""
+    c = compiled(TINY)
+    rng = np.random.default_rng(11)
+    for batch in (1, 3, 4, 16, 37):
+        dense, offsets, indices = make_batch(TINY, batch, rng, max_bag=4, empty=0.3)
+        want = torch_predict(c.model, dense, offsets, indices)
+        values, flat_offsets, lengths = _flat(offsets, indices)
+        np.testing.assert_allclose(c.runtime.predict_jagged(
+            dense, values.astype(dtype), flat_offsets.astype(dtype)), want, rtol=1e-5, atol=2e-6)
+        np.testing.assert_allclose(c.runtime.predict_kjt(
+            dense, values.astype(dtype), lengths.astype(dtype)), want, rtol=1e-5, atol=2e-6)
+
+
+def test_bad_flat_and_kjt_input_names_the_table_and_position(compiled):
+    c = compiled(TINY)
+    dense, offsets, indices = make_batch(TINY, 4, np.random.default_rng(0), max_bag=2,
+                                         empty=0.0)
+    values, flat_offsets, lengths = _flat(offsets, indices)
+    pos = flat_offsets[2 * 4] + 1                      # table 2, its second index
+    bad = values.copy()
+    bad[pos] = 5
+    with pytest.raises(InputError, match=rf"indices\[{pos}\] = 5 \(table 2, position 1\) is "
+                                         r"out of range for table 2 with 5 rows"):
+        c.runtime.predict_jagged(dense, bad, flat_offsets)
+    with pytest.raises(InputError, match=rf"values\[{pos}\] = 5 \(table 2, position 1\)"):
+        c.runtime.predict_kjt(dense, bad, lengths)
+    falling = flat_offsets.copy()
+    falling[6] = falling[7] + 1
+    with pytest.raises(InputError, match=r"offsets decreases at position 7 \(table 1, bag 3"):
+        c.runtime.predict_jagged(dense, values, falling)
+    with pytest.raises(InputError, match=r"offsets must have shape \[13\] \(tables x batch \+ 1\)"):
+        c.runtime.predict_jagged(dense, values, flat_offsets[:-1])
+    with pytest.raises(InputError, match=rf"offsets\[12\] = {len(values) - 1}, but indices "
+                                         rf"holds {len(values)} values"):
+        c.runtime.predict_jagged(dense, values, np.append(flat_offsets[:-1], len(values) - 1))
+    neg = lengths.copy()
+    neg[5] = -1
+    with pytest.raises(InputError, match=r"lengths\[5\] = -1 \(table 1, bag 1\) is negative"):
+        c.runtime.predict_kjt(dense, values, neg)
+    with pytest.raises(InputError, match=rf"lengths add up to {len(values)}, but values holds "
+                                         rf"{len(values) - 1} indices"):
+        c.runtime.predict_kjt(dense, values[:-1], lengths)
+    with pytest.raises(InputError, match=r"lengths must have shape \[12\]"):
+        c.runtime.predict_kjt(dense, values, lengths[:-1])
+
+
+def test_dlrm_run_takes_the_flat_and_kjt_layouts(compiled, tmp_path):
+    c = compiled(TINY)
+    dense, offsets, indices = make_batch(TINY, 9, np.random.default_rng(12), empty=0.3)
+    want = torch_predict(c.model, dense, offsets, indices)
+    values, flat_offsets, lengths = _flat(offsets, indices)
+    for name, arrays in {"flat": {"indices": values, "offsets": flat_offsets},
+                         "kjt": {"values": values.astype(np.int32), "lengths": lengths}}.items():
+        np.savez(tmp_path / f"{name}.npz", dense_x=dense, **arrays)
+        res = subprocess.run(["dlrm-run", str(c.path), "--input", str(tmp_path / f"{name}.npz"),
+                              "--output", str(tmp_path / f"{name}.npy"), "--repeat", "1"],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        np.testing.assert_allclose(np.load(tmp_path / f"{name}.npy"), want, rtol=1e-5, atol=2e-6)
+    np.savez(tmp_path / "bad.npz", dense_x=dense, values=values, lengths=lengths[:-1])
+    res = subprocess.run(["dlrm-run", str(c.path), "--input", str(tmp_path / "bad.npz")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "lengths must have shape [27]" in res.stderr
