@@ -44,7 +44,6 @@ def check_dense(arch: dict, dense_x) -> np.ndarray:
     if dense.ndim != 2 or dense.shape[1] != num_dense or dense.shape[0] < 1:
         raise InputError(f"dense_x must have shape [batch >= 1, {num_dense}], got "
                          f"{list(dense.shape)}")
-    batch = dense.shape[0]
     finite = np.isfinite(dense)
     if not finite.all():
         r, c = divmod(int(np.argmin(finite)), num_dense)
