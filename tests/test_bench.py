@@ -16,10 +16,11 @@ def test_bench_reports_ours_and_peers(tmp_path):
     data = json.loads(out.read_text())
     assert [r["batch"] for r in data["results"]] == [1, 8]
     for r in data["results"]:
-        assert set(r["systems"]) == {"dlrmc", "eager"}
+        assert set(r["systems"]) == {"dlrmc", "dlrmc-call", "eager"}
         for s in r["systems"].values():
             assert s["median_us"] > 0 and s["p99_us"] >= s["median_us"]
         assert r["bound_us"] > 0 and r["max_abs_diff_vs_eager"] < 1e-5
     table = md.read_text()
     assert "| dlrmc (this artifact) |" in table and "| PyTorch eager |" in table
+    assert "| dlrmc, compiled call only |" in table and "time `predict`" in table
     assert "lower bound" in table
