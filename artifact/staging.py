@@ -67,12 +67,15 @@ def recover(dest: str) -> None:
     for path, kind, pid in sorted(_leftovers(dest), key=lambda x: x[1] == "tmp"):
         if not _stale(path, pid):
             continue
-        if kind == "old" and not os.path.lexists(dest):
-            os.rename(path, dest)
-        elif os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            os.unlink(path)
+        try:             # another writer may be sweeping the same leftovers
+            if kind == "old" and not os.path.lexists(dest):
+                os.rename(path, dest)
+            elif os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _sibling(dest: str, kind: str) -> str:
