@@ -308,7 +308,7 @@ def test_bench_with_a_tuning_log(tuned_log, tmp_path):
               timeout=600)
     data = json.loads(out.read_text())
     for r in data["results"]:
-        assert set(r["systems"]) == {"dlrmc", "dlrmc-default"}
+        assert set(r["systems"]) == {"dlrmc", "dlrmc-call", "dlrmc-default"}
         assert r["max_abs_diff_vs_eager"] < 1e-5
     tasks = data["tuning"]["tasks"]
     assert tasks and all(t["name"] in res.stdout for t in tasks)
