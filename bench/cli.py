@@ -2,7 +2,8 @@
 
 Everything runs in one process, one system at a time per batch size, on the same batch, each
 through its public call (ours: ``predict``, validation and input copies included, with the
-bound compiled call alone beside it): median and p99 time per batch, samples/s, each peer's time over ours, and a lower bound
+bound compiled call alone beside it): median and p99 time per batch, samples/s, each peer's
+time over ours, and a lower bound
 (the MLP's FLOPs at a measured GEMM rate plus the gathered bytes at a measured random-gather
 rate). With ``--tuning-log`` the artifact is compiled from that log and the default-schedule
 artifact runs beside it; each tuning task's trials, best latency and achieved rate are

@@ -33,9 +33,9 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
+from ..frontend.ops import Pooling
 from ..schedules.dense import pack_kernel
 from ..schedules.dense_lowp import pack_lowp_kernel, quantize_pack_kernel, words
-from ..frontend.ops import Pooling
 from ..schedules.embedding_bag import QUANTS, fused_width, quantize_rows
 from ..schedules.interaction import output_width
 from ..schedules.kernels import make
@@ -118,9 +118,9 @@ def _convert_embedding_bags(node, importer, quant=None, tables=None, gpu=False) 
     index_dtype = str(ids[0].ty.dtype)
     off = _as_dtype(bb, env[offsets], index_dtype)
     _quantized(ws, quant, tables)
-    kernel = _bags_kernel(gpu, quant, dim=dims.pop(), mode=Pooling.of(mode).label, weighted=bool(psw),
-                          index_dtype=index_dtype, include_last_offset=False, padding_idx=None,
-                          offset_rows=list(rows), batch=None)
+    kernel = _bags_kernel(gpu, quant, dim=dims.pop(), mode=Pooling.of(mode).label,
+                          weighted=bool(psw), index_dtype=index_dtype, include_last_offset=False,
+                          padding_idx=None, offset_rows=list(rows), batch=None)
     gv = bb.add_func(kernel, f"embedding_bags_{len(ws)}")
     batch = _static_dims(off, "offsets", node)[1]
     out_ty = [relax.TensorType((batch, w.ty.shape[1]), "float32") for w in ws]
