@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -26,6 +28,15 @@ def make_batch(arch: Arch, batch: int, rng: np.random.Generator, max_bag: int = 
         offsets.append(np.concatenate([[0], np.cumsum(sizes)[:-1]]))
         indices.append(rng.integers(0, rows, int(sizes.sum())).astype(index_dtype))
     return dense, np.stack(offsets).astype(index_dtype), indices
+
+
+def run(*cmd, check=True, timeout=600, **kw) -> subprocess.CompletedProcess:
+    """Run a command line as a user would; with ``check``, fail with its output if it fails."""
+    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
+                         **kw)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res
 
 
 def torch_predict(model: torch.nn.Module, dense, offsets, indices) -> np.ndarray:

@@ -19,7 +19,7 @@ from dlrmc.artifact import ArtifactError, read_manifest, write_artifact
 from dlrmc.artifact.staging import recover, staging_dir
 from dlrmc.runtime import load
 
-from conftest import TINY
+from conftest import TINY, run
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -106,8 +106,7 @@ def test_a_tampered_manifest_is_refused_naming_the_field(compiled, tmp_path, cas
             load(str(art), verify=verify)
         assert message in str(err.value), (case, str(err.value))
     if case in CLI_CASES:
-        res = subprocess.run(["dlrm-run", str(art), "--random", "2"], capture_output=True,
-                             text=True, timeout=300)
+        res = run("dlrm-run", art, "--random", "2", check=False, timeout=300)
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
 
 

@@ -3,8 +3,6 @@ runs a DLRM through the same compiler and runtime; each backend's refusals are o
 
 from __future__ import annotations
 
-import subprocess
-
 import numpy as np
 import pytest
 import tvm
@@ -15,7 +13,7 @@ from dlrmc.frontend.model import DLRM
 from dlrmc.runtime import load
 from dlrmc.targets import CpuBackend, backend_for, parse_target, register, unregister
 
-from conftest import make_batch, torch_predict
+from conftest import make_batch, run, torch_predict
 
 
 class SerialCpu(CpuBackend):
@@ -77,8 +75,7 @@ def test_a_backend_added_in_one_module_compiles_and_runs_a_dlrm(tmp_path):
     (["--tuning-log", "some.tune"], "tuning logs for CUDA targets are not supported yet"),
 ])
 def test_a_backend_refuses_what_it_cannot_do_with_one_message(tmp_path, flags, message):
-    res = subprocess.run(["dlrm-compile", "--target", "cuda -arch=sm_90", "--preset", "tiny",
-                          *flags, "-o", str(tmp_path / "out")], capture_output=True, text=True,
-                         timeout=300, cwd=tmp_path)
+    res = run("dlrm-compile", "--target", "cuda -arch=sm_90", "--preset", "tiny", *flags, "-o",
+              tmp_path / "out", check=False, cwd=tmp_path)
     assert res.returncode == 2 and message in res.stderr, res.stderr
     assert not (tmp_path / "out").exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 
 import numpy as np
 import pytest
@@ -15,14 +14,7 @@ from dlrmc.artifact import ArtifactError, write_artifact
 from dlrmc.frontend.arch import Arch
 from dlrmc.frontend.model import DLRM
 
-from conftest import foreign_target, make_batch, torch_predict, widest_runnable_target
-
-
-def run(*args, check=True):
-    res = subprocess.run(list(args), capture_output=True, text=True, timeout=600)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{args} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
-    return res
+from conftest import foreign_target, make_batch, run, torch_predict, widest_runnable_target
 
 
 def test_compile_checkpoint_then_run(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 from dlrmc.artifact import FORMAT_VERSION, ArtifactError
 from dlrmc.runtime import InputError, load
 
-from conftest import TINY, make_batch, torch_predict
+from conftest import TINY, make_batch, run, torch_predict
 
 
 def test_runs_without_torch_and_without_the_compiler(compiled, tmp_path):
@@ -120,8 +120,7 @@ def test_unsigned_offsets_past_int64_through_dlrm_run(compiled, tmp_path):
     o[0, 4] = 2 ** 63 + 5
     np.savez(tmp_path / "b.npz", dense_x=dense, lS_o=o,
              **{f"lS_i_{k}": i for k, i in enumerate(indices)})
-    res = subprocess.run(["dlrm-run", str(c.path), "--input", str(tmp_path / "b.npz")],
-                         capture_output=True, text=True, timeout=300)
+    res = run("dlrm-run", c.path, "--input", tmp_path / "b.npz", check=False, timeout=300)
     assert res.returncode == 2, res.stderr
     assert "lS_o[0, 4] = 9223372036854775813 is beyond int64's range" in res.stderr
 
@@ -350,12 +349,9 @@ def test_dlrm_run_takes_the_flat_and_kjt_layouts(compiled, tmp_path):
     for name, arrays in {"flat": {"indices": values, "offsets": flat_offsets},
                          "kjt": {"values": values.astype(np.int32), "lengths": lengths}}.items():
         np.savez(tmp_path / f"{name}.npz", dense_x=dense, **arrays)
-        res = subprocess.run(["dlrm-run", str(c.path), "--input", str(tmp_path / f"{name}.npz"),
-                              "--output", str(tmp_path / f"{name}.npy"), "--repeat", "1"],
-                             capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stderr
+        run("dlrm-run", c.path, "--input", tmp_path / f"{name}.npz", "--output",
+            tmp_path / f"{name}.npy", "--repeat", "1", timeout=300)
         np.testing.assert_allclose(np.load(tmp_path / f"{name}.npy"), want, rtol=1e-5, atol=2e-6)
     np.savez(tmp_path / "bad.npz", dense_x=dense, values=values, lengths=lengths[:-1])
-    res = subprocess.run(["dlrm-run", str(c.path), "--input", str(tmp_path / "bad.npz")],
-                         capture_output=True, text=True, timeout=300)
+    res = run("dlrm-run", c.path, "--input", tmp_path / "bad.npz", check=False, timeout=300)
     assert res.returncode == 2 and "lengths must have shape [27]" in res.stderr

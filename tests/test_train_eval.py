@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 
 import numpy as np
 import pytest
@@ -15,14 +14,9 @@ from dlrmc.frontend.checkpoint import load_model
 from dlrmc.frontend.criteo import preprocess
 from dlrmc.frontend.synth import generate
 
+from conftest import run
+
 ARCH = ["--arch-sparse-feature-size", "8", "--arch-mlp-bot", "13-32-8", "--arch-mlp-top", "32-1"]
-
-
-def run(*cmd, check=True):
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{cmd}: {res.returncode}\n{res.stdout}\n{res.stderr}")
-    return res
 
 
 @pytest.fixture(scope="module")

@@ -23,17 +23,10 @@ from dlrmc.frontend import ops as ref
 from dlrmc.schedules import work_schedule
 from dlrmc.schedules.kernels import make
 
-from conftest import make_batch, torch_predict
+from conftest import make_batch, run, torch_predict
 
 TARGET = tvm.target.Target({"kind": "llvm"})
 TINY = Arch(4, (100, 50, 20, 10), (13, 32, 4), (32, 1))
-
-
-def run(*cmd, check=True, **kw):
-    res = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
-    return res
 
 
 @pytest.mark.parametrize("buckets", [(), (1,), (4, 16), (1, 64, 512, 2048), (3, 5, 7)])
