@@ -51,6 +51,18 @@ def check_dense(arch: dict, dense_x) -> np.ndarray:
     return np.ascontiguousarray(dense)
 
 
+def _out_of_range(rows, flat: np.ndarray, starts: np.ndarray) -> tuple[int, int] | None:
+    """(position in ``flat``, table) of the first index outside its table, or None; ``flat``
+    holds every table's indices, table k's from ``starts[k]`` to ``starts[k + 1]``. All tables
+    at once: a per-table loop of numpy calls costs more than the model at batch 1."""
+    # As unsigned, a negative index is huge: one comparison catches both ends.
+    bad = flat.view(np.uint64) >= np.repeat(np.asarray(rows, np.uint64), np.diff(starts))
+    if not bad.any():
+        return None
+    p = int(np.argmax(bad))
+    return p, int(np.searchsorted(starts, p, side="right")) - 1
+
+
 def check_batch(arch: dict, dense_x, lS_o, lS_i) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Validate a batch in the reference layout; return it as (float32, int64, [int64]) arrays.
 
@@ -76,7 +88,6 @@ def check_batch(arch: dict, dense_x, lS_o, lS_i) -> tuple[np.ndarray, np.ndarray
         if idx.ndim != 1:
             raise InputError(f"lS_i[{k}] must be 1-D, got shape {list(idx.shape)}")
         indices.append(np.ascontiguousarray(idx))
-    # All tables at once: a per-table loop of numpy calls costs more than the model at batch 1.
     lengths = np.array([len(i) for i in indices], np.int64)
     if (offsets[:, 0] != 0).any():
         k = int(np.argmax(offsets[:, 0] != 0))
@@ -92,61 +103,32 @@ def check_batch(arch: dict, dense_x, lS_o, lS_i) -> tuple[np.ndarray, np.ndarray
         raise InputError(f"lS_o[{k}][{batch - 1}] = {offsets[k, -1]} is past the end of lS_i[{k}] "
                          f"({lengths[k]} indices)")
     flat = np.concatenate(indices)
-    # As unsigned, a negative index is huge: one comparison catches both ends.
-    bad = flat.view(np.uint64) >= np.repeat(np.asarray(rows, np.uint64), lengths)
-    if bad.any():
-        p = int(np.argmax(bad))
-        k = int(np.searchsorted(np.cumsum(lengths), p, side="right"))
-        pos = p - int(lengths[:k].sum())
-        raise InputError(f"lS_i[{k}][{pos}] = {flat[p]} is out of range for table {k} with "
-                         f"{rows[k]} rows")
+    starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
+    bad = _out_of_range(rows, flat, starts)
+    if bad:
+        p, k = bad
+        raise InputError(f"lS_i[{k}][{p - starts[k]}] = {flat[p]} is out of range for table {k} "
+                         f"with {rows[k]} rows")
     return dense, np.ascontiguousarray(offsets), indices
 
 
-def check_jagged(arch: dict, dense_x, indices, offsets, names=("indices", "offsets")
+def check_jagged(arch: dict, dense_x, indices, offsets
                  ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Validate a batch in the flat layout of FBGEMM's table-batched embedding bags:
     ``indices`` [N], every table's indices concatenated table-major, and ``offsets`` [T*B+1]
     (any integer types), ``offsets[t*B + b]`` the start of bag b of table t and the last entry
     N. Return it in the reference layout, as ``check_batch`` does; errors name the table and
-    position (``names``: what the caller calls the two arrays)."""
-    rows = arch["embedding_sizes"]
-    num_tables = len(rows)
+    position."""
     dense = check_dense(arch, dense_x)
-    batch = dense.shape[0]
-    idx_name, off_name = names
-    idx, off = _int_array(indices, idx_name), _int_array(offsets, off_name)
-    if idx.ndim != 1:
-        raise InputError(f"{idx_name} must be 1-D, got shape {list(idx.shape)}")
-    if off.shape != (num_tables * batch + 1,):
-        raise InputError(f"{off_name} must have shape [{num_tables * batch + 1}] (tables x batch "
-                         f"+ 1), got {list(off.shape)}")
-    if off[0] != 0:
-        raise InputError(f"{off_name}[0] is {off[0]}; the first bag must start at 0")
-    falling = off[1:] < off[:-1]
-    if falling.any():
-        p = int(np.argmax(falling)) + 1
-        k, b = divmod(p, batch)
-        raise InputError(f"{off_name} decreases at position {p} (table {k}, bag {b}: "
-                         f"{off[p - 1]} -> {off[p]}); offsets must be non-decreasing")
-    if off[-1] != len(idx):
-        raise InputError(f"{off_name}[{num_tables * batch}] = {off[-1]}, but {idx_name} holds "
-                         f"{len(idx)} values; the last offset is their count")
-    starts = off[::batch]                       # where each table's indices begin, then N
-    bad = idx.view(np.uint64) >= np.repeat(np.asarray(rows, np.uint64), np.diff(starts))
-    if bad.any():
-        p = int(np.argmax(bad))
-        k = int(np.searchsorted(starts, p, side="right")) - 1
-        raise InputError(f"{idx_name}[{p}] = {idx[p]} (table {k}, position {p - starts[k]}) is "
-                         f"out of range for table {k} with {rows[k]} rows")
-    lS_o = off[:-1].reshape(num_tables, batch) - starts[:-1, None]
-    return dense, np.ascontiguousarray(lS_o), np.split(idx, starts[1:-1])
+    return _split_flat(arch, dense, _int_array(indices, "indices"), _int_array(offsets, "offsets"),
+                       "indices")
 
 
 def check_kjt(arch: dict, dense_x, values, lengths) -> tuple[np.ndarray, np.ndarray, list]:
     """Validate a batch in TorchRec's KeyedJaggedTensor layout: ``values`` [N] key-major (every
     table's indices concatenated) and ``lengths`` [T*B], the bag sizes; as ``check_jagged``."""
-    batch, num_tables = check_dense(arch, dense_x).shape[0], len(arch["embedding_sizes"])
+    dense = check_dense(arch, dense_x)
+    batch, num_tables = dense.shape[0], len(arch["embedding_sizes"])
     lens = _int_array(lengths, "lengths")
     if lens.shape != (num_tables * batch,):
         raise InputError(f"lengths must have shape [{num_tables * batch}] (tables x batch), got "
@@ -157,10 +139,40 @@ def check_kjt(arch: dict, dense_x, values, lengths) -> tuple[np.ndarray, np.ndar
         raise InputError(f"lengths[{p}] = {lens[p]} (table {p // batch}, bag {p % batch}) is "
                          "negative")
     vals = _int_array(values, "values")
-    if vals.ndim != 1:
-        raise InputError(f"values must be 1-D, got shape {list(vals.shape)}")
-    if int(lens.sum()) != len(vals):
+    if vals.ndim == 1 and int(lens.sum()) != len(vals):
         raise InputError(f"lengths add up to {int(lens.sum())}, but values holds {len(vals)} "
                          "indices")
     offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lens)])
-    return check_jagged(arch, dense_x, vals, offsets, names=("values", "offsets"))
+    return _split_flat(arch, dense, vals, offsets, "values")
+
+
+def _split_flat(arch: dict, dense: np.ndarray, idx: np.ndarray, off: np.ndarray, idx_name: str
+                ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """The checks of ``check_jagged`` on int64 arrays (``dense`` already checked), and the
+    batch in the reference layout; ``idx_name``: what the caller calls the indices."""
+    rows = arch["embedding_sizes"]
+    num_tables, batch = len(rows), dense.shape[0]
+    if idx.ndim != 1:
+        raise InputError(f"{idx_name} must be 1-D, got shape {list(idx.shape)}")
+    if off.shape != (num_tables * batch + 1,):
+        raise InputError(f"offsets must have shape [{num_tables * batch + 1}] (tables x batch "
+                         f"+ 1), got {list(off.shape)}")
+    if off[0] != 0:
+        raise InputError(f"offsets[0] is {off[0]}; the first bag must start at 0")
+    falling = off[1:] < off[:-1]
+    if falling.any():
+        p = int(np.argmax(falling)) + 1
+        k, b = divmod(p, batch)
+        raise InputError(f"offsets decreases at position {p} (table {k}, bag {b}: "
+                         f"{off[p - 1]} -> {off[p]}); offsets must be non-decreasing")
+    if off[-1] != len(idx):
+        raise InputError(f"offsets[{num_tables * batch}] = {off[-1]}, but {idx_name} holds "
+                         f"{len(idx)} values; the last offset is their count")
+    starts = off[::batch]                       # where each table's indices begin, then N
+    bad = _out_of_range(rows, idx, starts)
+    if bad:
+        p, k = bad
+        raise InputError(f"{idx_name}[{p}] = {idx[p]} (table {k}, position {p - starts[k]}) is "
+                         f"out of range for table {k} with {rows[k]} rows")
+    lS_o = off[:-1].reshape(num_tables, batch) - starts[:-1, None]
+    return dense, np.ascontiguousarray(lS_o), np.split(idx, starts[1:-1])
