@@ -100,10 +100,11 @@ def _write_weights(path: str, weights: Iterable[tuple[str, np.ndarray]],
                 pos += pad
             data = memoryview(arr.astype(arr.dtype.newbyteorder("<"), copy=False)).cast("B")
             for start in range(0, len(data), CHUNK):
-                f.write(data[start:start + CHUNK])
-                h.update(data[start:start + CHUNK])
+                chunk = data[start:start + CHUNK]
+                f.write(chunk)
+                h.update(chunk)
                 if progress:
-                    progress(len(data[start:start + CHUNK]))
+                    progress(len(chunk))
             index.append({"name": name, "dtype": str(arr.dtype), "shape": list(arr.shape),
                           "offset": pos, "nbytes": arr.nbytes})
             pos += arr.nbytes

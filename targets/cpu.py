@@ -41,16 +41,20 @@ class CpuBackend(Backend):
         return {"device": self.device, "machine": triple.split("-")[0],
                 "cpu_flags": sorted(CPUINFO_FLAGS[f] for f in feats if f in CPUINFO_FLAGS)}
 
-    def build(self, mod, target, tuning_log, expect, log):
+    def schedule(self, mod, target, tuning_log, expect, log):
         """Our kernels scheduled (from the tuning log, else by default), the weight-only
-        work lifted into ``transform_params``, Relax's ``zero`` pipeline, TVM's lowering."""
+        work lifted into ``transform_params``, Relax's ``zero`` pipeline: the module ready for
+        TVM's lowering, and the tuning summary."""
         from tvm import relax
 
         from ..schedules.tuning_log import schedule_kernels
 
         mod, summary = schedule_kernels(mod, target, tuning_log, expect, warn=log)
         mod = relax.transform.LiftTransformParams(shared_transform=True)(mod)
-        mod = relax.get_pipeline("zero")(mod)
+        return relax.get_pipeline("zero")(mod), summary
+
+    def build(self, mod, target, tuning_log, expect, log):
+        mod, summary = self.schedule(mod, target, tuning_log, expect, log)
         return tvm.compile(mod, target), summary
 
     def export_library(self, module, target, path, workspace=None) -> None:

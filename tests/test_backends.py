@@ -27,12 +27,7 @@ class SerialCpu(CpuBackend):
         return target.kind.name == "llvm" and int(target.attrs.get("num-cores", 0)) == 1
 
     def build(self, mod, target, tuning_log, expect, log):
-        from dlrmc.schedules.tuning_log import schedule_kernels
-        from tvm import relax
-
-        mod, summary = schedule_kernels(mod, target, tuning_log, expect, warn=log)
-        mod = relax.transform.LiftTransformParams(shared_transform=True)(mod)
-        mod = relax.get_pipeline("zero")(mod)
+        mod, summary = self.schedule(mod, target, tuning_log, expect, log)
         kernels = [(gv, f) for gv, f in mod.functions.items()
                    if isinstance(f, tvm.tirx.PrimFunc)]
         parallel = [(gv, f.script()) for gv, f in kernels if "T.parallel(" in f.script()]
