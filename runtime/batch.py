@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from .validate import check_jagged, check_kjt
+
 
 DISTRIBUTIONS = ("uniform", "zipf")
 
@@ -79,8 +81,6 @@ def load_npz(path: str, num_tables: int, arch: dict | None = None):
     With ``arch``, also FBGEMM's flat layout (dense_x, indices, offsets [T*B+1]) or TorchRec's
     KeyedJaggedTensor one (dense_x, values, lengths [T*B]), validated and returned in the
     reference layout."""
-    from .validate import check_jagged, check_kjt
-
     with np.load(path, allow_pickle=False) as z:
         keys = set(z.files)
         for layout, check in ((("indices", "offsets"), check_jagged),

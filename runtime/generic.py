@@ -11,10 +11,9 @@ import threading
 
 import numpy as np
 import tvm
-
-from ..artifact import ArtifactError, read_manifest, read_weights
 from tvm.runtime.vm import VirtualMachine
 
+from ..artifact import ArtifactError, read_manifest, read_weights
 from .model import artifact_device, load_library, set_threads, to_tvm, vm_function
 from .validate import InputError
 
