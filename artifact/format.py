@@ -1,6 +1,6 @@
 """The artifact directory: written here, read here, nowhere else.
 
-Layout (format version 2)::
+Layout (format version 3)::
 
     OUT_DIR/
       model.so         the compiled Relax VM executable; weights are NOT inside it
@@ -26,8 +26,9 @@ Layout (format version 2)::
   dynamic dim; ``dynamic_dims``: ``{name: [min, max or null]}``; ``output``: likewise;
 - ``target``: ``{"string": what the user gave, "resolved": TVM's full target as JSON,
   "requires": what the machine needs, as the target's backend (``dlrmc.targets.backend``)
-  states it: ``{"device": "cpu", "machine": "x86_64", "cpu_flags": [/proc/cpuinfo flags the
-  code uses]}`` or ``{"device": "cuda", "cuda_arch": "sm_90"}``}``;
+  states it: ``{"device": "cpu", "device_type": 1, "machine": "x86_64", "cpu_flags":
+  [/proc/cpuinfo flags the code uses]}`` or ``{"device": "cuda", "device_type": 2,
+  "cuda_arch": "sm_90"}``}`` (``device`` is TVM's name, ``device_type`` DLPack's number);
 - ``weights``: ``{"file": "weights.bin", "tensors": [{name, dtype, shape, offset, nbytes}]}``;
 - ``files``: ``{file name: {"sha256": hex digest, "bytes": size}}``: model.so and the weights
   file, each a plain name inside the artifact;
@@ -62,7 +63,7 @@ import numpy as np
 from .staging import replace_dir, staging_dir
 
 FORMAT = "dlrmc-artifact"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 MANIFEST_DIGEST = "manifest.sha256"
 LIBRARY = "model.so"
@@ -225,6 +226,7 @@ def _check_fields(m: dict) -> None:
     _field(_field(target, "resolved", dict, "target."), "kind", str, "target.resolved.")
     requires = _field(target, "requires", dict, "target.")
     _field(requires, "device", str, "target.requires.")
+    _field(requires, "device_type", int, "target.requires.")
     if "cpu_flags" in requires:
         flags = _field(requires, "cpu_flags", list, "target.requires.")
         if not all(isinstance(f, str) for f in flags):

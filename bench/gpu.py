@@ -56,14 +56,15 @@ def prepare(out: str, target: str = "cuda -arch=sm_90", python: str | None = "3.
     from ..compiler.build import compile_model, export_library
     from ..frontend.arch import Arch
     from ..frontend.model import DLRM
+    from ..runtime.devices import is_host
     from ..targets import parse_target, requirements
     from . import gpu_kernels
 
     tgt = parse_target(target)
     device = requirements(tgt)["device"]
-    cuda = device == "cuda"
     os.makedirs(out, exist_ok=True)
-    kernels = gpu_kernels.build(tgt, bind=cuda)    # on a CPU, the same loops run serially
+    # on a CPU, the same loops run serially
+    kernels = gpu_kernels.build(tgt, bind=not is_host(tvm.device(device)))
     export_library(kernels, tgt, os.path.join(out, KERNELS))
     for spec in models:
         arch = Arch.from_dict(spec["arch"])
@@ -119,11 +120,11 @@ def _ready(art: str):
 
 
 def _torch_device(device) -> str:
-    import tvm
-    return "cpu" if device.dlpack_device_type() == tvm.cpu().dlpack_device_type() else "cuda"
+    """PyTorch's name for a TVM device: TVM's own ("cuda:0", "cpu:0")."""
+    return str(device)
 
 
-def _torch_batch(batch, device: str = "cuda"):
+def _torch_batch(batch, device: str):
     import torch
     dense, offsets, indices = batch
     return (torch.from_numpy(dense).to(device), torch.from_numpy(offsets).to(device),
@@ -223,10 +224,10 @@ def bench(art: str, batches, repeat: int) -> list[dict]:
     rows = []
     for batch in batches:
         data = random_batch(ours.arch, batch, bag_size=1, seed=batch, fixed=True)  # one-hot
-        tb = _torch_batch(data)
+        tb = _torch_batch(data, _torch_device(ours.device))
         systems = {}
         run = ours.bind(*data)
-        systems["dlrmc"] = _time(run, tvm.cuda(0).sync, repeat)
+        systems["dlrmc"] = _time(run, ours.device.sync, repeat)
         with torch.no_grad():
             systems["eager"] = _time(lambda: model(*tb), torch.cuda.synchronize, repeat)
             stream = torch.cuda.Stream()
@@ -286,17 +287,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # first: on a GPU machine it loads the CUDA runtime libraries
     import tvm
 
-    from ..runtime.model import cuda_unavailable
+    from ..runtime.devices import device_unavailable, is_host
 
     with open(os.path.join(args.bundle, BUNDLE)) as f:
         bundle = json.load(f)
     arts = os.path.join(args.bundle, "artifacts")
-    reason = cuda_unavailable() if bundle["device"] == "cuda" else None
+    reason = device_unavailable(bundle["device"])
     if reason:
-        print(f"GPU check: the bundle was built for CUDA and cannot run here: {reason}",
-              file=sys.stderr)
+        print(f"GPU check: the bundle was built for {bundle['device']} and cannot run here: "
+              f"{reason}", file=sys.stderr)
         return 2
-    device = tvm.cuda(0) if bundle["device"] == "cuda" else tvm.cpu()
+    device = tvm.device(bundle["device"], 0)
     compiler = tvm.get_global_func("target.build.llvm", allow_missing=True) is not None
     print(f"TVM {tvm.__version__} from {os.path.dirname(tvm.__file__)}: "
           f"{'with its compiler' if compiler else 'runtime only'}", flush=True)
@@ -328,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     status = 1 if failed else 0
     if failed:
         print(f"FAILED: {', '.join(failed)}", flush=True)
-    if bundle["device"] != "cuda" or BENCH["name"] not in bundle["artifacts"]:
-        print("no benchmark: this bundle was not built for CUDA with the benchmark model")
+    if is_host(device) or BENCH["name"] not in bundle["artifacts"]:
+        print("no benchmark: this bundle was not built for a GPU with the benchmark model")
         return status
     rows = bench(os.path.join(arts, BENCH["name"]), [int(b) for b in args.batches.split(",")],
                  args.repeat)

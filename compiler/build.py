@@ -36,14 +36,12 @@ class BuildError(ValueError):
 
 
 def input_spec(arch: Arch) -> tuple[list[dict], dict]:
-    """The artifact's inputs (reference layout, index list spelled out) and dynamic dims."""
+    """The artifact's inputs (the flat layout of ``dlrmc.frontend.ops``; an offsets shape
+    entry ``"T*batch+1"`` written out with T) and dynamic dims."""
     inputs = [{"name": "dense_x", "dtype": "float32", "shape": ["batch", arch.num_dense]},
-              {"name": "lS_o", "dtype": "int64", "shape": [arch.num_tables, "batch"]}]
-    dims = {"batch": [1, None]}
-    for k in range(arch.num_tables):
-        inputs.append({"name": f"lS_i_{k}", "dtype": "int64", "shape": [f"indices_{k}"]})
-        dims[f"indices_{k}"] = [0, None]
-    return inputs, dims
+              {"name": "indices", "dtype": "int64", "shape": ["indices"]},
+              {"name": "offsets", "dtype": "int64", "shape": [f"{arch.num_tables}*batch+1"]}]
+    return inputs, {"batch": [1, None], "indices": [0, None]}
 
 
 TRANSFORM_PARAMS = "transform_params"
@@ -125,7 +123,8 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
     the tuning log's, else ``DEFAULT_BUCKETS``); ``tuning_log``: a ``dlrm-tune`` directory
     whose schedules are replayed; ``emb_quant``: "int8" stores the tables row-wise quantised;
     ``precision``: the dense layers' and interaction's type; ``mlp_quant`` "int8": int8 dense
-    layers calibrated on ``calibration`` (batches of (dense_x, lS_o, [lS_i_k])); ``progress``:
+    layers calibrated on ``calibration`` (batches of (dense_x, lS_o, [lS_i_k]), the reference
+    layout); ``progress``:
     each stage's seconds, and the bytes written, shown on stderr while it runs."""
     tgt = parse_target(target)
     backend = backend_for(tgt)

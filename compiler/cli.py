@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.output}", flush=True)
         if args.check:
             from ..artifact import read_manifest
-            from ..runtime.model import artifact_device
+            from ..runtime.devices import artifact_device
             try:
                 artifact_device(args.output, read_manifest(args.output, verify=False))
             except ArtifactError as e:   # built for another CPU or a GPU: the build stands

@@ -22,7 +22,8 @@ import tvm
 from tvm import relax
 
 from ..runtime import set_threads
-from ..runtime.model import device_for, to_tvm
+from ..runtime.devices import device_for, is_host
+from ..runtime.model import to_tvm
 from ..targets import parse_target, requirements, target_text
 from .build import TRANSFORM_PARAMS, build
 from .lower import lower
@@ -60,7 +61,7 @@ def _as_tvm(t: torch.Tensor, device) -> tvm.runtime.Tensor:
     """On ``device``; zero-copy where TVM can take the memory (Dynamo passes the weights in
     every call)."""
     t = t.detach()
-    if device.dlpack_device_type() != tvm.cpu().dlpack_device_type():
+    if not is_host(device):
         return tvm.runtime.tensor(t.contiguous().numpy(), device)
     if t.is_contiguous() and t.numel() and t.data_ptr() % 64 == 0:
         return tvm.runtime.from_dlpack(t)

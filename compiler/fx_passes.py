@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from ..frontend.ops import interaction_pairs
-from . import torch_ops  # noqa: F401  (registers torch.ops.dlrmc)
+from ..frontend import torch_ops  # noqa: F401  (registers torch.ops.dlrmc)
 
 aten = torch.ops.aten
 _PASS_THROUGH = {aten.clone.default, aten.lift_fresh_copy.default, aten.detach_.default,

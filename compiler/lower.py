@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import tvm
+import tvm_ffi
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
@@ -41,7 +42,7 @@ from ..schedules.interaction import output_width
 from ..schedules.kernels import make
 from ..targets import backend_for
 from ..targets.knobs import CpuKnobs, cpu_knobs
-from . import torch_ops  # noqa: F401  (registers torch.ops.dlrmc)
+from ..frontend import torch_ops  # noqa: F401  (registers torch.ops.dlrmc)
 from .fx_passes import batch_embedding_bags, embedding_bag_args, fuse_dot_interaction, fuse_linear
 from .numerics import MLP_QUANTS, PRECISIONS, activation_qparams, linear_input_ranges
 
@@ -108,6 +109,44 @@ def _bags_kernel(gpu: bool, quant, **args):
     """The CPU kernel (reading ``quant`` tables) or the GPU one (its backend refuses them)."""
     return make("embedding_bags_gpu", **args) if gpu else make("embedding_bags", **args,
                                                                 quant=quant)
+
+
+def _flat_batch(count, tables: int, node):
+    """B, from the length of flat offsets, T*B + 1 (a number, or T * batch + 1 with the
+    batch a variable)."""
+    if isinstance(count, tvm.tirx.IntImm):
+        return (int(count) - 1) // tables
+    names = tvm.tirx.analysis.undefined_vars(count)
+    if len(names) == 1:
+        batch = names[0]
+        one, times = tvm.tirx.IntImm("int64", 1), tvm.tirx.IntImm("int64", tables)
+        if any(tvm_ffi.structural_equal(count, form) for form in (
+                one + times * batch, times * batch + one, one + batch * times)):
+            return batch
+    raise LoweringError(f"{node.name}: flat offsets must have T*B + 1 = {tables}*batch + 1 "
+                        f"entries, got {count}")
+
+
+def _convert_embedding_bags_flat(node, importer, quant=None, tables=None, gpu=False
+                                 ) -> relax.Expr:
+    """``dlrmc::embedding_bags_flat``: the table-batched kernel on the flat layout."""
+    weights, indices, offsets, row_weights, mode = node.args
+    env, bb = importer.env, importer.block_builder
+    ws, idx = [env[w] for w in weights], env[indices]
+    dims = {_table(w, node) for w in ws}
+    if len(dims) != 1:
+        raise LoweringError(f"{node.name}: the tables must share one width, got {sorted(dims)}")
+    index_dtype = str(idx.ty.dtype)
+    off = _as_dtype(bb, env[offsets], index_dtype)
+    _quantized(ws, quant, tables)
+    kernel = _bags_kernel(gpu, quant, dim=dims.pop(), mode=Pooling.of(mode).label,
+                          weighted=bool(row_weights), index_dtype=index_dtype,
+                          include_last_offset=False, padding_idx=None, offset_rows=None,
+                          batch=None, flat_tables=len(ws))
+    gv = bb.add_func(kernel, f"embedding_bags_{len(ws)}")
+    batch = _flat_batch(_static_dims(off, "offsets", node)[0], len(ws), node)
+    out_ty = [relax.TensorType((batch, w.ty.shape[1]), "float32") for w in ws]
+    return bb.emit(relax.call_tir(gv, ws + [idx, off] + [env[v] for v in row_weights], out_ty))
 
 
 def _convert_embedding_bags(node, importer, quant=None, tables=None, gpu=False) -> relax.Expr:
@@ -256,7 +295,7 @@ def _convert_linear(node, importer, knobs: CpuKnobs, numerics: Numerics) -> rela
     nr = knobs.nr if n > knobs.lanes else knobs.lanes
     bias = env[b_node] if b_node is not None else relax.const(np.zeros(n, np.float32))
     packed, bias, lowp = _pack_weights(bb, w, bias, n, k, nr, numerics, node)
-    args = dict(n=n, k=k, act=act, mr=knobs.mr, nr=nr, parallel=n * k >= knobs.parallel_min_macs,
+    args = dict(n=n, k=k, act=act, mr=knobs.mr, nr=nr, parallel_min_macs=knobs.parallel_min_macs,
                 batch=None)
     if lowp:
         kernel = make("dense_lowp", **args, **lowp, dot=knobs.has_dot(lowp["kind"], nr))
@@ -280,6 +319,8 @@ def gpu_converters(numerics: Numerics = Numerics()) -> dict:
         "_embedding_bag.default": bag,
         "_embedding_bag_forward_only.default": bag,
         "embedding_bags.default": lambda node, imp: _convert_embedding_bags(node, imp, gpu=True),
+        "embedding_bags_flat.default": lambda node, imp: _convert_embedding_bags_flat(
+            node, imp, gpu=True),
         "dot_interaction.default": lambda node, imp: _convert_dot_interaction_gpu(node, imp,
                                                                                   numerics),
         "linear.default": _convert_linear_gpu,
@@ -300,6 +341,8 @@ def converters(knobs: CpuKnobs, stock: dict, emb_quant: str | None = None,
         "_embedding_bag.default": bag,
         "_embedding_bag_forward_only.default": bag,
         "embedding_bags.default": lambda node, imp: _convert_embedding_bags(
+            node, imp, emb_quant, quantized),
+        "embedding_bags_flat.default": lambda node, imp: _convert_embedding_bags_flat(
             node, imp, emb_quant, quantized),
         "dot_interaction.default": lambda node, imp: _convert_dot_interaction(node, imp, knobs,
                                                                               numerics),

@@ -16,6 +16,8 @@ import math
 import torch
 from torch.export.graph_signature import InputKind
 
+from ..frontend.ops import flat_layout
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 MLP_QUANTS = ("int8",)
 CALIBRATION_ROWS = 4096     # training rows a calibration runs on by default
@@ -31,8 +33,8 @@ def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
 
 
 def linear_input_ranges(ep: torch.export.ExportedProgram, batches) -> dict[str, tuple]:
-    """{dlrmc::linear node name: (min, max) of its input} over ``batches`` of exported inputs
-    (dense_x, lS_o, [lS_i_k]) run through ``ep``'s graph in PyTorch."""
+    """{dlrmc::linear node name: (min, max) of its input} over ``batches`` (dense_x, lS_o,
+    [lS_i_k], the reference layout) run through ``ep``'s graph (flat inputs) in PyTorch."""
     ranges: dict[str, tuple[float, float]] = {}
     linear = torch.ops.dlrmc.linear.default
 
@@ -46,8 +48,8 @@ def linear_input_ranges(ep: torch.export.ExportedProgram, batches) -> dict[str, 
 
     seen = 0
     for dense, offsets, indices in batches:
-        user = iter([torch.as_tensor(dense), torch.as_tensor(offsets)]
-                    + [torch.as_tensor(i) for i in indices])
+        user = iter([torch.as_tensor(dense)]
+                    + [torch.from_numpy(a) for a in flat_layout(offsets, indices)])
         args = []
         for spec in ep.graph_signature.input_specs:
             if spec.kind == InputKind.USER_INPUT:

@@ -13,7 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import torch_ops  # noqa: F401  (registers torch.ops.dlrmc)
 from .arch import Arch
+from .ops import Pooling
 
 
 def _mlp(widths: tuple[int, ...], sigmoid_last: bool, rng) -> nn.Sequential:
@@ -106,3 +108,27 @@ class DLRM(nn.Module):
         ly = self.apply_emb(lS_o, lS_i)
         z = self.interact_features(x, ly)
         return self.top_l(z)
+
+    def forward_flat(self, dense_x, indices, offsets):
+        """``forward`` on the flat layout (``dlrmc.frontend.ops``): ``indices`` [N] every
+        table's, table-major, ``offsets`` [T*B+1]; all tables pooled by one op."""
+        weights = [self._pool_weights(k) for k in range(len(self.emb_l))]
+        ly = torch.ops.dlrmc.embedding_bags_flat(
+            [e.weight for e in self.emb_l], indices, offsets,
+            [] if weights[0] is None else weights, int(Pooling.of(self.arch.pooling)))
+        return self.top_l(self.interact_features(self.bot_l(dense_x), list(ly)))
+
+
+class FlatDLRM(DLRM):
+    """A DLRM whose ``forward`` is ``forward_flat``, sharing the modules and weights of
+    ``model`` under the same names: what ``torch.export`` captures for an artifact."""
+
+    def __init__(self, model: DLRM):
+        nn.Module.__init__(self)
+        self.arch = model.arch
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, buf in model.named_buffers(recurse=False):
+            self.register_buffer(name, buf, persistent=False)
+
+    forward = DLRM.forward_flat

@@ -15,6 +15,13 @@ kernel for all tables):
   [B+1] with ``include_last_offset``; table-batched, one row of a [T, B] start-offset matrix
   (the reference's ``lS_o``);
 - ``Pooling``: ``SUM``, ``MEAN``, ``MAX`` (ATen's mode numbers 0, 1, 2);
+- the **flat layout** (FBGEMM's table-batched bags, TorchRec's KeyedJaggedTensor with its
+  lengths summed up; the artifact's own input): one ``indices`` [N] holding every table's
+  indices, table-major, and ``offsets`` [T*B+1], bag b of table t spanning
+  ``indices[offsets[t*B + b]:offsets[t*B + b + 1]]``, ``offsets[0] = 0`` and
+  ``offsets[T*B] = N``; a weighted table's pooling weights are then per row, V_t [rows],
+  the weight of an index its row's (the reference's ``v_W_l``). ``flat_layout`` and
+  ``reference_layout`` convert to and from the reference's (``lS_o`` [T, B], ``lS_i``);
 - entries equal to ``padding_idx`` are skipped and not counted (by ``MEAN`` either);
 - an empty bag (or one of padding only) pools to 0 in every mode: the mean of nothing and the
   max of nothing are 0, as in PyTorch.
@@ -100,6 +107,35 @@ def embedding_bag(
         out[b] = {Pooling.SUM: rows.sum, Pooling.MEAN: rows.mean,
                   Pooling.MAX: rows.max}[Pooling.of(mode)](0)
     return out
+
+
+def flat_layout(lS_o, lS_i) -> tuple[np.ndarray, np.ndarray]:
+    """The reference layout (``lS_o`` [T, B] start offsets, ``lS_i`` T index arrays) as the
+    flat one: (indices [N], offsets [T*B+1]), int64."""
+    lS_o = np.asarray(lS_o, np.int64)
+    lengths = np.array([len(i) for i in lS_i], np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    indices = np.concatenate([np.asarray(i, np.int64) for i in lS_i]) if len(lS_i) else \
+        np.zeros(0, np.int64)
+    offsets = np.append((lS_o + starts[:-1, None]).ravel(), starts[-1])
+    return indices, offsets
+
+
+def reference_layout(indices, offsets, num_tables: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The flat layout as the reference's: (``lS_o`` [T, B], [T index arrays])."""
+    indices, offsets = np.asarray(indices), np.asarray(offsets, np.int64)
+    batch = (len(offsets) - 1) // num_tables
+    starts = offsets[::batch] if batch else np.zeros(num_tables + 1, np.int64)
+    lS_o = offsets[:-1].reshape(num_tables, batch) - starts[:-1, None]
+    return lS_o, np.split(indices, starts[1:-1])
+
+
+def embedding_bags_flat(weights, indices, offsets, mode: str = "sum",
+                        row_weights=None) -> list[np.ndarray]:
+    """Every table's bags from the flat layout: one [B, D_t] array per table."""
+    lS_o, lS_i = reference_layout(indices, offsets, len(weights))
+    return [embedding_bag(w, i, o, mode, None if row_weights is None else row_weights[t][i])
+            for t, (w, i, o) in enumerate(zip(weights, lS_i, lS_o))]
 
 
 def dot_interaction(

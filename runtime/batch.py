@@ -1,4 +1,4 @@
-"""Synthetic batches in the reference layout (numpy only), for ``dlrm-run --random`` and checks."""
+"""Batches from files and synthetic ones (numpy only), for ``dlrm-run`` and checks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import os
 
 import numpy as np
 
-from .validate import check_jagged, check_kjt
+from ..frontend.ops import flat_layout
+from .validate import check_batch, check_jagged, check_kjt
 
 
 DISTRIBUTIONS = ("uniform", "zipf")
@@ -65,27 +66,40 @@ def batch_from_args(arch: dict, batch: int, args, seed: int):
                         distribution=args.index_distribution, zipf_alpha=args.zipf_alpha)
 
 
-def write_raw_batch(directory: str, batch) -> None:
-    """A batch as the C++ runner (``dlrmc_run``) reads it: raw little-endian dense_x.bin
-    (float32 [B, D]), lS_o.bin (int64 [T, B]) and lS_i_0.bin .. (int64)."""
-    dense, offsets, indices = batch
+LAYOUTS = ("flat", "kjt", "reference")
+
+
+def write_raw_batch(directory: str, batch, layout: str = "flat") -> None:
+    """A reference-layout batch (dense_x, lS_o, lS_i) as the C++ runner (``dlrmc_run``)
+    reads it: raw little-endian dense_x.bin (float32 [B, D]) and the sparse features as
+    ``layout`` says: indices.bin + offsets.bin (flat), values.bin + lengths.bin (kjt) or
+    lS_o.bin + lS_i_0.bin .. (reference), all int64."""
+    dense, lS_o, lS_i = batch
     os.makedirs(directory, exist_ok=True)
-    np.asarray(dense, "<f4").tofile(os.path.join(directory, "dense_x.bin"))
-    np.asarray(offsets, "<i8").tofile(os.path.join(directory, "lS_o.bin"))
-    for k, idx in enumerate(indices):
-        np.asarray(idx, "<i8").tofile(os.path.join(directory, f"lS_i_{k}.bin"))
+    arrays = {"dense_x": np.asarray(dense, "<f4")}
+    if layout == "reference":
+        arrays["lS_o"] = lS_o
+        arrays.update((f"lS_i_{k}", idx) for k, idx in enumerate(lS_i))
+    else:
+        indices, offsets = flat_layout(lS_o, lS_i)
+        names = ("indices", "offsets") if layout == "flat" else ("values", "lengths")
+        arrays.update(zip(names, (indices, offsets if layout == "flat" else np.diff(offsets))))
+    for name, a in arrays.items():
+        np.asarray(a, "<f4" if name == "dense_x" else "<i8").tofile(
+            os.path.join(directory, f"{name}.bin"))
 
 
-def load_npz(path: str, num_tables: int, arch: dict | None = None):
-    """A batch from an .npz with keys dense_x, lS_o, and lS_i ([T, N]) or lS_i_0 .. lS_i_{T-1}.
-    With ``arch``, also FBGEMM's flat layout (dense_x, indices, offsets [T*B+1]) or TorchRec's
-    KeyedJaggedTensor one (dense_x, values, lengths [T*B]), validated and returned in the
-    reference layout."""
+def load_npz(path: str, arch: dict):
+    """A batch from an .npz holding dense_x and the sparse features in one of three layouts:
+    the reference's (lS_o [T, B], and lS_i [T, N] or lS_i_0 .. lS_i_{T-1}), FBGEMM's flat one
+    (indices, offsets [T*B+1]) or TorchRec's KeyedJaggedTensor one (values, lengths [T*B]).
+    Returned validated, in the artifact's flat layout (``dlrmc.runtime.validate``)."""
+    num_tables = len(arch["embedding_sizes"])
     with np.load(path, allow_pickle=False) as z:
         keys = set(z.files)
         for layout, check in ((("indices", "offsets"), check_jagged),
                               (("values", "lengths"), check_kjt)):
-            if arch is not None and "dense_x" in keys and set(layout) <= keys:
+            if "dense_x" in keys and set(layout) <= keys:
                 return check(arch, z["dense_x"], *(z[k] for k in layout))
         missing = {"dense_x", "lS_o"} - keys
         if missing:
@@ -98,4 +112,4 @@ def load_npz(path: str, num_tables: int, arch: dict | None = None):
             if absent:
                 raise ValueError(f"{path} has neither lS_i nor {', '.join(absent)}")
             lS_i = [z[n] for n in names]
-        return z["dense_x"], z["lS_o"], lS_i
+        return check_batch(arch, z["dense_x"], z["lS_o"], lS_i)

@@ -10,8 +10,8 @@ import numpy as np
 
 from ..artifact import ArtifactError
 from .batch import add_random_batch_args, batch_from_args, load_npz
-from .model import load
-from .validate import InputError
+from .model import load, time_calls
+from .validate import InputError, check_batch
 
 
 def _run_generic(model, args) -> int:
@@ -54,13 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         if model.manifest["arch"] is None:
             return _run_generic(model, args)
         if args.input:
-            batch = load_npz(args.input, model.num_tables, model.arch)
+            batch = load_npz(args.input, model.arch)
         else:
             if args.random < 1:
                 raise InputError("--random needs a batch size >= 1")
-            batch = batch_from_args(model.arch, args.random, args, args.seed)
-        preds = model.predict(*batch)
-        times = model.time_per_batch(*batch, repeat=max(1, args.repeat))
+            batch = check_batch(model.arch, *batch_from_args(model.arch, args.random, args,
+                                                             args.seed))
+        preds = model.predict_jagged(*batch)
+        times = time_calls(model.bind_jagged(*batch), warmup=1, repeat=max(1, args.repeat))
     except (ArtifactError, InputError, ValueError, OSError) as e:
         print(f"dlrm-run: error: {e}", file=sys.stderr)
         return 2

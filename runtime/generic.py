@@ -14,7 +14,8 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 from ..artifact import ArtifactError, read_manifest, read_weights
-from .model import artifact_device, load_library, set_threads, to_tvm, vm_function
+from .devices import artifact_device, is_host
+from .model import load_library, set_threads, to_tvm, vm_function
 from .validate import InputError
 
 
@@ -27,7 +28,7 @@ class GenericModel:
         self.manifest = read_manifest(self.path, verify=verify)
         self.inputs = self.manifest["inputs"]
         self.device = artifact_device(self.path, self.manifest)
-        if self.device.dlpack_device_type() != tvm.cpu().dlpack_device_type():
+        if not is_host(self.device):
             raise ArtifactError("generic ONNX artifacts run on the CPU only")
         vm = VirtualMachine(load_library(self.path), self.device)
         self._main = vm_function(vm, self.manifest["entry"], "entry")

@@ -14,6 +14,7 @@ from tvm.runtime.vm import VirtualMachine
 
 from ..artifact import LIBRARY, ArtifactError, read_manifest, read_weights
 from ..frontend.arch import Arch
+from .devices import artifact_device, is_host
 from .plan import pick, slice_batch
 from .validate import check_batch, check_jagged, check_kjt
 
@@ -49,34 +50,6 @@ def time_calls(fn: Callable[[], object], warmup: int, repeat: int) -> list[float
     return times
 
 
-def check_cpu(requires: dict, cpuinfo: str = "/proc/cpuinfo") -> None:
-    """Refuse an artifact this CPU cannot run (it would die of SIGILL, not raise)."""
-    import platform
-
-    machine = requires.get("machine")
-    aliases = {"x86_64": {"x86_64", "amd64"}, "aarch64": {"aarch64", "arm64"}}
-    if machine and platform.machine().lower() not in aliases.get(machine, {machine}):
-        raise ArtifactError(f"the artifact was built for {machine}; this machine is "
-                            f"{platform.machine()}")
-    try:
-        with open(cpuinfo) as f:
-            text = f.read()
-    except OSError:
-        return  # not Linux: nothing to check against
-    # x86 lists "flags", Arm "Features"; under an emulator (qemu-user) the file is the host's
-    # and has the other key, and nothing can be checked.
-    key = "Features" if machine == "aarch64" else "flags"
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith(key):
-            flags |= set(line.split(":", 1)[1].split())
-    missing = [f for f in requires.get("cpu_flags", []) if f not in flags]
-    if flags and missing:
-        raise ArtifactError(f"code for this target needs CPU features this CPU lacks: "
-                            f"{', '.join(missing)} (compile with a --target for this CPU, e.g. "
-                            "the default host, to run here)")
-
-
 def set_threads(threads: int | None = None) -> int:
     """Use ``threads`` worker threads for TVM's parallel loops (default: TVM_NUM_THREADS, else
     every CPU this process may run on). TVM's own default ignores half the cores on x86,
@@ -87,98 +60,6 @@ def set_threads(threads: int | None = None) -> int:
     cpus = sorted(os.sched_getaffinity(0))
     tvm.get_global_func("runtime.config_threadpool")(-3, int(threads), [str(c) for c in cpus])
     return tvm.runtime.num_threads()
-
-
-CUDA_LIBRARY_DIRS = ("lib64", "lib", "targets/x86_64-linux/lib")   # under a CUDA root
-
-
-def cudart_candidates(soname: str, env=os.environ) -> list[str]:
-    """Where a CUDA runtime library (``libcudart.so.13``) not on the loader's path may lie: the
-    CUDA toolkit (CUDA_HOME, CUDA_PATH, /usr/local/cuda) or the NVIDIA pip wheels beside
-    this Python's packages (nvidia/cu13/lib, nvidia/cuda_runtime/lib)."""
-    import glob
-    import sysconfig
-
-    roots = [env.get("CUDA_HOME"), env.get("CUDA_PATH"), "/usr/local/cuda"]
-    dirs = [os.path.join(r, d) for r in roots if r for d in CUDA_LIBRARY_DIRS]
-    for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
-        dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib")))
-    return [os.path.join(d, soname) for d in dirs if os.path.isfile(os.path.join(d, soname))]
-
-
-def _load_cuda_runtime() -> str | None:
-    """Load TVM's CUDA runtime (its device API and module loader), a sidecar library that TVM
-    loads by itself only in a full (compiler) installation; the reason when it cannot. The
-    CUDA runtime library it links is looked for beyond the loader's path too
-    (``cudart_candidates``)."""
-    if tvm.get_global_func("device_api.cuda", allow_missing=True) is not None:
-        return None
-    import ctypes
-    import re
-    from pathlib import Path
-
-    from tvm.base import _LOADED_LIBS
-    from tvm_ffi.libinfo import load_lib_ctypes
-
-    def load():
-        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
-            package="tvm", target_name="tvm_runtime_cuda", mode="RTLD_LOCAL",
-            extra_lib_paths=[Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent])
-
-    try:
-        load()
-    except (OSError, FileNotFoundError, RuntimeError) as e:
-        missing = re.search(r"(libcudart\.so[.\d]*)", str(e))
-        found = cudart_candidates(missing.group(1)) if missing else []
-        if not found:
-            hint = (f" (install the CUDA runtime, {missing.group(1)}, or set CUDA_HOME to the "
-                    "CUDA toolkit)") if missing else ""
-            return f"TVM's CUDA runtime (libtvm_runtime_cuda.so) does not load: {e}{hint}"
-        try:
-            ctypes.CDLL(found[0], mode=ctypes.RTLD_GLOBAL)
-            load()
-        except OSError as e2:
-            return f"TVM's CUDA runtime (libtvm_runtime_cuda.so) does not load: {e2}"
-    return None
-
-
-def cuda_unavailable() -> str | None:
-    """Why no CUDA artifact can run here (no CUDA runtime, driver or GPU), or None."""
-    return _load_cuda_runtime() or (None if tvm.cuda(0).exist else "no CUDA GPU found")
-
-
-# What must hold on this machine before code for a device runs, by the device name the
-# manifest's ``target.requires.device`` gives (the backend that built it wrote it there):
-# (requires, what) -> None, or an ArtifactError naming what is missing.
-def _cpu_ready(requires: dict, what: str) -> None:
-    check_cpu(requires)
-
-
-def _cuda_ready(requires: dict, what: str) -> None:
-    reason = cuda_unavailable()
-    if reason:
-        raise ArtifactError(f"{what} was built for CUDA ({requires.get('cuda_arch', '?')}) and "
-                            f"cannot run here: {reason}")
-
-
-DEVICES = {"cpu": (_cpu_ready, tvm.cpu), "cuda": (_cuda_ready, tvm.cuda)}
-
-
-def device_for(requires: dict, what: str):
-    """The TVM device code with these ``requires`` runs on, once this machine is checked to
-    run it (``what`` names the code in the error)."""
-    name = requires.get("device")
-    if name not in DEVICES:
-        raise ArtifactError(f"{what} was built for device {name!r}; this runtime runs "
-                            f"{', '.join(DEVICES)}")
-    ready, device = DEVICES[name]
-    ready(requires, what)
-    return device(0)
-
-
-def artifact_device(path: str, manifest: dict):
-    """The device an artifact runs on (``device_for`` its manifest's requirements)."""
-    return device_for(manifest["target"]["requires"], path)
 
 
 def load_library(path: str) -> tvm.runtime.Module:
@@ -250,7 +131,7 @@ class CompiledDLRM:
         vm = self._vm()
         # mmap: TVM reads the file's pages in place (fast load, memory shared between
         # processes, first touches fault pages in); else the weights are copied in at load.
-        on_cpu = self.device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+        on_cpu = is_host(self.device)
         weights = [tvm.runtime.from_dlpack(w) if mmap and on_cpu
                    else tvm.runtime.tensor(w, self.device)
                    for w in read_weights(self.path, self.manifest)]
@@ -271,7 +152,7 @@ class CompiledDLRM:
 
     def _to_device(self, arrays: list[np.ndarray]) -> list:
         """Inputs for the entries: one host copy on the CPU; copies to the GPU otherwise."""
-        if self.device.dlpack_device_type() == tvm.cpu().dlpack_device_type():
+        if is_host(self.device):
             return to_tvm(arrays)
         return [tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for a in arrays]
 
@@ -293,18 +174,18 @@ class CompiledDLRM:
         return a call that runs it (what benchmarks time), giving a [B, 1] tensor or array."""
         return self._bind(*check_batch(self.arch, dense_x, lS_o, lS_i))
 
-    def _bind(self, dense, offsets, indices) -> Callable[[], object]:
-        """``bind`` for a batch already validated (the reference layout)."""
+    def _bind(self, dense, indices, offsets) -> Callable[[], object]:
+        """``bind`` for a batch already validated, in the artifact's flat layout."""
         batch = dense.shape[0]
         plan = pick(batch, self._bucket_sizes)
         if len(plan) == 1 and plan[0][1] in (0, batch):
             size = plan[0][1]
-            args = self._to_device([dense, offsets, *indices])
+            args = self._to_device([dense, indices, offsets])
             return lambda: self._entry(size)(*args, *self._weights)
         calls, start = [], 0
         for rows, size in plan:
-            piece = slice_batch(dense, offsets, indices, start, rows, size or rows)
-            calls.append((size, rows, self._to_device([piece[0], piece[1], *piece[2]])))
+            piece = slice_batch(dense, indices, offsets, start, rows, size or rows)
+            calls.append((size, rows, self._to_device(list(piece))))
             start += rows
 
         def run():
@@ -319,10 +200,15 @@ class CompiledDLRM:
         arrays) and run it; returns float32 [B, 1]."""
         return self._run(self.bind(dense_x, lS_o, lS_i))
 
+    def bind_jagged(self, dense_x, indices, offsets) -> Callable[[], object]:
+        """``bind`` for the flat layout, as ``predict_jagged`` takes it."""
+        return self._bind(*check_jagged(self.arch, dense_x, indices, offsets))
+
     def predict_jagged(self, dense_x, indices, offsets) -> np.ndarray:
-        """``predict`` for FBGEMM's table-batched layout: ``indices`` [N] (every table's,
-        table-major), ``offsets`` [T*B+1] (``dlrmc.runtime.validate.check_jagged``)."""
-        return self._run(self._bind(*check_jagged(self.arch, dense_x, indices, offsets)))
+        """``predict`` for FBGEMM's table-batched layout, the artifact's own: ``indices`` [N]
+        (every table's, table-major), ``offsets`` [T*B+1]
+        (``dlrmc.runtime.validate.check_jagged``); int64 arrays go in without a conversion."""
+        return self._run(self.bind_jagged(dense_x, indices, offsets))
 
     def predict_kjt(self, dense_x, values, lengths) -> np.ndarray:
         """``predict`` for TorchRec's KeyedJaggedTensor layout: ``values`` [N] key-major,

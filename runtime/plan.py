@@ -30,20 +30,21 @@ def pick(batch: int, buckets) -> list[tuple[int, int]]:
     return plan
 
 
-def slice_batch(dense: np.ndarray, offsets: np.ndarray, indices: list[np.ndarray],
+def slice_batch(dense: np.ndarray, indices: np.ndarray, offsets: np.ndarray,
                 start: int, rows: int, size: int) -> tuple:
-    """Rows ``start:start+rows`` of a validated batch as a batch of ``size`` >= ``rows`` rows
-    (the extra rows: zero features, empty bags). Offsets are rebased to the piece's indices."""
-    end = start + rows
-    total = offsets.shape[1]
+    """Rows ``start:start+rows`` of a validated batch in the flat layout (``dense`` [B, F],
+    ``indices`` [N], ``offsets`` [T*B+1]) as a flat batch of ``size`` >= ``rows`` rows (the
+    extra rows: zero features, empty bags), its offsets rebased to its own indices."""
+    batch = dense.shape[0]
+    tables = (len(offsets) - 1) // batch
     dense_piece = np.zeros((size, dense.shape[1]), dense.dtype)
-    dense_piece[:rows] = dense[start:end]
-    off_piece = np.empty((offsets.shape[0], size), offsets.dtype)
-    idx_pieces = []
-    for t, idx in enumerate(indices):
-        lo = int(offsets[t, start])
-        hi = int(offsets[t, end]) if end < total else len(idx)
-        off_piece[t, :rows] = offsets[t, start:end] - lo
-        off_piece[t, rows:] = hi - lo
-        idx_pieces.append(idx[lo:hi])
-    return dense_piece, off_piece, idx_pieces
+    dense_piece[:rows] = dense[start:start + rows]
+    # Each table's bag bounds for these rows, [T, rows + 1]: where bag b starts, then the end.
+    bounds = offsets[np.arange(tables)[:, None] * batch + start + np.arange(rows + 1)]
+    lo, hi = bounds[:, 0], bounds[:, -1]
+    base = np.concatenate([[0], np.cumsum(hi - lo)]).astype(offsets.dtype)
+    off = np.empty((tables, size), offsets.dtype)
+    off[:, :rows] = bounds[:, :-1] - lo[:, None] + base[:-1, None]
+    off[:, rows:] = base[1:, None]
+    idx = np.concatenate([indices[a:b] for a, b in zip(lo, hi)])
+    return dense_piece, idx, np.append(off.ravel(), base[-1])

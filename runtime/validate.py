@@ -1,5 +1,11 @@
 """Input checks that run before any native code: the compiled gathers trust their indices.
 
+Each layout a caller may use (the reference's ``lS_o``/``lS_i``, FBGEMM's flat
+``indices``/``offsets``, TorchRec's ``values``/``lengths``) is checked and returned as the
+artifact's own input, the flat layout (``dlrmc.frontend.ops``): (dense float32 [B, F],
+indices int64 [N], offsets int64 [T*B+1]). The checks are vectorised over all tables, a few
+numpy calls per batch however many tables there are.
+
 Everything is checked against the artifact's manifest: dtypes, ranks and shapes, offsets
 (start at 0, non-decreasing, within the table's index count) and every index inside its
 table, all compared as int64 (an unsigned value past int64's range is refused, never wrapped).
@@ -63,8 +69,11 @@ def _out_of_range(rows, flat: np.ndarray, starts: np.ndarray) -> tuple[int, int]
     return p, int(np.searchsorted(starts, p, side="right")) - 1
 
 
-def check_batch(arch: dict, dense_x, lS_o, lS_i) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Validate a batch in the reference layout; return it as (float32, int64, [int64]) arrays.
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray]   # dense_x, indices, offsets: flat
+
+
+def check_batch(arch: dict, dense_x, lS_o, lS_i) -> Batch:
+    """Validate a batch in the reference layout; return it in the flat one (one concatenate).
 
     ``lS_i`` is a list of T 1-D arrays or a [T, N] array.
     """
@@ -109,22 +118,21 @@ def check_batch(arch: dict, dense_x, lS_o, lS_i) -> tuple[np.ndarray, np.ndarray
         p, k = bad
         raise InputError(f"lS_i[{k}][{p - starts[k]}] = {flat[p]} is out of range for table {k} "
                          f"with {rows[k]} rows")
-    return dense, np.ascontiguousarray(offsets), indices
+    return dense, flat, np.append((offsets + starts[:-1, None]).ravel(), starts[-1])
 
 
-def check_jagged(arch: dict, dense_x, indices, offsets
-                 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+def check_jagged(arch: dict, dense_x, indices, offsets) -> Batch:
     """Validate a batch in the flat layout of FBGEMM's table-batched embedding bags:
     ``indices`` [N], every table's indices concatenated table-major, and ``offsets`` [T*B+1]
     (any integer types), ``offsets[t*B + b]`` the start of bag b of table t and the last entry
-    N. Return it in the reference layout, as ``check_batch`` does; errors name the table and
-    position."""
+    N. Errors name the table and position. int64 arrays are returned as they came, not
+    copied."""
     dense = check_dense(arch, dense_x)
-    return _split_flat(arch, dense, _int_array(indices, "indices"), _int_array(offsets, "offsets"),
+    return _check_flat(arch, dense, _int_array(indices, "indices"), _int_array(offsets, "offsets"),
                        "indices")
 
 
-def check_kjt(arch: dict, dense_x, values, lengths) -> tuple[np.ndarray, np.ndarray, list]:
+def check_kjt(arch: dict, dense_x, values, lengths) -> Batch:
     """Validate a batch in TorchRec's KeyedJaggedTensor layout: ``values`` [N] key-major (every
     table's indices concatenated) and ``lengths`` [T*B], the bag sizes; as ``check_jagged``."""
     dense = check_dense(arch, dense_x)
@@ -143,13 +151,13 @@ def check_kjt(arch: dict, dense_x, values, lengths) -> tuple[np.ndarray, np.ndar
         raise InputError(f"lengths add up to {int(lens.sum())}, but values holds {len(vals)} "
                          "indices")
     offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lens)])
-    return _split_flat(arch, dense, vals, offsets, "values")
+    return _check_flat(arch, dense, vals, offsets, "values")
 
 
-def _split_flat(arch: dict, dense: np.ndarray, idx: np.ndarray, off: np.ndarray, idx_name: str
-                ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """The checks of ``check_jagged`` on int64 arrays (``dense`` already checked), and the
-    batch in the reference layout; ``idx_name``: what the caller calls the indices."""
+def _check_flat(arch: dict, dense: np.ndarray, idx: np.ndarray, off: np.ndarray, idx_name: str
+                ) -> Batch:
+    """The checks of ``check_jagged`` on int64 arrays (``dense`` already checked);
+    ``idx_name``: what the caller calls the indices."""
     rows = arch["embedding_sizes"]
     num_tables, batch = len(rows), dense.shape[0]
     if idx.ndim != 1:
@@ -174,5 +182,4 @@ def _split_flat(arch: dict, dense: np.ndarray, idx: np.ndarray, off: np.ndarray,
         p, k = bad
         raise InputError(f"{idx_name}[{p}] = {idx[p]} (table {k}, position {p - starts[k]}) is "
                          f"out of range for table {k} with {rows[k]} rows")
-    lS_o = off[:-1].reshape(num_tables, batch) - starts[:-1, None]
-    return dense, np.ascontiguousarray(lS_o), np.split(idx, starts[1:-1])
+    return dense, np.ascontiguousarray(idx), np.ascontiguousarray(off)

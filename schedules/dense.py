@@ -24,7 +24,7 @@ from tvm.script import tirx as T
 from .work_split import RULE
 
 ACTIVATIONS = ("none", "relu", "sigmoid")
-STATIC_PARALLEL_MIN_MACS = 1 << 20   # ~5 us on one core: worth waking the thread pool
+SYMBOLIC_ROWS = 16   # the rows a call of the any-batch entry is assumed to have
 
 
 def _epilogue(act: str):
@@ -54,22 +54,23 @@ def pack_kernel(n: int, k: int, nr: int):
     return pack
 
 
-def row_loops(n: int, k: int, batch: int | None, parallel: bool):
+def row_loops(n: int, k: int, batch: int | None, parallel_min_macs: int):
     """How a dense kernel's work loops run: (M, static, parallel, loop, block annotations).
 
-    ``parallel`` is the caller's hint from the layer's size; a static batch with enough work
-    in all (a small layer at a large batch) goes parallel too. With a static M the loops are
-    serial blocks that the ``dlrmc_work`` schedule splits and parallelises (or tunes)."""
+    Parallel when the call's multiply-adds, M*N*K, reach ``parallel_min_macs`` (the target's
+    knob, ``dlrmc.targets.knobs``), M being ``SYMBOLIC_ROWS`` for the any-batch entry. With a
+    static M the loops are serial blocks that the ``dlrmc_work`` schedule splits and
+    parallelises (or tunes)."""
     static = batch is not None
     M = tvm.tirx.Var("M", "int64") if batch is None else int(batch)
-    parallel = parallel or (static and M * n * k >= STATIC_PARALLEL_MIN_MACS)
+    parallel = (int(batch) if static else SYMBOLIC_ROWS) * n * k >= parallel_min_macs
     loop = T.serial if static or not parallel else T.parallel
     return M, static, parallel, loop, {"schedule_rule": RULE} if static and parallel else {}
 
 
 @functools.lru_cache(maxsize=None)
 def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
-                 parallel: bool = True, batch: int | None = None):
+                 parallel_min_macs: int = 0, batch: int | None = None):
     """The packed dense kernel (x, Wp, b, y) for one layer shape; M symbolic unless ``batch``.
 
     With a static M the row-tile loops are serial blocks for the ``dlrmc_work`` schedule.
@@ -81,7 +82,7 @@ def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
     G = next(g for g in (4, 2, 1) if NB % g == 0)
     ragged = N % NR != 0
     epi = _epilogue(act)
-    M, static, parallel, loop, tuned = row_loops(N, K, batch, parallel)
+    M, static, parallel, loop, tuned = row_loops(N, K, batch, parallel_min_macs)
     tail_loop = T.serial if static else T.parallel
     tail_tuned = tuned if static and int(batch) % MR > 1 else {}
 

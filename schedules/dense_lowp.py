@@ -171,7 +171,7 @@ def quantize_pack_kernel(n: int, k: int, nr: int, x_scale: float, x_zero: int):
 
 @functools.lru_cache(maxsize=None)
 def dense_lowp_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
-                      parallel: bool = True, batch: int | None = None, kind: str = "bf16",
+                      parallel_min_macs: int = 0, batch: int | None = None, kind: str = "bf16",
                       dot: bool = False, x_scale: float = 1.0, x_zero: int = 0):
     """The dense kernel (x, panels, b, y); for int8 b is the [2, N] terms (scale, bias').
 
@@ -190,7 +190,7 @@ def dense_lowp_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 
     KWP = -(-KW // 16) * 16              # the activation words' row, padded to whole vectors
     ragged = N % NR != 0
     epi = _epilogue(act)
-    M, static, parallel, loop, tuned = row_loops(N, K, batch, parallel)
+    M, static, parallel, loop, tuned = row_loops(N, K, batch, parallel_min_macs)
     acc_dtype = "int32" if kind == "int8" else "float32"
     word_dtype = "float32" if kind == "fp16" else "int32"
     inv = 1.0 / float(x_scale)

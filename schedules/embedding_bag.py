@@ -35,8 +35,14 @@ def code_bytes(dim: int, quant: str) -> int:
 
 def fused_width(dim: int, quant: str) -> int:
     return code_bytes(dim, quant) + FUSED_EXTRA
-def check_bag_config(mode: str, weighted: bool, offset_rows, include_last_offset: bool) -> None:
+
+
+def check_bag_config(mode: str, weighted: bool, offset_rows, include_last_offset: bool,
+                     flat_tables: int | None = None) -> None:
     """A configuration error in an embedding-bag kernel's arguments, as ValueError."""
+    if flat_tables is not None and (offset_rows is not None or include_last_offset
+                                    or flat_tables < 1):
+        raise ValueError("the flat layout (flat_tables) has its own [T*B+1] offsets")
     if mode not in POOLING_MODES:
         raise ValueError(f"embedding bag mode {mode!r} is not one of {POOLING_MODES}")
     if weighted and mode != "sum":
@@ -47,31 +53,46 @@ def check_bag_config(mode: str, weighted: bool, offset_rows, include_last_offset
 
 class BagArgs:
     """The table-batched kernel's arguments in the contract's order, declared inside a
-    ``T.prim_func`` builder: (W_0.., I_0.., offsets, [PSW_0..,] out_0..). Shared by the CPU
-    and GPU kernels so both keep one signature."""
+    ``T.prim_func`` builder. Shared by the CPU and GPU kernels so both keep one signature:
+
+    - per-table layout: (W_0.., I_0.., offsets, [PSW_0..,] out_0..), offsets 1-D for one
+      table or a [T, B] matrix read at ``offset_rows``, PSW per index;
+    - flat layout (``flat``, FBGEMM's TBE and the artifact's input): (W_0.., indices [N],
+      offsets [T*B+1], [V_0..,] out_0..), bag b of table j spanning
+      ``indices[offsets[j*B + b]:offsets[j*B + b + 1]]``; a weighted bag's weights are the
+      per-row vectors V_j [rows of table j] read at each index (the reference's ``v_W_l``).
+    """
 
     def __init__(self, tables: int, dim: int, weighted: bool, index_dtype: str,
                  offset_rows: tuple[int, ...] | None, include_last_offset: bool,
-                 batch: int | None, weight_cols: int, weight_dtype: str = "float32"):
+                 batch: int | None, weight_cols: int, weight_dtype: str = "float32",
+                 flat: bool = False):
         h_w = [T.arg(f"w{j}", T.handle()) for j in range(tables)]
-        h_i = [T.arg(f"i{j}", T.handle()) for j in range(tables)]
+        h_i = [T.arg(f"i{j}", T.handle()) for j in range(1 if flat else tables)]
         h_o = T.arg("offsets", T.handle())
         h_s = [T.arg(f"s{j}", T.handle()) for j in range(tables)] if weighted else []
         h_r = [T.arg(f"out{j}", T.handle()) for j in range(tables)]
         self.B = B = T.int64() if batch is None else T.int64(batch)
-        self.ns = [T.int64() for _ in range(tables)]
+        self.flat = flat
+        self.ns = [T.int64()] * tables if flat else [T.int64() for _ in range(tables)]
         self.W = [T.match_buffer(h, (T.int64(), weight_cols), weight_dtype) for h in h_w]
         self.I = [T.match_buffer(h, (n,), index_dtype) for h, n in zip(h_i, self.ns)]
         self.stacked = offset_rows is not None
         self.rows = tuple(offset_rows) if self.stacked else (0,)
-        self.last = include_last_offset
-        self.O = (T.match_buffer(h_o, (T.int64(), B), index_dtype) if self.stacked
-                  else T.match_buffer(h_o, (B + (1 if include_last_offset else 0),),
-                                      index_dtype))
-        self.S = [T.match_buffer(h, (n,), "float32") for h, n in zip(h_s, self.ns)]
+        self.last = include_last_offset or flat
+        if flat:
+            self.O = T.match_buffer(h_o, (tables * B + 1,), index_dtype)
+        elif self.stacked:
+            self.O = T.match_buffer(h_o, (T.int64(), B), index_dtype)
+        else:
+            self.O = T.match_buffer(h_o, (B + (1 if include_last_offset else 0),), index_dtype)
+        self.S = [T.match_buffer(h, (T.int64() if flat else n,), "float32")
+                  for h, n in zip(h_s, self.ns)]
         self.R = [T.match_buffer(h, (B, dim), "float32") for h in h_r]
 
     def offset(self, j, b):
+        if self.flat:
+            return T.Cast("int64", self.O[j * self.B + b])
         return T.Cast("int64", self.O[self.rows[j], b] if self.stacked else self.O[b])
 
     def bounds(self, j, b):
@@ -80,6 +101,21 @@ class BagArgs:
             return self.offset(j, b), self.offset(j, b + 1)
         return self.offset(j, b), T.if_then_else(
             b + 1 < self.B, self.offset(j, T.min(b + 1, self.B - 1)), self.ns[j])
+
+    def index(self, j, p):
+        """Index ``p`` of table ``j``'s indices (``p`` counted in the flat array if flat)."""
+        return self.I[0 if self.flat else j][p]
+
+    def weight(self, j, p, row):
+        """The pooling weight of index ``p`` (whose value is ``row``) of table ``j``."""
+        return self.S[j][row] if self.flat else self.S[j][p]
+
+
+def bag_tables(offset_rows, flat_tables: int | None) -> int:
+    """How many tables an embedding-bag kernel of these arguments pools."""
+    if flat_tables is not None:
+        return int(flat_tables)
+    return len(offset_rows) if offset_rows is not None else 1
 
 
 def bag_start(mode: str):
@@ -129,19 +165,21 @@ def embedding_bags_kernel(
     batch: int | None = None,
     prefetch: int = 0,
     quant: str | None = None,
+    flat_tables: int | None = None,
 ):
-    """A PrimFunc (W_0.., I_0.., offsets, [PSW_0..,] out_0..) pooling several tables at once.
+    """A PrimFunc pooling several tables at once, its arguments as ``BagArgs`` says.
 
-    ``offset_rows=None``: one table with 1-D offsets. Otherwise table j reads row
-    ``offset_rows[j]`` of a [T, B] offset matrix. V and N are symbolic; B too unless ``batch``.
+    ``flat_tables``: that many tables in the flat layout. Else ``offset_rows=None``: one
+    table with 1-D offsets; otherwise table j reads row ``offset_rows[j]`` of a [T, B]
+    offset matrix. V and N are symbolic; B too unless ``batch``.
     ``prefetch`` > 0: while pooling index p, prefetch the row of index p + ``prefetch``
     (a tuning knob; 0 leaves it to the hardware). ``quant="int8"`` / ``"int4"``: the tables
     are row-wise quantised in FBGEMM's fused layout (``quantize_rows``), uint8
     [V, ``fused_width``], dequantised here as code * scale + bias.
     """
-    check_bag_config(mode, weighted, offset_rows, include_last_offset)
+    check_bag_config(mode, weighted, offset_rows, include_last_offset, flat_tables)
     D = int(dim)
-    tables = len(offset_rows) if offset_rows is not None else 1
+    tables = bag_tables(offset_rows, flat_tables)
     counted = mode in ("max", "mean")
     pad = int(padding_idx) if padding_idx is not None and padding_idx >= 0 else None
     with IRBuilder() as ib:
@@ -150,7 +188,7 @@ def embedding_bags_kernel(
             C = code_bytes(D, quant) if quant is not None else 0
             args = BagArgs(tables, D, weighted, index_dtype, offset_rows, include_last_offset,
                            batch, D if quant is None else C + FUSED_EXTRA,
-                           "float32" if quant is None else "uint8")
+                           "float32" if quant is None else "uint8", flat_tables is not None)
             B, ns, W, I, O, S, R = args.B, args.ns, args.W, args.I, args.O, args.S, args.R
 
             def fused_float(table, row, at):
@@ -180,12 +218,13 @@ def embedding_bags_kernel(
                     T.buffer_store(cnt, T.int64(0), [0])
                     begin, end = args.bounds(j, b)
                     with T.serial(end - begin) as p:
-                        row = T.Cast("int64", I[j][begin + p])
+                        row = T.Cast("int64", args.index(j, begin + p))
                         if prefetch:
                             ahead = begin + p + prefetch
                             with T.If(ahead < ns[j]):
                                 with T.Then():
-                                    ahead_row = T.Cast("int64", I[j][T.min(ahead, ns[j] - 1)])
+                                    ahead_row = T.Cast("int64", args.index(
+                                        j, T.min(ahead, ns[j] - 1)))
                                     row_bytes = D * 4 if quant is None else fused_width(D,
                                                                                          quant)
                                     for line in range(0, row_bytes, 64):   # cache lines
@@ -201,7 +240,8 @@ def embedding_bags_kernel(
                             with T.vectorized(D) as d:
                                 T.buffer_store(acc, bag_step(
                                     mode, acc[d], value(j, row, d),
-                                    S[j][begin + p] if weighted else None), [d])
+                                    args.weight(j, begin + p, row) if weighted else None),
+                                    [d])
 
                         unless_padding(row, pad, accumulate)
                     with T.vectorized(D) as d:

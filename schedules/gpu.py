@@ -24,8 +24,8 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as T
 
 from .dense_lowp import round_to
-from .embedding_bag import (BagArgs, bag_result, bag_start, bag_step, check_bag_config,
-                            unless_padding)
+from .embedding_bag import (BagArgs, bag_result, bag_start, bag_step, bag_tables,
+                            check_bag_config, unless_padding)
 from .interaction import output_width
 
 BLOCK = 128
@@ -42,11 +42,12 @@ def embedding_bags_gpu_kernel(dim: int, mode: str = "sum", weighted: bool = Fals
                               index_dtype: str = "int64", include_last_offset: bool = False,
                               padding_idx: int | None = None,
                               offset_rows: tuple[int, ...] | None = None,
-                              batch: int | None = None, bind: bool = True):
-    """(W_0.., I_0.., offsets, [PSW_0..,] out_0..), as ``embedding_bags_kernel``."""
-    check_bag_config(mode, weighted, offset_rows, include_last_offset)
+                              batch: int | None = None, bind: bool = True,
+                              flat_tables: int | None = None):
+    """Arguments as ``BagArgs`` says, as ``embedding_bags_kernel``."""
+    check_bag_config(mode, weighted, offset_rows, include_last_offset, flat_tables)
     D = int(dim)
-    tables = len(offset_rows) if offset_rows is not None else 1
+    tables = bag_tables(offset_rows, flat_tables)
     vec = 4 if D % 4 == 0 and D // 4 <= 32 else 1
     tpb = min(32, D // vec)                       # threads per bag
     chunks = -(-D // (tpb * vec))                  # vectors per thread
@@ -57,8 +58,8 @@ def embedding_bags_gpu_kernel(dim: int, mode: str = "sum", weighted: bool = Fals
             T.func_name("embedding_bags_gpu")
             T.func_attr(SCHEDULED)
             args = BagArgs(tables, D, weighted, index_dtype, offset_rows, include_last_offset,
-                           batch, D)
-            B, ns, W, I, S, R = args.B, args.ns, args.W, args.I, args.S, args.R
+                           batch, D, flat=flat_tables is not None)
+            B, W, R = args.B, args.W, args.R
 
             def pool(j, b, lane):
                 begin, end = args.bounds(j, b)
@@ -68,7 +69,7 @@ def embedding_bags_gpu_kernel(dim: int, mode: str = "sum", weighted: bool = Fals
                     T.buffer_store(acc, bag_start(mode), [v])
                 T.buffer_store(cnt, T.int64(0), [0])
                 with T.serial(end - begin) as p:
-                    row = T.Cast("int64", I[j][begin + p])
+                    row = T.Cast("int64", args.index(j, begin + p))
 
                     def accumulate():
                         T.buffer_store(cnt, cnt[0] + T.int64(1), [0])
@@ -79,7 +80,8 @@ def embedding_bags_gpu_kernel(dim: int, mode: str = "sum", weighted: bool = Fals
                                     with T.vectorized(vec) as v:
                                         T.buffer_store(acc, bag_step(
                                             mode, acc[c * vec + v], W[j][row, base + v],
-                                            S[j][begin + p] if weighted else None),
+                                            args.weight(j, begin + p, row) if weighted
+                                            else None),
                                             [c * vec + v])
 
                     unless_padding(row, pad, accumulate)

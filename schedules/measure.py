@@ -12,33 +12,37 @@ from tvm.s_tir import meta_schedule as ms
 
 def _arguments(args_info) -> list[np.ndarray]:
     """Inputs for one measurement: random floats; valid ones for our embedding kernels, whose
-    arguments are tables [V_k, D], then as many index arrays (kept inside table k), then
-    offsets (equal bags)."""
+    arguments are tables [V_k, D] (float32, or quantised uint8 rows), then the index arrays
+    (one per table, or one for all in the flat layout), then the offsets (equal bags), then
+    any pooling weights; every index inside every table it may be read for."""
     rng = np.random.default_rng(0)
     infos = [(str(i[1]), [int(s) for s in i[2]]) for i in args_info]
-    is_float = [dtype.startswith("float") for dtype, _ in infos]
     lead = 0
     while lead < len(infos) and infos[lead][0] in ("float32", "uint8") \
-            and len(infos[lead][1]) == 2:   # tables: float32, or quantised uint8 rows
+            and len(infos[lead][1]) == 2:
         lead += 1
-    index_of = {lead + k: k for k in range(lead) if lead + k < len(infos)
-                and not is_float[lead + k] and len(infos[lead + k][1]) == 1}
-    count = infos[lead][1][0] if index_of else 0
+    ints = [p for p in range(lead, len(infos)) if infos[p][0].startswith("int")] if lead else []
+    rows = [max(infos[k][1][0], 1) for k in range(lead)]
+    index_pos = ints[:-1]
+    count = infos[index_pos[0]][1][0] if index_pos else 0
     arrays = []
     for pos, (dtype, shape) in enumerate(infos):
-        if is_float[pos] and np.prod(shape) > 1 << 22:   # big tables: values do not matter
+        if dtype.startswith("float") and np.prod(shape) > 1 << 22:   # big tables: any values
             arrays.append(np.ones(shape, dtype))
-        elif is_float[pos]:
+        elif dtype.startswith("float"):
             arrays.append(rng.standard_normal(shape).astype(dtype))
         elif dtype == "uint8":
             arrays.append(rng.integers(0, 256, shape).astype(dtype))
-        elif pos in index_of:
-            rows = max(infos[index_of[pos]][1][0], 1)
-            arrays.append(rng.integers(0, rows, shape).astype(dtype))
-        else:
+        elif pos in index_pos:
+            m = index_pos.index(pos)
+            high = rows[m] if len(index_pos) == lead else min(rows)
+            arrays.append(rng.integers(0, high, shape).astype(dtype))
+        elif ints and pos == ints[-1]:
             bags = max(shape[-1] - (1 if len(shape) == 1 and shape[-1] > 1 else 0), 1)
             starts = np.minimum(np.arange(shape[-1]) * max(count // bags, 1), count)
             arrays.append(np.broadcast_to(starts, shape).astype(dtype).copy())
+        else:
+            arrays.append(np.zeros(shape, dtype))
     return arrays
 
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import tvm
 from tvm import relax, s_tir
 
+from ..frontend.ops import num_pairs
 from ..targets.knobs import cpu_knobs
 from . import work_schedule
-from ..frontend.ops import num_pairs
+from .embedding_bag import bag_tables
 from .kernels import KERNEL_ATTR, recipe, variants, with_args
 
 
@@ -81,9 +82,16 @@ def _work(r: dict, batch: int, per_bag: int) -> tuple[float, str]:
     if r["kernel"] == "dot_interaction":
         return 2.0 * batch * num_pairs(a["num_features"], a["self_interaction"]) * a["dim"], "FLOP"
     if r["kernel"] == "embedding_bags":
-        tables = len(a["offset_rows"] or [0])
+        tables = bag_tables(a["offset_rows"], a.get("flat_tables"))
         return 4.0 * batch * tables * per_bag * a["dim"], "B"
     return 8.0 * batch * sum(a["widths"]), "B"     # concat: read + write
+
+
+def _index_count(r: dict, batch: int, per_bag: int) -> int:
+    """The indices a measured call of this kernel reads in one index array: the batch's bags
+    times ``per_bag``, and times the tables when one flat array holds them all."""
+    flat = r["args"].get("flat_tables") if r["kernel"] == "embedding_bags" else None
+    return batch * per_bag * (flat or 1)
 
 
 def has_work_loops(func: tvm.tirx.PrimFunc) -> bool:
@@ -113,7 +121,7 @@ def extract_tasks(mod: tvm.IRModule, target: tvm.target.Target,
         work, unit = _work(r, batch, indices_per_bag)
         for override in variants(r, knobs):
             static = _static_task_func(with_args(r, override), shapes[gv.name_hint],
-                                       batch * indices_per_bag)
+                                       _index_count(r, batch, indices_per_bag))
             task_mod = tvm.IRModule({"main": static.without_attr(KERNEL_ATTR).with_attr(
                 "global_symbol", "main")})
             tasks.append(Task(_variant_name(gv.name_hint, override), r["kernel"], batch,

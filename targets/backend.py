@@ -42,8 +42,10 @@ class Backend:
         """Fail before a long build when a tool the library needs is missing."""
 
     def requirements(self, target: Target) -> dict:
-        """What a machine needs to run the code: ``device`` and what it checks there."""
-        raise NotImplementedError
+        """What a machine needs to run the code: ``device`` (TVM's name) and ``device_type``
+        (its DLPack number, what the C++ runtime reads), and what it checks there."""
+        return {"device": self.device,
+                "device_type": int(tvm.device(self.device).dlpack_device_type())}
 
     def build(self, mod: tvm.IRModule, target: Target, tuning_log: str | None,
               expect: dict | None, log: Callable[[str], None]):

@@ -38,7 +38,7 @@ class CpuBackend(Backend):
         uses, so a deployment can refuse instead of dying of SIGILL."""
         triple = str(target.attrs.get("mtriple", "")) or codegen.llvm_get_system_triple()
         feats = set(codegen.llvm_get_cpu_features(target))
-        return {"device": self.device, "machine": triple.split("-")[0],
+        return {**super().requirements(target), "machine": triple.split("-")[0],
                 "cpu_flags": sorted(CPUINFO_FLAGS[f] for f in feats if f in CPUINFO_FLAGS)}
 
     def schedule(self, mod, target, tuning_log, expect, log):

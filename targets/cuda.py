@@ -182,7 +182,7 @@ class CudaBackend(Backend):
         nvcc_path()
 
     def requirements(self, target) -> dict:
-        return {"device": self.device, "cuda_arch": str(target.attrs["arch"])}
+        return {**super().requirements(target), "cuda_arch": str(target.attrs["arch"])}
 
     def build(self, mod, target, tuning_log, expect, log):
         import tvm

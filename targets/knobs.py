@@ -22,7 +22,8 @@ class CpuKnobs:
     mr: int              # rows of a GEMM micro-tile
     nr: int              # columns of a GEMM micro-tile (a multiple of ``lanes``)
     registers: int = 16  # vector registers (what bounds a micro-tile: MR*NR/lanes accumulators)
-    parallel_min_macs: int = 1 << 16   # below this a layer runs on one thread
+    parallel_min_macs: int = 1 << 20   # a call's multiply-adds below which it runs on one
+    #                                    thread (~5 us on a core: not worth waking the pool)
     features: frozenset = frozenset()  # the target's CPU features (LLVM's names)
 
     def has_dot(self, kind: str, nr: int) -> bool:

@@ -90,7 +90,7 @@ X86_TARGETS = ("llvm -mcpu=sapphirerapids", "llvm -mcpu=skylake-avx512", "llvm -
 def host_runs(target: str) -> bool:
     """Whether this CPU can run code compiled for ``target``."""
     from dlrmc.artifact import ArtifactError
-    from dlrmc.runtime.model import check_cpu
+    from dlrmc.runtime.devices import check_cpu
     from dlrmc.targets import parse_target, requirements
     try:
         check_cpu(requirements(parse_target(target)))

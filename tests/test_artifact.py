@@ -68,8 +68,8 @@ TAMPERING = {
     "bias as int32": (lambda m: next(t for t in m["weights"]["tensors"]
                                      if t["name"] == "top_l.2.bias").update(dtype="int32"),
                       "weight top_l.2.bias is int32 [1]; arch says float32 [1]"),
-    "version as string": (lambda m: m.update(format_version="2"),
-                          'format version "2"; this dlrmc reads version 2'),
+    "version as string": (lambda m: m.update(format_version="3"),
+                          'format version "3"; this dlrmc reads version 3'),
     "version as bool": (lambda m: m.update(format_version=True), "format version true"),
     "entry missing": (lambda m: m.pop("entry"), "manifest.json: entry is missing"),
     "entry renamed": (lambda m: m.update(entry="nope"),
@@ -155,7 +155,7 @@ def test_an_artifact_of_format_version_1_gets_the_version_error(tmp_path):
     shutil.copy(os.path.join(FIXTURES, "format1_manifest.json"), art / "manifest.json")
     for name in ("model.so", "weights.bin"):
         (art / name).write_bytes(b"")
-    with pytest.raises(ArtifactError, match="has format version 1; this dlrmc reads version 2: "
+    with pytest.raises(ArtifactError, match="has format version 1; this dlrmc reads version 3: "
                                             "recompile the model"):
         read_manifest(str(art))
 

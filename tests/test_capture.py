@@ -12,7 +12,7 @@ from dlrmc.compiler.build import TRANSFORM_PARAMS, build
 from dlrmc.compiler.fx_passes import fuse_dot_interaction
 from dlrmc.compiler.lower import LoweringError, lower
 from dlrmc.frontend.arch import PRESETS, Arch
-from dlrmc.frontend.export import example_inputs, export_model
+from dlrmc.frontend.export import example_batch, example_inputs, export_model
 from dlrmc.frontend.model import DLRM
 
 from conftest import foreign_target, widest_runnable_target
@@ -31,9 +31,9 @@ def test_interaction_pattern_becomes_one_op(itself):
     assert fused.args[1:] == (itself, True)     # absorbed cat([x, Zflat])
     assert len(fused.args[0]) == 4              # reads x, e_1..e_3 in place: no concat
     # The rewritten graph still computes the model.
-    d, o, i = example_inputs(arch, 6, seed=1)
-    with torch.no_grad():
-        torch.testing.assert_close(ep.module()(d, o, i), model(d, o, i))
+    d, o, i = example_batch(arch, 6, seed=1)
+    with torch.no_grad():      # the program takes the flat layout of the same batch
+        torch.testing.assert_close(ep.module()(*example_inputs(arch, 6, seed=1)), model(d, o, i))
 
 
 def test_cat_interaction_has_no_dot_op():
@@ -61,7 +61,7 @@ def test_torch_compile_backend_matches_eager_and_caches():
                              options={"target": widest_runnable_target()})
     with torch.no_grad():
         for batch in (3, 8, 3):
-            d, o, i = example_inputs(arch, batch, seed=batch)
+            d, o, i = example_batch(arch, batch, seed=batch)
             torch.testing.assert_close(compiled(d, o, list(i)), model(d, o, list(i)),
                                        rtol=1e-5, atol=2e-6)
     assert len(dynamo_backend._CACHE) == 2       # one per batch shape, reused for the repeat
@@ -77,7 +77,7 @@ def test_torch_compile_backend_refuses_a_target_this_cpu_cannot_run():
     torch._dynamo.reset()
     target = foreign_target()
     compiled = torch.compile(model, backend="dlrmc", dynamic=False, options={"target": target})
-    d, o, i = example_inputs(arch, 3, seed=1)
+    d, o, i = example_batch(arch, 3, seed=1)
     with torch.no_grad(), pytest.raises(Exception, match="needs CPU features this CPU lacks"):
         compiled(d, o, list(i))
     assert not dynamo_backend._CACHE
@@ -94,7 +94,7 @@ def test_torch_compile_backend_with_dynamos_dynamic_shapes():
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("error", message="dlrmc")
         for batch in (3, 5, 9, 5):
-            d, o, i = example_inputs(arch, batch, seed=batch)
+            d, o, i = example_batch(arch, batch, seed=batch)
             torch.testing.assert_close(compiled(d, o, list(i)), model(d, o, list(i)),
                                        rtol=1e-5, atol=2e-6)
     assert len(dynamo_backend._CACHE) == 3
@@ -175,9 +175,9 @@ def test_every_linear_layer_becomes_one_fused_op():
     targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
     assert not targets & {torch.ops.aten.addmm.default, torch.ops.aten.relu.default,
                           torch.ops.aten.sigmoid.default}
-    d, o, i = example_inputs(arch, 5, seed=3)
+    d, o, i = example_batch(arch, 5, seed=3)
     with torch.no_grad():
-        torch.testing.assert_close(ep.module()(d, o, i), model(d, o, i))
+        torch.testing.assert_close(ep.module()(*example_inputs(arch, 5, seed=3)), model(d, o, i))
 
 
 def test_linear_without_bias_and_without_activation():
@@ -213,15 +213,40 @@ def test_linear_without_bias_and_without_activation():
 @pytest.mark.parametrize("arch", [PRESETS["tiny"], Arch(4, (5, 6, 7), (3, 4), (2, 1),
                                                         weighted_pooling="learned")])
 def test_tables_are_batched_into_one_kernel(arch):
+    """A reference-layout graph (a user's model through torch.compile): the per-table bags
+    over rows of one offset matrix become one table-batched op."""
     from dlrmc.compiler.fx_passes import batch_embedding_bags
 
     model = DLRM(arch).eval()
-    ep = export_model(model, arch).run_decompositions()
+    batch = torch.export.Dim("batch", min=1)
+    dims = {"dense_x": {0: batch}, "lS_o": {1: batch},
+            "lS_i": tuple({0: torch.export.Dim(f"n{k}", min=0)} for k in range(arch.num_tables))}
+    with torch.no_grad():
+        ep = torch.export.export(model, example_batch(arch), dynamic_shapes=dims)
+    ep = ep.run_decompositions()
     assert batch_embedding_bags(ep) == arch.num_tables
     (tbe,) = [n for n in ep.graph.nodes if n.target == torch.ops.dlrmc.embedding_bags.default]
     assert tbe.args[5] == list(range(arch.num_tables))
     assert not [n for n in ep.graph.nodes if n.target in (
         torch.ops.aten._embedding_bag.default, torch.ops.aten._embedding_bag_forward_only.default)]
-    d, o, i = example_inputs(arch, 7, seed=2)
+    d, o, i = example_batch(arch, 7, seed=2)
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(d, o, i), model(d, o, i))
+
+
+@pytest.mark.parametrize("arch", [PRESETS["tiny"], Arch(4, (5, 6, 7), (3, 4), (2, 1),
+                                                        weighted_pooling="learned"),
+                                  Arch(4, (5, 6), (3, 4), (2, 1), pooling="max")])
+def test_the_artifact_program_takes_the_flat_layout(arch):
+    """What dlrm-compile captures: (dense_x, indices, offsets), every table pooled by one
+    flat op, computing what the reference-layout model computes."""
+    model = DLRM(arch, seed=4).eval()
+    ep = export_model(model, arch)
+    assert list(ep.graph_signature.user_inputs) == ["dense_x", "indices", "offsets"]
+    ops = [n for n in ep.graph.nodes if n.target == torch.ops.dlrmc.embedding_bags_flat.default]
+    assert len(ops) == 1 and len(ops[0].args[0]) == arch.num_tables
+    for batch in (2, 5, 9):
+        d, o, i = example_batch(arch, batch, seed=batch)
+        with torch.no_grad():
+            torch.testing.assert_close(ep.module()(*example_inputs(arch, batch, seed=batch)),
+                                       model(d, o, i))

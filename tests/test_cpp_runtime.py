@@ -16,7 +16,7 @@ import torch
 from dlrmc.compiler.build import compile_model
 from dlrmc.frontend.arch import PRESETS, Arch
 from dlrmc.frontend.model import DLRM
-from dlrmc.runtime.batch import random_batch, write_raw_batch
+from dlrmc.runtime.batch import LAYOUTS, random_batch, write_raw_batch
 
 SOURCE = os.path.join(os.path.dirname(__file__), "..", "runtime", "cpp")
 ARM_LIBS = os.environ.get("DLRMC_AARCH64_TVM_LIBS",
@@ -50,9 +50,12 @@ def _run(cmd, artifact, batch_dir, env=None):
 
 
 def _check_against_pytorch(cmd, artifact, model, tmp_path, env=None) -> None:
-    for size in (1, 3, 4, 13, 40):        # bucket 4 exact, padded (3), split (13, 40), main (1)
-        batch = random_batch(ARCH.to_dict(), size, bag_size=3, seed=size)
-        write_raw_batch(tmp_path / f"b{size}", batch)
+    """Batches on every bucket path: exact (4), padded (3), split (13, 40), main (1); in the
+    runner's three input layouts in turn."""
+    for n, size in enumerate((1, 3, 4, 13, 40)):
+        batch = random_batch(ARCH.to_dict(), size, bag_size=3, seed=size, fixed=False,
+                             empty_bags=0.2)
+        write_raw_batch(tmp_path / f"b{size}", batch, LAYOUTS[n % len(LAYOUTS)])
         res = _run(cmd, artifact, tmp_path / f"b{size}", env)
         assert res.returncode == 0, res.stderr
         got = np.array([float(v) for v in res.stdout.split()], np.float32)
@@ -77,14 +80,34 @@ def test_native_runner_rejects_bad_input_and_artifacts(native, model, tmp_path):
     art = tmp_path / "x86"
     compile_model(model, ARCH, None, str(art), log=lambda _: None, buckets=(4,))
     dense, offsets, indices = random_batch(ARCH.to_dict(), 4, bag_size=2, seed=0)
-    cases = {
-        "index": (dense, offsets, [indices[0], indices[1], np.array([5, 20, 1, 2, 3, 4, 5, 6]),
-                                   indices[3]], "lS_i[2][1] = 20 is out of range for table 2"),
-        "offsets": (dense, np.array(offsets)[:, ::-1].copy(), indices, "the first bag must start"),
-        "dense": (dense[:, :5], offsets, indices, "dense_x"),
+    bad_index = [indices[0], indices[1], np.array([5, 20, 1, 2, 3, 4, 5, 6]), indices[3]]
+    cases = {   # (batch, layout, message)
+        "index": ((dense, offsets, bad_index), "flat",
+                  "indices[17] = 20 (table 2, position 1) is out of range for table 2"),
+        "index kjt": ((dense, offsets, bad_index), "kjt", "indices[17] = 20 (table 2, position 1)"),
+        "index reference": ((dense, offsets, bad_index), "reference", "indices[17] = 20"),
+        "offsets": ((dense, np.array(offsets)[:, ::-1].copy(), indices), "reference",
+                    "lS_o[0] must start at 0"),
+        "dense": ((dense[:, :5], offsets, indices), "flat", "dense_x"),
     }
-    for name, (d, o, i, message) in cases.items():
-        write_raw_batch(tmp_path / name, (d, o, i))
+    for name, (batch, layout, message) in cases.items():
+        write_raw_batch(tmp_path / name, batch, layout)
+        res = _run([native], art, tmp_path / name)
+        assert res.returncode == 2 and message in res.stderr, (name, res.stderr)
+    for name, edit, message in [
+            ("falling", lambda o: o.__setitem__(3, o[2] - 1), "offsets decreases at position 3"),
+            ("short", lambda o: o.__setitem__(-1, o[-1] - 1), "offsets[16] = 31, but indices holds 32 values"),
+            ("lengths", None, "lengths[5] = -2 is negative")]:
+        write_raw_batch(tmp_path / name, (dense, offsets, indices), "kjt" if edit is None
+                        else "flat")
+        if edit is None:
+            lengths = np.fromfile(tmp_path / name / "lengths.bin", "<i8")
+            lengths[5] = -2
+            lengths.tofile(tmp_path / name / "lengths.bin")
+        else:
+            o = np.fromfile(tmp_path / name / "offsets.bin", "<i8")
+            edit(o)
+            o.tofile(tmp_path / name / "offsets.bin")
         res = _run([native], art, tmp_path / name)
         assert res.returncode == 2 and message in res.stderr, (name, res.stderr)
     manifest = json.loads((art / "manifest.json").read_text())
@@ -126,7 +149,7 @@ def test_native_runner_checks_what_the_python_runtime_checks(native, model, tmp_
         "outside": (lambda a: _rewrite(a, lambda m: m["weights"].update(file="../w.bin")),
                     "weights.file '../w.bin' is not a plain file name"),
         "version bool": (lambda a: _rewrite(a, lambda m: m.update(format_version=True)),
-                         "has format version true; this runner reads version 2"),
+                         "has format version true; this runner reads version 3"),
         "truncated": (lambda a: os.truncate(a / "model.so", 1000), "model.so is 1000 bytes"),
         "nested deep": (lambda a: (a / "manifest.json").write_text("[" * 300000 + "]" * 300000),
                         "nested 300000 levels deep"),
@@ -157,13 +180,13 @@ def test_native_runner_refuses_a_cuda_artifact_without_a_gpu(native, tiny_cuda_a
     if tvm.cuda(0).exist:
         pytest.skip("a GPU is here")
     write_raw_batch(tmp_path / "b", random_batch(PRESETS["tiny"].to_dict(), 2))
-    expected = f"{tiny_cuda_artifact} was built for CUDA (sm_90) and cannot run here: "
+    expected = f"{tiny_cuda_artifact} was built for cuda (cuda_arch sm_90) and cannot run here: "
     res = _run([native], tiny_cuda_artifact, tmp_path / "b")
     assert res.returncode == 2 and expected in res.stderr, res.stderr
     res = _run([native], tiny_cuda_artifact, tmp_path / "b", env=dict(
         os.environ, LD_LIBRARY_PATH=stub_libcuda + os.pathsep + os.environ.get(
             "LD_LIBRARY_PATH", "")))
-    assert res.returncode == 2 and expected + "no CUDA GPU found" in res.stderr, res.stderr
+    assert res.returncode == 2 and expected + "no cuda device found" in res.stderr, res.stderr
 
 
 @pytest.mark.gpu

@@ -22,7 +22,7 @@ from dlrmc.compiler.build import compile_model
 from dlrmc.frontend.arch import PRESETS, Arch
 from dlrmc.frontend.model import DLRM
 from dlrmc.runtime.batch import random_batch
-from dlrmc.runtime.model import cudart_candidates
+from dlrmc.runtime.devices import toolkit_candidates
 from dlrmc.targets.cuda import fatbin_archs
 
 CPU = tvm.target.Target({"kind": "llvm"})
@@ -63,7 +63,8 @@ def test_cuda_artifact_carries_device_code_for_its_arch(tmp_path, target, arch):
     manifest = compile_model(model, model.arch, target, str(tmp_path / "a"), log=lambda _: None,
                              buckets=(64,))
     assert manifest["target"]["resolved"]["kind"] == "cuda"
-    assert manifest["target"]["requires"] == {"device": "cuda", "cuda_arch": arch}
+    assert manifest["target"]["requires"] == {"device": "cuda", "device_type": 2,
+                                              "cuda_arch": arch}
     library = (tmp_path / "a" / "model.so").read_bytes()
     assert fatbin_archs(library) == [arch]
     assert b"__global__" not in library            # no CUDA source left to compile at load
@@ -80,14 +81,14 @@ def test_cuda_artifact_is_refused_without_a_gpu(tmp_path):
                           "--buckets", "none", "-o", str(tmp_path / "a"), "--check", "4"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "--check skipped" in res.stderr, res.stderr   # build stands
-    with pytest.raises(ArtifactError, match=r"built for CUDA \(sm_90\) and cannot run here"):
+    with pytest.raises(ArtifactError, match=r"built for cuda \(cuda_arch sm_90\) and cannot run here"):
         load(str(tmp_path / "a"))
 
 
 LOADER_PROBE = """
 import json, sys, tvm
-from dlrmc.runtime.model import cuda_unavailable
-reason = cuda_unavailable()
+from dlrmc.runtime.devices import device_unavailable
+reason = device_unavailable("cuda")
 cuda = []
 def walk(m):
     cuda.extend([m] if m.kind == "cuda" else [])
@@ -118,7 +119,7 @@ def test_cuda_artifact_loads_through_tvms_cuda_loader(tiny_cuda_artifact, stub_l
                          capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    if out["reason"] != "no CUDA GPU found":
+    if out["reason"] != "no cuda device found":
         pytest.skip(f"TVM's CUDA runtime does not load here: {out['reason']}")
     assert out["modules"] == 1
     assert out["implemented"] == kernels      # all of them, and not the made-up name
@@ -154,8 +155,8 @@ def test_cuda_runtime_library_found_under_cuda_home(tmp_path):
     lib.mkdir(parents=True)
     (lib / "libcudart.so.13").write_bytes(b"")
     env = {"CUDA_HOME": str(tmp_path / "cuda")}
-    assert cudart_candidates("libcudart.so.13", env)[0] == str(lib / "libcudart.so.13")
-    assert str(lib / "libcudart.so.12") not in cudart_candidates("libcudart.so.12", env)
+    assert toolkit_candidates("libcudart.so.13", env)[0] == str(lib / "libcudart.so.13")
+    assert str(lib / "libcudart.so.12") not in toolkit_candidates("libcudart.so.12", env)
 
 
 @pytest.mark.gpu

@@ -10,7 +10,8 @@ from hypothesis import given, settings, strategies as st
 
 from dlrmc.frontend import ops as ref
 from dlrmc.schedules.dense import dense_kernel, pack_kernel
-from dlrmc.schedules.embedding_bag import embedding_bag_kernel
+from dlrmc.schedules.embedding_bag import (dequantize_rows, embedding_bag_kernel,
+                                           embedding_bags_kernel, quantize_rows)
 from dlrmc.frontend.ops import num_pairs
 from dlrmc.schedules.interaction import dot_interaction_kernel
 
@@ -75,6 +76,57 @@ def test_embedding_bag_oracle_matches_pytorch(case):
     want = bag(torch.from_numpy(indices.astype(np.int64)), torch.from_numpy(offsets.astype(np.int64)),
                per_sample_weights=None if psw is None else torch.from_numpy(psw))
     np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+@st.composite
+def flat_cases(draw):
+    """A flat-layout batch (the artifact's own input): T tables, B bags each, any sizes."""
+    tables, batch = draw(st.integers(1, 6)), draw(st.integers(1, 70))
+    mode = draw(st.sampled_from(["sum", "mean", "max"]))
+    return dict(tables=tables, batch=batch, mode=mode, dim=draw(st.sampled_from([1, 4, 16, 19])),
+                rows=draw(st.lists(st.integers(1, 30), min_size=tables, max_size=tables)),
+                sizes=draw(st.lists(st.integers(0, 5), min_size=tables * batch,
+                                    max_size=tables * batch)),
+                weighted=mode == "sum" and draw(st.booleans()),
+                quant=draw(st.sampled_from([None, None, "int8", "int4"])),
+                dtype=draw(st.sampled_from(["int32", "int64"])),
+                static=draw(st.booleans()), prefetch=draw(st.sampled_from([0, 4])),
+                seed=draw(st.integers(0, 2**31)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(flat_cases())
+def test_flat_embedding_bags_kernel(case):
+    """The table-batched kernel on the flat layout against the numpy oracle (quantised tables:
+    against the rows they stand for) and the oracle against PyTorch's EmbeddingBag."""
+    rng = np.random.default_rng(case["seed"])
+    T, B, D, quant = case["tables"], case["batch"], case["dim"], case["quant"]
+    weights = [rng.standard_normal((r, D)).astype(np.float32) for r in case["rows"]]
+    offsets = np.concatenate([[0], np.cumsum(case["sizes"])]).astype(case["dtype"])
+    table_of = np.repeat(np.arange(T), [sum(case["sizes"][t * B:(t + 1) * B]) for t in range(T)])
+    indices = (rng.random(len(table_of)) * np.array(case["rows"])[table_of]).astype(case["dtype"])
+    rw = [rng.standard_normal(r).astype(np.float32) for r in case["rows"]] \
+        if case["weighted"] else None
+    stored = [quantize_rows(w, quant) for w in weights] if quant else weights
+    seen = [dequantize_rows(w, D, quant) for w in stored] if quant else weights
+    fn = _build(embedding_bags_kernel, D, case["mode"], case["weighted"], case["dtype"], False,
+                None, None, B if case["static"] else None, case["prefetch"], quant, T)
+    outs = [tvm.runtime.tensor(np.full((B, D), np.nan, np.float32)) for _ in range(T)]
+    fn(*[tvm.runtime.tensor(a) for a in [*stored, indices, offsets, *(rw or [])]], *outs)
+    expected = ref.embedding_bags_flat(seen, indices, offsets, case["mode"], rw)
+    for got, want in zip(outs, expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+    lS_o, lS_i = ref.reference_layout(indices, offsets, T)
+    for t, want in enumerate(ref.embedding_bags_flat(weights, indices, offsets, case["mode"], rw)):
+        bag = torch.nn.EmbeddingBag.from_pretrained(torch.from_numpy(weights[t]),
+                                                    mode=case["mode"])
+        idx = torch.from_numpy(lS_i[t].astype(np.int64))
+        got = bag(idx, torch.from_numpy(lS_o[t]),
+                  per_sample_weights=None if rw is None else torch.from_numpy(rw[t])[idx])
+        np.testing.assert_allclose(want, got.detach().numpy(), rtol=1e-5, atol=1e-5)
+    back = ref.flat_layout(lS_o, lS_i)
+    np.testing.assert_array_equal(back[0], indices)
+    np.testing.assert_array_equal(back[1], offsets)
 
 
 @pytest.mark.parametrize("features", [1, 2, 5, 27])
@@ -146,7 +198,7 @@ def test_dense_kernel_and_packing(mr, nr, n, k, act):
     pack(tvm.runtime.tensor(w), packed)
     np.testing.assert_array_equal(packed.numpy(), _pack(w, nr))
     for parallel in (False, True):
-        fn = _build(dense_kernel, n, k, act, mr, nr, parallel)
+        fn = _build(dense_kernel, n, k, act, mr, nr, 0 if parallel else 1 << 62)
         for m in (1, mr - 1, mr, 2 * mr + 1, 64):
             x = rng.standard_normal((m, k)).astype(np.float32)
             y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))

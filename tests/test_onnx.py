@@ -13,7 +13,7 @@ import torch
 
 from dlrmc.compiler.build import compile_model
 from dlrmc.frontend.arch import PRESETS, Arch
-from dlrmc.frontend.export import example_inputs
+from dlrmc.frontend.export import example_batch
 from dlrmc.frontend.model import DLRM
 from dlrmc.frontend.onnx_import import OnnxImportError, model_from_onnx
 from dlrmc.runtime import load
@@ -26,7 +26,7 @@ ARCHS = {"tiny": PRESETS["tiny"],
 
 def export(model: DLRM, path, dynamo: bool) -> None:
     arch = model.arch
-    d, o, i = example_inputs(arch, 4)
+    d, o, i = example_batch(arch, 4)
     names = ["dense_x", "offsets"] + [f"indices_{k}" for k in range(arch.num_tables)]
     warnings.filterwarnings("ignore")
     if dynamo:
@@ -90,7 +90,7 @@ def test_reference_save_onnx_input_layouts(tmp_path, layout):
 
     model = DLRM(PRESETS["tiny"], seed=8).eval()
     t = model.arch.num_tables
-    d, o, i = example_inputs(model.arch, 4)
+    d, o, i = example_batch(model.arch, 4)
     if layout == "stacked":
         idx = torch.stack([torch.randint(0, n, (6,)) for n in model.arch.embedding_sizes])
         starts = torch.tensor([[0, 1, 3, 4]] * t)
@@ -356,7 +356,7 @@ def test_a_huge_static_batch_is_checked_on_a_small_one(tmp_path, batch):
         np.testing.assert_array_equal(rebuilt.state_dict()[k].numpy(), v.numpy(), err_msg=k)
 
     # Exported at a fixed batch of 4 (no dynamic axes): its reshapes hold the 4.
-    d, o, i = example_inputs(model.arch, 4)
+    d, o, i = example_batch(model.arch, 4)
     names = ["dense_x", "offsets"] + [f"indices_{k}" for k in range(model.arch.num_tables)]
     torch.onnx.export(model, (d, o, list(i)), str(tmp_path / "s.onnx"), dynamo=False,
                       opset_version=11, input_names=names, output_names=["pred"])

@@ -31,7 +31,7 @@ def test_runs_without_torch_and_without_the_compiler(compiled, tmp_path):
         import dlrmc.runtime
         from dlrmc.runtime.batch import load_npz
         model = dlrmc.runtime.load({str(c.path)!r})
-        got = model.predict(*load_npz({str(tmp_path / 'batch.npz')!r}, model.num_tables))
+        got = model.predict_jagged(*load_npz({str(tmp_path / 'batch.npz')!r}, model.arch))
         np.testing.assert_allclose(got, np.load({str(tmp_path / 'expected.npy')!r}),
                                    rtol=1e-5, atol=2e-6)
         maps = open("/proc/self/maps").read()
@@ -207,8 +207,9 @@ def test_corrupt_or_missing_artifact_files(compiled, tmp_path):
 def test_manifest_describes_the_artifact(compiled):
     c = compiled(TINY)
     m = json.loads((c.path / "manifest.json").read_text())
-    assert m["format_version"] == FORMAT_VERSION == 2 and m["tuning_log"] is None
-    assert [i["name"] for i in m["inputs"]] == ["dense_x", "lS_o", "lS_i_0", "lS_i_1", "lS_i_2"]
+    assert m["format_version"] == FORMAT_VERSION == 3 and m["tuning_log"] is None
+    assert [i["name"] for i in m["inputs"]] == ["dense_x", "indices", "offsets"]
+    assert m["inputs"][2]["shape"] == ["3*batch+1"] and m["dynamic_dims"]["indices"] == [0, None]
     assert m["inputs"][0]["shape"] == ["batch", 6] and m["dynamic_dims"]["batch"] == [1, None]
     assert m["target"]["string"] == "llvm" and m["target"]["resolved"]["kind"] == "llvm"
     assert m["tvm_version"].startswith("0.27") and m["dlrmc_version"]
@@ -230,7 +231,7 @@ def test_mmap_load_gives_the_same_predictions(compiled):
 
 
 def test_artifact_for_a_cpu_feature_we_lack_is_refused(compiled, tmp_path):
-    from dlrmc.runtime.model import check_cpu
+    from dlrmc.runtime.devices import check_cpu
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor : 0\nflags : fpu sse sse2 avx avx2 fma\n")

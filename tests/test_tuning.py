@@ -44,11 +44,14 @@ def test_pick_covers_the_batch_and_bounds_padding(buckets):
 
 
 def test_slice_batch_pads_with_empty_bags():
+    from dlrmc.frontend.ops import flat_layout, reference_layout
     rng = np.random.default_rng(0)
     dense, offsets, indices = make_batch(TINY, 9, rng, max_bag=4)
-    d, o, i = slice_batch(dense, offsets, indices, 3, 5, 8)
+    d, flat_i, flat_o = slice_batch(dense, *flat_layout(offsets, indices), 3, 5, 8)
     np.testing.assert_array_equal(d[:5], dense[3:8])
     assert not d[5:].any()
+    assert flat_o[0] == 0 and flat_o[-1] == len(flat_i) and (np.diff(flat_o) >= 0).all()
+    o, i = reference_layout(flat_i, flat_o, TINY.num_tables)
     for t in range(TINY.num_tables):
         lo, hi = offsets[t, 3], offsets[t, 8]
         np.testing.assert_array_equal(i[t], indices[t][lo:hi])
@@ -118,7 +121,7 @@ def test_static_interaction_and_dense_every_grain(batch):
     packed[:n] = w
     packed = np.ascontiguousarray(packed.reshape(-1, 32, k).transpose(0, 2, 1))
     for mr in (4, 6, 8, 12):           # every micro-tile height AVX-512 registers allow
-        func = make("dense", n=n, k=k, act="relu", mr=mr, nr=32, parallel=True, batch=batch)
+        func = make("dense", n=n, k=k, act="relu", mr=mr, nr=32, parallel_min_macs=0, batch=batch)
         for grain, scheduled in _each_grain(func):
             out = np.full((batch, n), np.nan, np.float32)
             got = _run_kernel(scheduled, [x, packed, b, out])[-1]

@@ -36,7 +36,7 @@ using tvm::ffi::Tensor;
 namespace {
 
 constexpr const char* kFormat = "dlrmc-artifact";
-constexpr int64_t kFormatVersion = 2;  // as dlrmc.artifact.format.FORMAT_VERSION
+constexpr int64_t kFormatVersion = 3;  // as dlrmc.artifact.format.FORMAT_VERSION
 constexpr int64_t kAlign = 64;         // as dlrmc.artifact.format.ALIGN
 constexpr int kMaxDepth = 64;          // JSON nesting a manifest may have
 constexpr double kMaxPadding = 0.25;  // as dlrmc.runtime.plan.MAX_PADDING
@@ -203,24 +203,26 @@ Tensor Make(const std::vector<int64_t>& shape, DLDataType dtype, const void* dat
   return t;
 }
 
-/*! \brief Why no CUDA artifact can run here, or "" (as dlrmc.runtime.model.cuda_unavailable):
- *  loads TVM's CUDA runtime, a sidecar library beside libtvm_runtime.so, when not loaded. */
-std::string CudaUnavailable() {
-  if (!ffi::Function::GetGlobal("device_api.cuda").has_value()) {
-    std::string lib = "libtvm_runtime_cuda.so";
+/*! \brief Why code for device ``name`` (DLPack type ``type``, not the host) cannot run here,
+ *  or "" (as dlrmc.runtime.devices.device_unavailable): loads TVM's runtime for it, the
+ *  sidecar library libtvm_runtime_NAME.so beside libtvm_runtime.so, when not loaded. */
+std::string DeviceUnavailable(const std::string& name, int type) {
+  if (!ffi::Function::GetGlobal("device_api." + name).has_value()) {
+    std::string lib = "libtvm_runtime_" + name + ".so";
     if (!dlopen(lib.c_str(), RTLD_NOW | RTLD_GLOBAL)) {
       std::string first = dlerror();
 #ifdef DLRMC_TVM_LIB_DIR
-      lib = std::string(DLRMC_TVM_LIB_DIR) + "/" + lib;
-      if (!dlopen(lib.c_str(), RTLD_NOW | RTLD_GLOBAL))
+      std::string path = std::string(DLRMC_TVM_LIB_DIR) + "/" + lib;
+      if (!dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL))
 #endif
-        return "TVM's CUDA runtime (libtvm_runtime_cuda.so) does not load: " + first;
+        return "TVM's " + name + " runtime (" + lib + ") does not load: " + first;
     }
   }
+  if (!ffi::Function::GetGlobal("device_api." + name).has_value())
+    return "TVM's " + name + " runtime has no device API";
   constexpr int kExist = 0;  // TVM's DeviceAttrKind
-  bool exist = Global("runtime.GetDeviceAttr")(static_cast<int>(kDLCUDA), 0, kExist)
-                   .cast<int64_t>() != 0;
-  return exist ? "" : "no CUDA GPU found";
+  bool exist = Global("runtime.GetDeviceAttr")(type, 0, kExist).cast<int64_t>() != 0;
+  return exist ? "" : "no " + name + " device found";
 }
 
 }  // namespace
@@ -237,8 +239,7 @@ struct Model::Impl {
   mutable std::mutex mu;         // one VM: one Predict at a time
 
   std::vector<float> Run(const ffi::Function& fn, int64_t b, const float* dense,
-                         const std::vector<std::vector<int64_t>>& off,
-                         const std::vector<std::vector<int64_t>>& idx) const;
+                         const std::vector<int64_t>& idx, const std::vector<int64_t>& off) const;
 };
 
 Model::Model(const std::string& artifact_dir, bool verify) : impl_(new Impl) {
@@ -286,20 +287,27 @@ Model::Model(const std::string& artifact_dir, bool verify) : impl_(new Impl) {
   if (recorded != Sha256(raw))
     throw Error(artifact_dir + "/manifest.json does not match manifest.sha256: the manifest "
                 "was changed or damaged after it was written");
-  // The device, as the target's backend recorded it (dlrmc.runtime.model.DEVICES).
+  // The device, as the target's backend recorded it (dlrmc.runtime.devices.device_for).
   json::Object target = Obj(Get(man, "target"), "target");
   json::Object requires = Obj(Get(target, "requires"), "target.requires");
   std::string device = Str(Get(requires, "device"), "target.requires.device");
-  if (device == "cuda") {
-    auto arch_it = requires.find(ffi::String("cuda_arch"));
-    std::string arch = arch_it == requires.end() ? "?" : Str((*arch_it).second, "cuda_arch");
-    std::string why = CudaUnavailable();
+  json::Value type = Get(requires, "device_type");
+  if (type.type_index() != ffi::TypeIndex::kTVMFFIInt)
+    throw Error("manifest.json: target.requires.device_type must be int");
+  m.dev = DLDevice{static_cast<DLDeviceType>(type.cast<int64_t>()), 0};
+  if (m.dev.device_type != kDLCPU) {
+    std::string needs;
+    for (const auto& kv : requires) {
+      std::string key = kv.first.cast<ffi::String>();
+      auto text = kv.second.try_cast<ffi::String>();
+      if (key != "device" && key != "device_type")
+        needs += (needs.empty() ? "" : ", ") + key + " " +
+                 (text ? std::string(*text) : std::string(json::Stringify(kv.second)));
+    }
+    std::string why = DeviceUnavailable(device, static_cast<int>(m.dev.device_type));
     if (!why.empty())
-      throw Error(artifact_dir + " was built for CUDA (" + arch + ") and cannot run here: " + why);
-    m.dev = DLDevice{kDLCUDA, 0};
-  } else if (device != "cpu") {
-    throw Error(artifact_dir + " was built for device '" + device + "'; this runner runs cpu "
-                "and cuda");
+      throw Error(artifact_dir + " was built for " + device +
+                  (needs.empty() ? "" : " (" + needs + ")") + " and cannot run here: " + why);
   }
   auto machine_it = requires.find(ffi::String("machine"));
   std::string want_machine;
@@ -453,19 +461,14 @@ std::vector<int64_t> Model::buckets() const {
 }
 
 std::vector<float> Model::Impl::Run(const ffi::Function& fn, int64_t b, const float* dense,
-                                    const std::vector<std::vector<int64_t>>& off,
-                                    const std::vector<std::vector<int64_t>>& idx) const {
-  const int64_t T = static_cast<int64_t>(rows.size());
-  std::vector<int64_t> flat_off;
-  for (const auto& o : off) flat_off.insert(flat_off.end(), o.begin(), o.end());
+                                    const std::vector<int64_t>& idx,
+                                    const std::vector<int64_t>& off) const {
   std::vector<ffi::Any> args;
   args.push_back(Make({b, num_dense}, DLDataType{kDLFloat, 32, 1}, dense,
                       sizeof(float) * b * num_dense, dev));
-  args.push_back(Make({T, b}, DLDataType{kDLInt, 64, 1}, flat_off.data(),
-                      sizeof(int64_t) * flat_off.size(), dev));
-  for (const auto& i : idx)
-    args.push_back(Make({static_cast<int64_t>(i.size())}, DLDataType{kDLInt, 64, 1}, i.data(),
-                        sizeof(int64_t) * i.size(), dev));
+  for (const auto* a : {&idx, &off})
+    args.push_back(Make({static_cast<int64_t>(a->size())}, DLDataType{kDLInt, 64, 1}, a->data(),
+                        sizeof(int64_t) * a->size(), dev));
   for (const auto& w : weights) args.push_back(w);
   std::vector<ffi::AnyView> views(args.begin(), args.end());
   ffi::Any result;
@@ -479,43 +482,73 @@ std::vector<float> Model::Impl::Run(const ffi::Function& fn, int64_t b, const fl
   return host;   // from the GPU too: the copy waits for it
 }
 
+Batch Batch::FromReference(std::vector<float> dense_x, int64_t batch,
+                           const std::vector<int64_t>& lS_o,
+                           const std::vector<std::vector<int64_t>>& lS_i) {
+  const int64_t T = static_cast<int64_t>(lS_i.size());
+  if (batch < 1 || static_cast<int64_t>(lS_o.size()) != T * batch)
+    throw Error("lS_o must have shape [" + std::to_string(T) + ", " + std::to_string(batch) +
+                "] (tables, batch): got " + std::to_string(lS_o.size()) + " values");
+  Batch out{batch, std::move(dense_x), {}, {}};
+  for (int64_t k = 0; k < T; ++k) {
+    const int64_t* o = lS_o.data() + k * batch;
+    const int64_t n = static_cast<int64_t>(lS_i[k].size()), base = out.indices.size();
+    if (o[0] != 0 || o[batch - 1] > n)
+      throw Error("lS_o[" + std::to_string(k) + "] must start at 0 and end within lS_i[" +
+                  std::to_string(k) + "] (" + std::to_string(n) + " indices)");
+    for (int64_t b = 0; b < batch; ++b) out.offsets.push_back(base + o[b]);
+    out.indices.insert(out.indices.end(), lS_i[k].begin(), lS_i[k].end());
+  }
+  out.offsets.push_back(static_cast<int64_t>(out.indices.size()));
+  return out;
+}
+
+Batch Batch::FromLengths(std::vector<float> dense_x, int64_t batch, std::vector<int64_t> values,
+                         const std::vector<int64_t>& lengths) {
+  Batch out{batch, std::move(dense_x), std::move(values), {0}};
+  for (size_t p = 0; p < lengths.size(); ++p) {
+    if (lengths[p] < 0)
+      throw Error("lengths[" + std::to_string(p) + "] = " + std::to_string(lengths[p]) +
+                  " is negative");
+    out.offsets.push_back(out.offsets.back() + lengths[p]);
+  }
+  return out;
+}
+
 std::vector<float> Model::Predict(const Batch& in) const {
   const Impl& m = *impl_;
   const int64_t B = in.batch, T = num_tables();
-  // Validation, as dlrmc.runtime.validate.check_batch.
+  const int64_t N = static_cast<int64_t>(in.indices.size());
+  // Validation, as dlrmc.runtime.validate.check_jagged.
   if (B < 1) throw Error("the batch must have at least 1 row");
   if (static_cast<int64_t>(in.dense_x.size()) != B * m.num_dense)
     throw Error("dense_x must have shape [" + std::to_string(B) + ", " +
                 std::to_string(m.num_dense) + "]: got " + std::to_string(in.dense_x.size()) +
                 " values");
-  if (static_cast<int64_t>(in.offsets.size()) != T * B)
-    throw Error("lS_o must have shape [" + std::to_string(T) + ", " + std::to_string(B) +
-                "] (tables, batch): got " + std::to_string(in.offsets.size()) + " values");
-  if (static_cast<int64_t>(in.indices.size()) != T)
-    throw Error("lS_i has " + std::to_string(in.indices.size()) + " index arrays, the model has " +
-                std::to_string(T) + " tables");
-  for (int64_t k = 0; k < T; ++k) {
-    const int64_t* o = in.offsets.data() + k * B;
-    const int64_t n = static_cast<int64_t>(in.indices[k].size());
-    const std::string name = "lS_o[" + std::to_string(k) + "]";
-    if (o[0] != 0) throw Error(name + "[0] is " + std::to_string(o[0]) +
-                               "; the first bag must start at 0");
-    for (int64_t b = 1; b < B; ++b)
-      if (o[b] < o[b - 1])
-        throw Error(name + " decreases at position " + std::to_string(b) +
-                    "; offsets must be non-decreasing");
-    if (o[B - 1] > n)
-      throw Error(name + "[" + std::to_string(B - 1) + "] = " + std::to_string(o[B - 1]) +
-                  " is past the end of lS_i[" + std::to_string(k) + "] (" + std::to_string(n) +
-                  " indices)");
-    for (int64_t p = 0; p < n; ++p) {
-      int64_t v = in.indices[k][p];
+  if (static_cast<int64_t>(in.offsets.size()) != T * B + 1)
+    throw Error("offsets must have shape [" + std::to_string(T * B + 1) +
+                "] (tables x batch + 1): got " + std::to_string(in.offsets.size()) + " values");
+  const std::vector<int64_t>& o = in.offsets;
+  if (o[0] != 0) throw Error("offsets[0] is " + std::to_string(o[0]) +
+                             "; the first bag must start at 0");
+  for (int64_t p = 1; p <= T * B; ++p)
+    if (o[p] < o[p - 1])
+      throw Error("offsets decreases at position " + std::to_string(p) + " (table " +
+                  std::to_string(p / B) + ", bag " + std::to_string(p % B) +
+                  "); offsets must be non-decreasing");
+  if (o[T * B] != N)
+    throw Error("offsets[" + std::to_string(T * B) + "] = " + std::to_string(o[T * B]) +
+                ", but indices holds " + std::to_string(N) + " values; the last offset is "
+                "their count");
+  for (int64_t k = 0; k < T; ++k)
+    for (int64_t p = o[k * B]; p < o[(k + 1) * B]; ++p) {
+      const int64_t v = in.indices[p];
       if (v < 0 || v >= m.rows[k])
-        throw Error("lS_i[" + std::to_string(k) + "][" + std::to_string(p) + "] = " +
-                    std::to_string(v) + " is out of range for table " + std::to_string(k) +
-                    " with " + std::to_string(m.rows[k]) + " rows");
+        throw Error("indices[" + std::to_string(p) + "] = " + std::to_string(v) + " (table " +
+                    std::to_string(k) + ", position " + std::to_string(p - o[k * B]) +
+                    ") is out of range for table " + std::to_string(k) + " with " +
+                    std::to_string(m.rows[k]) + " rows");
     }
-  }
   std::lock_guard<std::mutex> lock(m.mu);
   // Plan, as dlrmc.runtime.plan.pick: (rows, entry batch; 0 = any-batch main).
   std::vector<std::pair<int64_t, int64_t>> plan;
@@ -540,18 +573,17 @@ std::vector<float> Model::Predict(const Batch& in) const {
     std::vector<float> dense(size * m.num_dense, 0.0f);
     std::copy(in.dense_x.begin() + start * m.num_dense,
               in.dense_x.begin() + (start + rows) * m.num_dense, dense.begin());
-    std::vector<std::vector<int64_t>> off(T), idx(T);
+    std::vector<int64_t> idx, off;
     for (int64_t k = 0; k < T; ++k) {
-      const int64_t* o = in.offsets.data() + k * B;
-      const int64_t lo = o[start];
-      const int64_t hi = start + rows < B ? o[start + rows]
-                                          : static_cast<int64_t>(in.indices[k].size());
-      off[k].resize(size, hi - lo);
-      for (int64_t b = 0; b < rows; ++b) off[k][b] = o[start + b] - lo;
-      idx[k].assign(in.indices[k].begin() + lo, in.indices[k].begin() + hi);
+      const int64_t lo = o[k * B + start], hi = o[k * B + start + rows];
+      const int64_t base = static_cast<int64_t>(idx.size());
+      for (int64_t b = 0; b < rows; ++b) off.push_back(o[k * B + start + b] - lo + base);
+      idx.insert(idx.end(), in.indices.begin() + lo, in.indices.begin() + hi);
+      off.resize(off.size() + size - rows, static_cast<int64_t>(idx.size()));
     }
+    off.push_back(static_cast<int64_t>(idx.size()));
     const ffi::Function& fn = piece.second ? m.buckets.at(piece.second) : m.main;
-    std::vector<float> part = m.Run(fn, size, dense.data(), off, idx);
+    std::vector<float> part = m.Run(fn, size, dense.data(), idx, off);
     out.insert(out.end(), part.begin(), part.begin() + rows);
     start += rows;
   }

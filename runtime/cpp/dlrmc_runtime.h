@@ -33,12 +33,23 @@ class Error : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-/*! \brief One batch in the reference layout. */
+/*! \brief One batch in the artifact's own, flat layout (FBGEMM's table-batched bags):
+ *  ``indices`` holds every table's indices, table-major; bag b of table t spans
+ *  indices[offsets[t*B + b], offsets[t*B + b + 1]). ``FromReference`` and ``FromLengths``
+ *  build one from the reference layout and TorchRec's KeyedJaggedTensor layout. */
 struct Batch {
-  int64_t batch = 0;                          //!< B
-  std::vector<float> dense_x;                 //!< [B, num_dense], row-major
-  std::vector<int64_t> offsets;               //!< lS_o [T, B], row-major: bag starts
-  std::vector<std::vector<int64_t>> indices;  //!< lS_i: T index lists
+  int64_t batch = 0;              //!< B
+  std::vector<float> dense_x;     //!< [B, num_dense], row-major
+  std::vector<int64_t> indices;   //!< [N]
+  std::vector<int64_t> offsets;   //!< [T*B + 1]
+
+  /*! \brief From lS_o ([T, B] bag starts, row-major) and lS_i (T index lists). */
+  static Batch FromReference(std::vector<float> dense_x, int64_t batch,
+                             const std::vector<int64_t>& lS_o,
+                             const std::vector<std::vector<int64_t>>& lS_i);
+  /*! \brief From values (key-major) and lengths ([T*B] bag sizes). */
+  static Batch FromLengths(std::vector<float> dense_x, int64_t batch,
+                           std::vector<int64_t> values, const std::vector<int64_t>& lengths);
 };
 
 class Model {

@@ -6,16 +6,19 @@
   ``dlrmc.schedules.dense``;
 - ``dlrmc::embedding_bags(weights[], indices[], offsets, per_sample_weights[], mode,
   offset_rows[])``: every table's bags at once, table j reading row ``offset_rows[j]`` of the
-  [T, B] ``offsets``; contract in ``dlrmc.schedules.embedding_bag``.
+  [T, B] ``offsets``; contract in ``dlrmc.frontend.ops``;
+- ``dlrmc::embedding_bags_flat(weights[], indices, offsets, row_weights[], mode)``: the same
+  from the flat layout (``dlrmc.frontend.ops``), the one the artifact takes.
 
-The compiler's graph rewrites insert them; the Relax lowering maps them to our kernels.
+The compiler's graph rewrites insert the first three; the DLRM's flat forward
+(``dlrmc.frontend.model``) calls the last; the Relax lowering maps them to our kernels.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..frontend.ops import interaction_pairs, num_pairs
+from .ops import POOLING_MODES, interaction_pairs, num_pairs
 
 
 def _stack(features: list[torch.Tensor]) -> torch.Tensor:
@@ -56,15 +59,12 @@ def _(x, weight, bias, activation):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-_MODE_NAMES = ("sum", "mean", "max")
-
-
 @torch.library.custom_op("dlrmc::embedding_bags", mutates_args=())
 def embedding_bags(weights: list[torch.Tensor], indices: list[torch.Tensor], offsets: torch.Tensor,
                    per_sample_weights: list[torch.Tensor], mode: int,
                    offset_rows: list[int]) -> list[torch.Tensor]:
     psw = per_sample_weights or [None] * len(weights)
-    return [torch.nn.functional.embedding_bag(i, w, offsets[r], mode=_MODE_NAMES[mode],
+    return [torch.nn.functional.embedding_bag(i, w, offsets[r], mode=POOLING_MODES[mode],
                                               per_sample_weights=s)
             for w, i, r, s in zip(weights, indices, offset_rows, psw)]
 
@@ -72,3 +72,24 @@ def embedding_bags(weights: list[torch.Tensor], indices: list[torch.Tensor], off
 @embedding_bags.register_fake
 def _(weights, indices, offsets, per_sample_weights, mode, offset_rows):
     return [w.new_empty((offsets.shape[1], w.shape[1])) for w in weights]
+
+
+@torch.library.custom_op("dlrmc::embedding_bags_flat", mutates_args=())
+def embedding_bags_flat(weights: list[torch.Tensor], indices: torch.Tensor, offsets: torch.Tensor,
+                        row_weights: list[torch.Tensor], mode: int) -> list[torch.Tensor]:
+    tables = len(weights)
+    batch = (offsets.shape[0] - 1) // tables
+    out = []
+    for t, w in enumerate(weights):
+        bags = offsets[t * batch:(t + 1) * batch + 1]
+        idx = indices[int(bags[0]):int(bags[-1])]
+        out.append(torch.nn.functional.embedding_bag(
+            idx, w, bags[:-1] - bags[0], mode=POOLING_MODES[mode],
+            per_sample_weights=row_weights[t][idx] if row_weights else None))
+    return out
+
+
+@embedding_bags_flat.register_fake
+def _(weights, indices, offsets, row_weights, mode):
+    batch = (offsets.shape[0] - 1) // len(weights)
+    return [w.new_empty((batch, w.shape[1])) for w in weights]
