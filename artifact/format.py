@@ -9,8 +9,10 @@ Layout (format version 3)::
       manifest.json
       manifest.sha256  the sha256 of manifest.json, in ``sha256sum`` format
 
-``manifest.json`` fields (every one checked by the reader, a bad one named in an
-``ArtifactError``):
+``manifest.json`` holds a ``Manifest``: every builder constructs one (``dlrmc.compiler.build``,
+``dlrmc.compiler.generic``), ``write_artifact`` completes and writes it, ``read_manifest``
+checks and returns it, and the C++ runtime reads the same JSON fields. Its fields (every one
+checked by the reader, a bad one named in an ``ArtifactError``):
 
 - ``format`` ("dlrmc-artifact") and ``format_version`` (an integer; another version is
   refused with both versions named);
@@ -22,8 +24,11 @@ Layout (format version 3)::
   after the ``inputs`` (packed dense weights, tables passed through); call it once at load;
 - ``buckets``: ``{batch: VM function}``, the static batch sizes compiled beside ``entry``;
 - ``emb_quant``, ``precision``, ``mlp_quant``: the numerics it was built with;
-- ``inputs``: ``[{name, dtype, shape}]``, a shape entry being an int or the name of a
-  dynamic dim; ``dynamic_dims``: ``{name: [min, max or null]}``; ``output``: likewise;
+- ``inputs``: ``[{name, dtype, shape}]``, a shape entry being an int, the name of a dynamic
+  dim or an expression of one (a DLRM's: ``dense_x`` [batch, F], ``indices`` [indices],
+  ``offsets`` ["T*batch+1"], the flat layout of ``dlrmc.frontend.ops``); ``dynamic_dims``:
+  ``{name: [min, max or null]}``; ``output`` (a DLRM's) or ``outputs`` (a generic graph's):
+  likewise;
 - ``target``: ``{"string": what the user gave, "resolved": TVM's full target as JSON,
   "requires": what the machine needs, as the target's backend (``dlrmc.targets.backend``)
   states it: ``{"device": "cpu", "device_type": 1, "machine": "x86_64", "cpu_flags":
@@ -52,10 +57,13 @@ empty directory is ever replaced.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
+from importlib.metadata import version
 from typing import Callable, Iterable
 
 import numpy as np
@@ -73,6 +81,41 @@ ALIGN = 64
 
 class ArtifactError(ValueError):
     """A missing, corrupt or incompatible artifact."""
+
+
+@dataclass
+class Manifest:
+    """manifest.json (the module docstring says what each field means). Builders give the
+    model's fields; ``write_artifact`` adds ``weights`` and ``files``."""
+
+    arch: dict | None
+    entry: str
+    inputs: list
+    target: dict
+    buckets: dict = field(default_factory=dict)
+    transform_params: str | None = None
+    dynamic_dims: dict = field(default_factory=dict)
+    output: dict | None = None
+    outputs: list | None = None
+    generic: dict | None = None
+    emb_quant: str | None = None
+    precision: str = "fp32"
+    mlp_quant: str | None = None
+    tuning_log: dict | None = None
+    dlrmc_version: str = field(default_factory=lambda: version("dlrmc"))
+    tvm_version: str = field(default_factory=lambda: version("apache-tvm"))
+    weights: dict | None = None
+    files: dict | None = None
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Manifest":
+        """A manifest read from JSON whose fields ``read_manifest`` has checked."""
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
 def _sha256(path: str) -> str:
@@ -116,9 +159,9 @@ def _file_entry(path: str, digest: str | None = None) -> dict:
     return {"sha256": digest or _sha256(path), "bytes": os.path.getsize(path)}
 
 
-def _write_manifest(directory: str, manifest: dict) -> None:
+def _write_manifest(directory: str, manifest: Manifest) -> None:
     """manifest.json and its digest file."""
-    data = json.dumps(manifest, indent=1).encode()
+    data = json.dumps(manifest.to_json(), indent=1).encode()
     with open(os.path.join(directory, MANIFEST), "wb") as f:
         f.write(data)
     with open(os.path.join(directory, MANIFEST_DIGEST), "w") as f:
@@ -155,8 +198,8 @@ def _check_replaceable(out_dir: str) -> None:
 
 
 def write_artifact(out_dir: str, export_library: Callable[[str, str], None],
-                   weights: Iterable[tuple[str, np.ndarray]], manifest: dict,
-                   progress: Callable[[int], object] | None = None) -> dict:
+                   weights: Iterable[tuple[str, np.ndarray]], manifest: Manifest,
+                   progress: Callable[[int], object] | None = None) -> Manifest:
     """Write the artifact atomically; ``export_library(path, workspace)`` writes the .so,
     keeping its intermediate files under the directory ``workspace``; ``progress(n)`` is told
     of each ``n`` bytes of weights written. Returns the manifest.
@@ -175,10 +218,11 @@ def write_artifact(out_dir: str, export_library: Callable[[str, str], None],
             index, weights_sha = _write_weights(os.path.join(tmp, WEIGHTS), weights, progress)
             library.result()
         shutil.rmtree(workspace)
-        manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION)
-        manifest["weights"] = {"file": WEIGHTS, "tensors": index}
-        manifest["files"] = {LIBRARY: _file_entry(os.path.join(tmp, LIBRARY)),
-                             WEIGHTS: _file_entry(os.path.join(tmp, WEIGHTS), weights_sha)}
+        manifest = dataclasses.replace(
+            manifest, format=FORMAT, format_version=FORMAT_VERSION,
+            weights={"file": WEIGHTS, "tensors": index},
+            files={LIBRARY: _file_entry(os.path.join(tmp, LIBRARY)),
+                   WEIGHTS: _file_entry(os.path.join(tmp, WEIGHTS), weights_sha)})
         _write_manifest(tmp, manifest)
         _check_replaceable(out_dir)        # again: it may have changed during the build
         replace_dir(tmp, out_dir)
@@ -291,7 +335,7 @@ def _check_weight_index(m: dict) -> None:
                             f"listed with {m['files'][wfile]['bytes']}")
 
 
-def read_manifest(artifact_dir: str, verify: bool = True, files: bool = True) -> dict:
+def read_manifest(artifact_dir: str, verify: bool = True, files: bool = True) -> Manifest:
     """Read and check the manifest (see the module docstring); with ``verify`` also every
     file's sha256. Never returns a manifest a reader could trip over. ``files=False`` leaves
     the files themselves unchecked (``replace_weights`` of a shipped-without-weights copy)."""
@@ -341,13 +385,13 @@ def read_manifest(artifact_dir: str, verify: bool = True, files: bool = True) ->
                                 f"{entry['bytes']} (truncated or corrupt)")
         if verify and _sha256(fpath) != entry["sha256"]:
             raise ArtifactError(f"artifact file {fpath} is corrupt (sha256 mismatch)")
-    return manifest
+    return Manifest.from_json(manifest)
 
 
-def read_weights(artifact_dir: str, manifest: dict) -> list[np.ndarray]:
+def read_weights(artifact_dir: str, manifest: Manifest) -> list[np.ndarray]:
     """The weights mapped copy-on-write from the weights file (64-byte aligned), in ``main``'s
     order; ``manifest`` as ``read_manifest`` returned it (index and size already checked)."""
-    spec = manifest["weights"]
+    spec = manifest.weights
     path = os.path.join(artifact_dir, spec["file"])
     out = []
     for t in spec["tensors"]:
@@ -358,7 +402,7 @@ def read_weights(artifact_dir: str, manifest: dict) -> list[np.ndarray]:
     return out
 
 
-def replace_weights(artifact_dir: str, weights: dict, shipped_without: bool = False) -> dict:
+def replace_weights(artifact_dir: str, weights: dict, shipped_without: bool = False) -> Manifest:
     """Write new values for every weight of an artifact (same names, dtypes and shapes as
     its manifest lists; a retrained model, or weights made where the artifact is deployed),
     replacing the artifact directory atomically (the library is hard-linked, not copied).
@@ -366,7 +410,7 @@ def replace_weights(artifact_dir: str, weights: dict, shipped_without: bool = Fa
     artifact_dir = os.path.abspath(artifact_dir)
     manifest = read_manifest(artifact_dir, verify=False, files=not shipped_without)
     arrays = []
-    for t in manifest["weights"]["tensors"]:
+    for t in manifest.weights["tensors"]:
         if t["name"] not in weights:
             raise ArtifactError(f"no new value for weight {t['name']!r}")
         a = np.asarray(weights[t["name"]])
@@ -376,13 +420,13 @@ def replace_weights(artifact_dir: str, weights: dict, shipped_without: bool = Fa
         arrays.append((t["name"], a))
     tmp = staging_dir(artifact_dir)
     try:
-        wfile = manifest["weights"]["file"]
-        for name in manifest["files"]:
+        wfile = manifest.weights["file"]
+        for name in manifest.files:
             if name != wfile:
                 os.link(os.path.join(artifact_dir, name), os.path.join(tmp, name))
         index, digest = _write_weights(os.path.join(tmp, wfile), arrays)
-        manifest["weights"]["tensors"] = index
-        manifest["files"][wfile] = _file_entry(os.path.join(tmp, wfile), digest)
+        manifest.weights["tensors"] = index
+        manifest.files[wfile] = _file_entry(os.path.join(tmp, wfile), digest)
         _write_manifest(tmp, manifest)
         replace_dir(tmp, artifact_dir)
     except BaseException:

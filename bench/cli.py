@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"arch": arch.to_dict(), "threads": args.threads, "bag_size": args.bag_size,
-                       "target": ours.manifest["target"], "gemm_flops": rate_flops,
+                       "target": ours.manifest.target, "gemm_flops": rate_flops,
                        "gather_bytes_per_s": rate_bytes, "results": results,
                        "tuning": tuning}, f, indent=1)
     if args.markdown:

@@ -36,11 +36,11 @@ def torch_model(runtime) -> DLRM:
     """PyTorch eager with the artifact's weights (the reference's state_dict names); quantised
     tables enter dequantised, so both systems compute with the same numbers."""
     arch = Arch(**{k: tuple(v) if isinstance(v, list) else v
-                   for k, v in runtime.manifest["arch"].items()})
+                   for k, v in runtime.manifest.arch.items()})
     model = DLRM(arch, init=False)
-    names = [t["name"] for t in runtime.manifest["weights"]["tensors"]]
+    names = [t["name"] for t in runtime.manifest.weights["tensors"]]
     # quantised tables (--emb-quant) as the float rows they stand for
-    quant = runtime.manifest.get("emb_quant")
+    quant = runtime.manifest.emb_quant
     state = {n: torch.from_numpy(
         dequantize_rows(w, arch.sparse_feature_size, quant) if w.dtype == np.uint8
         else np.array(w)) for n, w in zip(names, read_weights(runtime.path, runtime.manifest))}

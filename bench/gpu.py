@@ -102,7 +102,7 @@ def _model(manifest):
     from ..frontend.model import DLRM
 
     torch.manual_seed(SEED)
-    return DLRM(Arch.from_dict(manifest["arch"]), seed=SEED).eval()
+    return DLRM(Arch.from_dict(manifest.arch), seed=SEED).eval()
 
 
 def _ready(art: str):
@@ -216,7 +216,6 @@ def _time(fn, sync, repeat: int) -> float:
 
 def bench(art: str, batches, repeat: int) -> list[dict]:
     import torch
-    import tvm
 
     from ..runtime.batch import random_batch
 

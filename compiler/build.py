@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from importlib.metadata import version
 from typing import Callable
 
 import torch
@@ -21,7 +20,7 @@ import tvm
 from tqdm import tqdm
 from tvm import relax
 
-from ..artifact import write_artifact
+from ..artifact import Manifest, write_artifact
 from ..frontend.arch import Arch
 from ..frontend.export import export_model
 from ..schedules.tuning import model_hash
@@ -45,6 +44,13 @@ def input_spec(arch: Arch) -> tuple[list[dict], dict]:
 
 
 TRANSFORM_PARAMS = "transform_params"
+
+
+def target_record(text: str | None, target: tvm.target.Target) -> dict:
+    """The manifest's ``target``: what the user gave, TVM's resolved target, and what a
+    machine needs to run the code (the backend's ``requirements``)."""
+    return {"string": text or "host", "resolved": resolved(target),
+            "requires": backend_for(target).requirements(target)}
 
 
 def tuning_identity(arch: Arch, target: tvm.target.Target) -> dict:
@@ -117,7 +123,7 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
                   log: Callable[[str], None] = print, buckets=None,
                   tuning_log: str | None = None, emb_quant: str | None = None,
                   precision: str = "fp32", mlp_quant: str | None = None,
-                  calibration=None, progress: bool = False) -> dict:
+                  calibration=None, progress: bool = False) -> Manifest:
     """Compile ``model`` for ``target`` into the artifact directory ``out_dir``; return its
     manifest. ``buckets``: static batch sizes compiled beside the symbolic batch (default:
     the tuning log's, else ``DEFAULT_BUCKETS``); ``tuning_log``: a ``dlrm-tune`` directory
@@ -141,24 +147,13 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
     if lowered.num_inputs != len(inputs):
         raise BuildError(f"the lowered model takes {lowered.num_inputs} inputs, expected "
                          f"{len(inputs)}")
-    manifest = {
-        "dlrmc_version": version("dlrmc"),
-        "tvm_version": tvm.__version__,
-        "arch": arch.to_dict(),
-        "entry": "main",
-        "buckets": {str(b): entry_name(b) for b in buckets},
-        "emb_quant": emb_quant,
-        "precision": precision,
-        "mlp_quant": mlp_quant,
-        "transform_params": TRANSFORM_PARAMS,
-        "inputs": inputs,
-        "dynamic_dims": dims,
-        "output": {"name": "pred", "dtype": "float32", "shape": ["batch", 1]},
-        "target": {"string": target or "host", "resolved": resolved(tgt),
-                   "requires": backend.requirements(tgt)},
-        "tuning_log": None if tuning_log is None else {
-            "path": str(tuning_log), "tuned": summary["tuned"], "default": summary["default"]},
-    }
+    manifest = Manifest(
+        arch=arch.to_dict(), entry="main", inputs=inputs, dynamic_dims=dims,
+        output={"name": "pred", "dtype": "float32", "shape": ["batch", 1]},
+        target=target_record(target, tgt), buckets={str(b): entry_name(b) for b in buckets},
+        transform_params=TRANSFORM_PARAMS, emb_quant=emb_quant, precision=precision,
+        mlp_quant=mlp_quant, tuning_log=None if tuning_log is None else {
+            "path": str(tuning_log), "tuned": summary["tuned"], "default": summary["default"]})
     total = sum(p.nbytes for p in lowered.params)
     with tqdm(total=total, desc="[dlrmc] write", unit="B", unit_scale=True, leave=False,
               disable=not progress) as bar:

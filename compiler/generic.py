@@ -10,7 +10,6 @@ outputs; ``dlrmc.runtime.load`` gives a ``GenericModel`` for it.
 
 from __future__ import annotations
 
-from importlib.metadata import version
 
 import numpy as np
 import onnx
@@ -18,10 +17,10 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
-from ..artifact import write_artifact
+from ..artifact import Manifest, write_artifact
 from ..frontend.onnx_import import OnnxImportError, graph_inputs
-from ..targets import backend_for, parse_target, requirements, resolved
-from .build import export_library
+from ..targets import backend_for, parse_target
+from .build import export_library, target_record
 
 
 def _value_info(v: onnx.ValueInfoProto) -> dict:
@@ -51,19 +50,9 @@ def compile_generic(model: onnx.ModelProto, target: str | None, out_dir: str, re
     params = [np.from_dlpack(t) for t in detached.get("main", [])]
     log("[dlrmc] generic: TVM's ONNX frontend and default schedules")
     executable = tvm.compile(mod, tgt)
-    manifest = {
-        "dlrmc_version": version("dlrmc"),
-        "tvm_version": tvm.__version__,
-        "arch": None,
-        "generic": {"reason": reason},
-        "entry": "main",
-        "buckets": {},
-        "transform_params": None,
-        "inputs": [_value_info(v) for v in graph_inputs(model)],
-        "outputs": [_value_info(v) for v in model.graph.output],
-        "target": {"string": target or "host", "resolved": resolved(tgt),
-                   "requires": requirements(tgt)},
-        "tuning_log": None,
-    }
+    manifest = Manifest(arch=None, generic={"reason": reason}, entry="main",
+                        inputs=[_value_info(v) for v in graph_inputs(model)],
+                        outputs=[_value_info(v) for v in model.graph.output],
+                        target=target_record(target, tgt))
     return write_artifact(out_dir, lambda path, workspace: export_library(
         executable, tgt, path, workspace), zip(names, params), manifest)

@@ -25,7 +25,7 @@ def _run_generic(model, args) -> int:
         if missing:
             raise InputError(f"{args.input} lacks {', '.join(missing)}")
         outputs = model.run(*[z[n] for n in names])
-    for spec, out in zip(model.manifest["outputs"], outputs):
+    for spec, out in zip(model.manifest.outputs, outputs):
         print(f"{spec['name']} {list(out.shape)}: {out.reshape(-1)[:10]}")
     if args.output:
         np.save(args.output, outputs[0])
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         model = load(args.artifact)
         print(f"loaded {args.artifact} in {time.perf_counter() - t0:.2f} s "
-              f"(target {model.manifest['target']['string']})")
-        if model.manifest["arch"] is None:
+              f"(target {model.manifest.target['string']})")
+        if model.manifest.arch is None:
             return _run_generic(model, args)
         if args.input:
             batch = load_npz(args.input, model.arch)

@@ -13,7 +13,7 @@ import os
 
 import tvm
 
-from ..artifact import ArtifactError
+from ..artifact import ArtifactError, Manifest
 
 
 def check_cpu(requires: dict, cpuinfo: str = "/proc/cpuinfo") -> None:
@@ -129,6 +129,6 @@ def device_for(requires: dict, what: str):
     return tvm.device(name, 0)
 
 
-def artifact_device(path: str, manifest: dict):
+def artifact_device(path: str, manifest: Manifest):
     """The device an artifact runs on (``device_for`` its manifest's requirements)."""
-    return device_for(manifest["target"]["requires"], path)
+    return device_for(manifest.target["requires"], path)

@@ -13,7 +13,7 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
-from ..artifact import ArtifactError, read_manifest, read_weights
+from ..artifact import ArtifactError, Manifest, read_manifest, read_weights
 from .devices import artifact_device, is_host
 from .model import load_library, set_threads, to_tvm, vm_function
 from .validate import InputError
@@ -22,16 +22,17 @@ from .validate import InputError
 class GenericModel:
     """``run(*arrays)`` -> the graph's outputs as numpy arrays, in the manifest's order."""
 
-    def __init__(self, artifact_dir: str, verify: bool = True, threads: int | None = None):
+    def __init__(self, artifact_dir: str, verify: bool = True, threads: int | None = None,
+                 manifest: Manifest | None = None):
         self.path = os.fspath(artifact_dir)
         self.threads = set_threads(threads)
-        self.manifest = read_manifest(self.path, verify=verify)
-        self.inputs = self.manifest["inputs"]
+        self.manifest = manifest or read_manifest(self.path, verify=verify)   # (load read it)
+        self.inputs = self.manifest.inputs
         self.device = artifact_device(self.path, self.manifest)
         if not is_host(self.device):
             raise ArtifactError("generic ONNX artifacts run on the CPU only")
         vm = VirtualMachine(load_library(self.path), self.device)
-        self._main = vm_function(vm, self.manifest["entry"], "entry")
+        self._main = vm_function(vm, self.manifest.entry, "entry")
         self._lock = threading.Lock()
         self._weights = [tvm.runtime.tensor(w, self.device)
                          for w in read_weights(self.path, self.manifest)]

@@ -12,7 +12,7 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
-from ..artifact import LIBRARY, ArtifactError, read_manifest, read_weights
+from ..artifact import LIBRARY, ArtifactError, Manifest, read_manifest, read_weights
 from ..frontend.arch import Arch
 from .devices import artifact_device, is_host
 from .plan import pick, slice_batch
@@ -81,18 +81,18 @@ def vm_function(vm: VirtualMachine, name, field: str):
                             f"{LIBRARY}") from None
 
 
-def check_weights(manifest: dict) -> None:
+def check_weights(manifest: Manifest) -> None:
     """The weight index against the manifest's architecture: exactly the model's weights,
     each of its dtype (float32; a table may be uint8, row-wise quantised), every table with
     the rows the architecture (and so input validation) assumes, every float32 weight of its
     shape. (A manifest whose ``arch`` says a table is larger than it
     is would let out-of-range indices through to the gathers.)"""
     try:
-        arch = Arch.from_dict(manifest["arch"])
+        arch = Arch.from_dict(manifest.arch)
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"manifest.json: arch is not a valid DLRM architecture: {e}") from None
     want = arch.weight_shapes()
-    have = {t["name"]: t for t in manifest["weights"]["tensors"]}
+    have = {t["name"]: t for t in manifest.weights["tensors"]}
     odd = [n + (" missing" if n in want else " unexpected") for n in sorted(set(want) ^ set(have))]
     if odd:
         raise ArtifactError(f"manifest.json: the weights do not match arch: {', '.join(odd[:6])}")
@@ -115,27 +115,27 @@ class CompiledDLRM:
     """
 
     def __init__(self, artifact_dir: str, verify: bool = True, mmap: bool = False,
-                 threads: int | None = None):
+                 threads: int | None = None, manifest: Manifest | None = None):
         self.path = os.fspath(artifact_dir)
         self.threads = set_threads(threads)
-        self.manifest = read_manifest(self.path, verify=verify)
-        self.arch = self.manifest["arch"]
+        self.manifest = manifest or read_manifest(self.path, verify=verify)   # (load read it)
+        self.arch = self.manifest.arch
         if self.arch is None:
             raise ArtifactError(f"{self.path} is a generic (non-DLRM) artifact: load it with "
                                 "dlrmc.runtime.load, which gives a GenericModel")
         check_weights(self.manifest)
         self.device = artifact_device(self.path, self.manifest)
         self._library = load_library(self.path)
-        self._bucket_sizes = [int(b) for b in self.manifest["buckets"]]
+        self._bucket_sizes = [int(b) for b in self.manifest.buckets]
         self._local = threading.local()
         vm = self._vm()
         # mmap: TVM reads the file's pages in place (fast load, memory shared between
         # processes, first touches fault pages in); else the weights are copied in at load.
-        on_cpu = is_host(self.device)
-        weights = [tvm.runtime.from_dlpack(w) if mmap and on_cpu
+        self._on_host = is_host(self.device)
+        weights = [tvm.runtime.from_dlpack(w) if mmap and self._on_host
                    else tvm.runtime.tensor(w, self.device)
                    for w in read_weights(self.path, self.manifest)]
-        self._weights = list(vm_function(vm, self.manifest["transform_params"],
+        self._weights = list(vm_function(vm, self.manifest.transform_params,
                                          "transform_params")(weights))
 
     def _vm(self) -> VirtualMachine:
@@ -144,15 +144,15 @@ class CompiledDLRM:
         if vm is None:
             set_threads(self.threads)      # TVM's worker pool is per calling thread
             vm = VirtualMachine(self._library, self.device)
-            self._local.main = vm_function(vm, self.manifest["entry"], "entry")
+            self._local.main = vm_function(vm, self.manifest.entry, "entry")
             self._local.buckets = {int(b): vm_function(vm, name, f"buckets.{b}")
-                                   for b, name in self.manifest["buckets"].items()}
+                                   for b, name in self.manifest.buckets.items()}
             self._local.vm = vm
         return vm
 
     def _to_device(self, arrays: list[np.ndarray]) -> list:
         """Inputs for the entries: one host copy on the CPU; copies to the GPU otherwise."""
-        if is_host(self.device):
+        if self._on_host:
             return to_tvm(arrays)
         return [tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for a in arrays]
 
@@ -231,7 +231,8 @@ def load(artifact_dir: str, verify: bool = True, mmap: bool = False,
     the weights from the file instead of copying them, ``threads`` sets TVM's worker threads
     (see ``set_threads``). A DLRM gives a ``CompiledDLRM``; a graph compiled through the
     generic ONNX path (``dlrmc.compiler.generic``) a ``GenericModel``."""
-    if read_manifest(artifact_dir, verify=False).get("arch", {}) is None:
+    manifest = read_manifest(os.fspath(artifact_dir), verify=verify)
+    if manifest.arch is None:
         from .generic import GenericModel
-        return GenericModel(artifact_dir, verify=verify, threads=threads)
-    return CompiledDLRM(artifact_dir, verify=verify, mmap=mmap, threads=threads)
+        return GenericModel(artifact_dir, threads=threads, manifest=manifest)
+    return CompiledDLRM(artifact_dir, mmap=mmap, threads=threads, manifest=manifest)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from dlrmc.artifact import Manifest
 from dlrmc.compiler.build import compile_model
 from dlrmc.frontend.arch import Arch
 from dlrmc.frontend.model import DLRM
@@ -15,6 +16,10 @@ from dlrmc.runtime import load
 
 torch.set_num_threads(2)
 BUCKETS = (4, 16)
+
+
+# A manifest with no model in it, for tests of the artifact writer alone.
+BARE_MANIFEST = Manifest(arch=None, entry="main", inputs=[], target={})
 
 
 def make_batch(arch: Arch, batch: int, rng: np.random.Generator, max_bag: int = 3,

@@ -15,11 +15,11 @@ import textwrap
 import numpy as np
 import pytest
 
-from dlrmc.artifact import ArtifactError, read_manifest, write_artifact
+from dlrmc.artifact import ArtifactError, Manifest, read_manifest, write_artifact
 from dlrmc.artifact.staging import recover, staging_dir
 from dlrmc.runtime import load
 
-from conftest import TINY, run
+from conftest import BARE_MANIFEST, TINY, run
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -173,13 +173,13 @@ def _library(path, workspace):
 def test_leftovers_of_killed_writers_are_swept(tmp_path):
     dead = _dead_pid()
     out = tmp_path / "art"
-    write_artifact(str(out), _library, [("w", np.ones(3, np.float32))], {})
+    write_artifact(str(out), _library, [("w", np.ones(3, np.float32))], BARE_MANIFEST)
     stale = [tmp_path / f".art.tmp-{dead}-0a1b", tmp_path / f".art.old-{dead}-0a1c"]
     live = tmp_path / ".art.tmp-1-0a1d"                 # pid 1 runs: its writer may be busy
     for d in stale + [live]:
         d.mkdir()
         (d / "lib0.o").write_bytes(b"\0" * 100)
-    write_artifact(str(out), _library, [("w", np.ones(3, np.float32))], {})
+    write_artifact(str(out), _library, [("w", np.ones(3, np.float32))], BARE_MANIFEST)
     assert sorted(os.listdir(tmp_path)) == [live.name, "art"]
 
     from dlrmc.frontend.criteo import preprocess
@@ -188,6 +188,22 @@ def test_leftovers_of_killed_writers_are_swept(tmp_path):
     leftover.mkdir()
     preprocess(str(tmp_path / "day.txt"), str(tmp_path / "day.npz"))
     assert not leftover.exists() and (tmp_path / "day.npz").is_file()
+
+
+def test_the_manifest_type_is_the_json_and_every_field_is_documented(compiled):
+    """What a build writes is exactly the ``Manifest`` fields, each described in
+    format.py's docstring, and reading gives back the same ``Manifest``."""
+    import dataclasses
+
+    from dlrmc.artifact import format as fmt
+
+    c = compiled(TINY)
+    raw = json.loads((c.path / "manifest.json").read_text())
+    names = [f.name for f in dataclasses.fields(Manifest)]
+    assert sorted(raw) == sorted(names)
+    undocumented = [n for n in names if f"``{n}``" not in fmt.__doc__]
+    assert not undocumented, undocumented
+    assert read_manifest(str(c.path)) == Manifest(**raw)
 
 
 def test_the_library_is_built_inside_the_staging_directory(tmp_path):
@@ -200,7 +216,7 @@ def test_the_library_is_built_inside_the_staging_directory(tmp_path):
         open(os.path.join(workspace, "lib0.o"), "wb").close()
         open(path, "wb").close()
 
-    write_artifact(str(tmp_path / "art"), library, [], {})
+    write_artifact(str(tmp_path / "art"), library, [], BARE_MANIFEST)
     assert os.path.dirname(seen[0]).startswith(str(tmp_path / ".art.tmp-"))
     assert sorted(os.listdir(tmp_path / "art")) == ["manifest.json", "manifest.sha256",
                                                     "model.so", "weights.bin"]
@@ -209,7 +225,7 @@ def test_the_library_is_built_inside_the_staging_directory(tmp_path):
 KILLED_REPLACE = textwrap.dedent("""
     import os, sys
     import numpy as np
-    from dlrmc.artifact import staging, write_artifact
+    from dlrmc.artifact import Manifest, staging, write_artifact
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "exchange":            # killed right after the one atomic step
         real = staging._exchange
@@ -226,14 +242,15 @@ KILLED_REPLACE = textwrap.dedent("""
                 os._exit(9)
             real(a, b)
         staging.os.rename = rename
-    write_artifact(out, lambda p, w: open(p, "wb").close(), [("new", np.ones(2, np.float32))], {})
+    write_artifact(out, lambda p, w: open(p, "wb").close(), [("new", np.ones(2, np.float32))],
+                   Manifest(arch=None, entry="main", inputs=[], target={}))
 """)
 
 
 @pytest.mark.parametrize("mode", ["exchange", "two-renames"])
 def test_a_replace_killed_midway_leaves_an_artifact_at_the_path(tmp_path, mode):
     out = tmp_path / "art"
-    write_artifact(str(out), _library, [("old", np.zeros(2, np.float32))], {})
+    write_artifact(str(out), _library, [("old", np.zeros(2, np.float32))], BARE_MANIFEST)
     res = subprocess.run([sys.executable, "-c", KILLED_REPLACE, mode, str(out)], timeout=120)
     assert res.returncode == 9
     names = lambda: [t["name"] for t in json.loads(  # noqa: E731

@@ -14,7 +14,7 @@ from dlrmc.artifact import ArtifactError, write_artifact
 from dlrmc.frontend.arch import Arch
 from dlrmc.frontend.model import DLRM
 
-from conftest import foreign_target, make_batch, run, torch_predict, widest_runnable_target
+from conftest import BARE_MANIFEST, foreign_target, make_batch, run, torch_predict, widest_runnable_target
 
 
 def test_compile_checkpoint_then_run(tmp_path):
@@ -87,17 +87,17 @@ def test_failed_write_leaves_nothing_and_never_clobbers(tmp_path):
 
     out = tmp_path / "art"
     with pytest.raises(RuntimeError, match="linker exploded"):
-        write_artifact(str(out), fail, [("w", np.ones(4, np.float32))], {})
+        write_artifact(str(out), fail, [("w", np.ones(4, np.float32))], BARE_MANIFEST)
     assert os.listdir(tmp_path) == []
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.txt").write_text("do not delete")
     with pytest.raises(ArtifactError, match="not a dlrmc artifact; not overwriting"):
-        write_artifact(str(precious), _empty_library, [], {})
+        write_artifact(str(precious), _empty_library, [], BARE_MANIFEST)
     assert (precious / "thesis.txt").read_text() == "do not delete"
     # An existing artifact is replaced whole.
-    write_artifact(str(out), _empty_library, [("w", np.ones(4, np.float32))], {})
-    write_artifact(str(out), _empty_library, [("v", np.zeros(2, np.int64))], {})
+    write_artifact(str(out), _empty_library, [("w", np.ones(4, np.float32))], BARE_MANIFEST)
+    write_artifact(str(out), _empty_library, [("v", np.zeros(2, np.int64))], BARE_MANIFEST)
     names = [t["name"] for t in json.loads((out / "manifest.json").read_text())["weights"]["tensors"]]
     assert names == ["v"] and sorted(os.listdir(tmp_path)) == ["art", "precious"]
 
@@ -115,10 +115,10 @@ def test_a_directory_that_is_not_only_an_artifact_is_never_replaced(tmp_path):
     assert (w / "keep.txt").read_text() == "keep"
 
     art = tmp_path / "art"
-    write_artifact(str(art), _empty_library, [("w", np.ones(4, np.float32))], {})
+    write_artifact(str(art), _empty_library, [("w", np.ones(4, np.float32))], BARE_MANIFEST)
     (art / "notes.txt").write_text("mine")
     with pytest.raises(ArtifactError, match="also holds notes.txt; not overwriting"):
-        write_artifact(str(art), _empty_library, [("v", np.zeros(2, np.int64))], {})
+        write_artifact(str(art), _empty_library, [("v", np.zeros(2, np.int64))], BARE_MANIFEST)
     assert (art / "notes.txt").read_text() == "mine"
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
 

@@ -62,8 +62,8 @@ def test_cuda_artifact_carries_device_code_for_its_arch(tmp_path, target, arch):
     model = DLRM(PRESETS["tiny"], seed=1).eval()
     manifest = compile_model(model, model.arch, target, str(tmp_path / "a"), log=lambda _: None,
                              buckets=(64,))
-    assert manifest["target"]["resolved"]["kind"] == "cuda"
-    assert manifest["target"]["requires"] == {"device": "cuda", "device_type": 2,
+    assert manifest.target["resolved"]["kind"] == "cuda"
+    assert manifest.target["requires"] == {"device": "cuda", "device_type": 2,
                                               "cuda_arch": arch}
     library = (tmp_path / "a" / "model.so").read_bytes()
     assert fatbin_archs(library) == [arch]

@@ -317,7 +317,7 @@ def test_unrecognised_encoding_compiles_generically_with_a_warning(tmp_path):
     assert "warning" in res.stderr and "node 'lookup' (Gather) reads 'table_t' [8, 50]" in \
         res.stderr and "slow" in res.stderr, res.stderr
     compiled = load(str(tmp_path / "out"))
-    assert compiled.manifest["arch"] is None and compiled.manifest["generic"]["reason"]
+    assert compiled.manifest.arch is None and compiled.manifest.generic["reason"]
     weights = (tmp_path / "out" / "weights.bin").stat().st_size
     assert weights >= 4 * (32 + 8 + 400 + 8)            # the initializers are in the file
     oracle = ReferenceEvaluator(str(tmp_path / "odd.onnx"))

@@ -176,7 +176,7 @@ def test_reduced_precision_artifacts_stay_near_fp32(trained, options, tolerance)
     run("dlrm-compile", "--load-model", str(d / "m.pt"), "--buckets", "64", "-o", str(out),
         "--calibration-data", str(d / "s.npz"), *options)
     compiled, model = load(str(out)), load_model(str(d / "m.pt")).eval()
-    assert compiled.manifest["precision"] == options[1] or compiled.manifest["mlp_quant"] == "int8"
+    assert compiled.manifest.precision == options[1] or compiled.manifest.mlp_quant == "int8"
     data = ProcessedData.load(str(d / "s.npz"))
     worst = 0.0
     for batch in (64, 37):

@@ -392,8 +392,8 @@ def test_quantised_tables_end_to_end(tmp_path, quant, row_bytes, tolerance):
     compile_model(model, arch, "llvm", str(tmp_path / "q"), log=lambda _: None, buckets=(8,),
                   emb_quant=quant)
     fp32, q = load(str(tmp_path / "f")), load(str(tmp_path / "q"))
-    assert q.manifest["emb_quant"] == quant
-    tables = [t for t in q.manifest["weights"]["tensors"] if t["name"].startswith("emb_l")]
+    assert q.manifest.emb_quant == quant
+    tables = [t for t in q.manifest.weights["tensors"] if t["name"].startswith("emb_l")]
     assert all(t["dtype"] == "uint8" and t["shape"][1] == row_bytes for t in tables)
     size = lambda d: (tmp_path / d / "weights.bin").stat().st_size  # noqa: E731
     saved = sum(arch.embedding_sizes) * (16 * 4 - row_bytes)     # 64 -> 24 or 16 bytes a row
@@ -402,7 +402,7 @@ def test_quantised_tables_end_to_end(tmp_path, quant, row_bytes, tolerance):
     from dlrmc.artifact import read_weights
 
     deq = DLRM(arch, seed=2).eval()
-    names = [t["name"] for t in q.manifest["weights"]["tensors"]]
+    names = [t["name"] for t in q.manifest.weights["tensors"]]
     for name, w in zip(names, read_weights(str(tmp_path / "q"), q.manifest)):
         if w.dtype == np.uint8:
             deq.state_dict()[name].copy_(torch.from_numpy(dequantize_rows(w, 16, quant)))
