@@ -31,8 +31,9 @@ from ..frontend.source import add_model_args, model_from_args
 from ..runtime import load, set_threads
 from ..runtime.batch import add_random_batch_args, batch_from_args
 from ..runtime.model import time_calls
-from ..schedules.tuning_log import read_manifest as read_log_manifest
-from ..schedules.tuning_log import task_table, tuning_curve
+from ..schedules.tuning.log import read_manifest as read_log_manifest
+from ..schedules.tuning.log import task_table
+from .tuning_report import plot_curve, tuning_curve
 from .peers import PEERS, PeerUnavailable, build_peer, gather_rate, gemm_rate
 
 
@@ -164,24 +165,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _numpy(out):
     return out.numpy() if hasattr(out, "numpy") else out
-
-
-def plot_curve(trials: list[int], seconds: list[float], path: str) -> None:
-    """The tuning curve as a PNG (matplotlib, from the ``bench`` extra)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(trials, [s * 1e6 for s in seconds], marker=".")
-    ax.set_xlabel("trials (all tasks)")
-    ax.set_ylabel("sum of the tasks' best latency (us)")
-    ax.set_title("dlrm-tune: best latency against trials")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def markdown(results: list[dict]) -> str:

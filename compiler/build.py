@@ -23,8 +23,8 @@ from tvm import relax
 from ..artifact import Manifest, write_artifact
 from ..frontend.arch import Arch
 from ..frontend.export import export_model
-from ..schedules.tuning import model_hash
-from ..schedules.tuning_log import read_manifest as read_log_manifest
+from ..schedules.tuning.tune import model_hash
+from ..schedules.tuning.log import read_manifest as read_log_manifest
 from ..targets import backend_for, parse_target, resolved
 from .buckets import DEFAULT_BUCKETS, add_buckets, entry_name
 from .lower import Lowered, lower

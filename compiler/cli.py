@@ -13,7 +13,7 @@ from ..artifact import ArtifactError
 from ..frontend.checkpoint import CheckpointError
 from ..frontend.source import add_model_args, model_from_args
 from ..targets import TargetError, backend_for, parse_target
-from ..schedules.tuning_log import read_manifest as read_log_manifest
+from ..schedules.tuning.log import read_manifest as read_log_manifest
 from ..schedules.embedding_bag import QUANTS
 from .buckets import DEFAULT_BUCKETS, parse_buckets
 from .build import BuildError, compile_model

@@ -16,10 +16,10 @@ import tvm
 from tqdm import tqdm
 
 from ..frontend.source import add_model_args, model_from_args
-from ..schedules.measure import make_runner
-from ..schedules.tasks import extract_tasks
-from ..schedules.tuning import trial_plan, tune
-from ..schedules.tuning_log import task_table
+from ..schedules.tuning.measure import make_runner
+from ..schedules.tuning.tasks import extract_tasks
+from ..schedules.tuning.tune import trial_plan, tune
+from ..schedules.tuning.log import task_table
 from ..targets import parse_target, target_text
 from .build import prepare, tuning_identity
 from .buckets import DEFAULT_BUCKETS, parse_buckets

@@ -14,7 +14,7 @@ import functools
 from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as T
 
-from .work_split import split_work
+from .work_rule import split_work
 
 CHUNK = 64
 PARALLEL_MIN_BATCH = 256

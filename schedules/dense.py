@@ -21,7 +21,7 @@ import functools
 import tvm
 from tvm.script import tirx as T
 
-from .work_split import RULE
+from .work_rule import RULE
 
 ACTIVATIONS = ("none", "relu", "sigmoid")
 SYMBOLIC_ROWS = 16   # the rows a call of the any-batch entry is assumed to have

@@ -22,7 +22,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as T
 
 from ..frontend.ops import POOLING_MODES
-from .work_split import split_work
+from .work_rule import split_work
 
 QUANTS = ("int8", "int4")
 FUSED_EXTRA = 8           # bytes after a quantised row's codes: float32 scale, float32 bias

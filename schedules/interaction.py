@@ -25,7 +25,7 @@ from tvm.tirx.script.builder import ir as T
 
 from ..frontend.ops import num_pairs
 from .dense_lowp import round_to
-from .work_split import split_work
+from .work_rule import split_work
 
 CHUNK = 16          # samples per work item
 PARALLEL_MIN_BATCH = 64

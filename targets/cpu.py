@@ -47,7 +47,7 @@ class CpuBackend(Backend):
         TVM's lowering, and the tuning summary."""
         from tvm import relax
 
-        from ..schedules.tuning_log import schedule_kernels
+        from ..schedules.tuning.log import schedule_kernels
 
         mod, summary = schedule_kernels(mod, target, tuning_log, expect, warn=log)
         mod = relax.transform.LiftTransformParams(shared_transform=True)(mod)

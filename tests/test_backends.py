@@ -74,3 +74,17 @@ def test_a_backend_refuses_what_it_cannot_do_with_one_message(tmp_path, flags, m
               tmp_path / "out", check=False, cwd=tmp_path)
     assert res.returncode == 2 and message in res.stderr, res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_no_module_outside_targets_decides_by_target_kind():
+    """Target decisions live in the backends: the compiler, runtimes, frontend and benches
+    ask a backend (or the manifest), never a kind string."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    pattern = re.compile(r'kind\.name|"cuda"|is_cuda|kDLCUDA')
+    hits = [f"{path.relative_to(root)}:{n}" for folder in ("compiler", "runtime", "frontend", "bench")
+            for path in sorted((root / folder).rglob("*")) if path.suffix in (".py", ".cc", ".h")
+            for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not hits, hits

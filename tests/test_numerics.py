@@ -13,7 +13,7 @@ import tvm
 
 from dlrmc.compiler.numerics import activation_qparams
 from dlrmc.frontend import ops as ref
-from dlrmc.schedules import work_schedule
+from dlrmc.schedules import work_rule
 from dlrmc.schedules.dense_lowp import dense_lowp_kernel, pack_lowp_kernel, quantize_pack_kernel
 from dlrmc.schedules.interaction import dot_interaction_kernel
 from dlrmc.targets import parse_target
@@ -132,7 +132,7 @@ def test_lowp_dense_static_batch(kind, batch):
             _compile(pack_lowp_kernel(n, k, nr, kind), target)(_t(w), packed)
             want = ref.dense(ref.round_to(x, kind), ref.round_to(w, kind), b, "relu")
         func = dense_lowp_kernel(n, k, "relu", 6, nr, True, batch, kind, dot, scale, zero)
-        fn = _compile(work_schedule.apply_default(func), target)
+        fn = _compile(work_rule.apply_default(func), target)
         y = _t(np.full((batch, n), np.nan, np.float32))
         fn(_t(x), packed, bias, y)
         np.testing.assert_allclose(y.numpy(), want, rtol=2e-4, atol=2e-4)

@@ -20,7 +20,7 @@ from tvm import s_tir
 from dlrmc.frontend.arch import Arch
 from dlrmc.runtime.plan import MAX_PADDING, pick, slice_batch
 from dlrmc.frontend import ops as ref
-from dlrmc.schedules import work_schedule
+from dlrmc.schedules import work_rule
 from dlrmc.schedules.kernels import make
 
 from conftest import make_batch, run, torch_predict
@@ -69,13 +69,13 @@ def _run_kernel(func, arrays):
 def _each_grain(func):
     """``func`` scheduled with every grain the rule can sample (a few per loop)."""
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
-    blocks = work_schedule.annotated_blocks(sch)
+    blocks = work_rule.annotated_blocks(sch)
     assert blocks, "a static kernel with enough work has a tunable work loop"
     extent = int(sch.get(sch.get_loops(blocks[0])[-1]).extent)
-    for grain in work_schedule.grains(extent)[::2] + [extent]:
+    for grain in work_rule.grains(extent)[::2] + [extent]:
         s = s_tir.Schedule(tvm.IRModule({"main": func}))
-        for b in work_schedule.annotated_blocks(s):
-            work_schedule.apply(s, b, min(grain, int(s.get(s.get_loops(b)[-1]).extent)))
+        for b in work_rule.annotated_blocks(s):
+            work_rule.apply(s, b, min(grain, int(s.get(s.get_loops(b)[-1]).extent)))
         yield grain, s.mod["main"]
 
 
@@ -432,8 +432,8 @@ def test_arm_targets_get_neon_knobs_and_tuning_spaces():
 
     from dlrmc.compiler.build import prepare
     from dlrmc.frontend.model import DLRM
-    from dlrmc.schedules.measure import skip_tensor_intrinsics
-    from dlrmc.schedules.tasks import extract_tasks
+    from dlrmc.schedules.tuning.measure import skip_tensor_intrinsics
+    from dlrmc.schedules.tuning.tasks import extract_tasks
     from dlrmc.targets import parse_target
     from dlrmc.targets.knobs import cpu_knobs
 

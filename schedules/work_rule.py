@@ -1,8 +1,14 @@
-"""The ``dlrmc_work`` schedule: how a static-batch kernel's work items meet the cores.
+"""The ``dlrmc_work`` rule: how our kernels' work items meet the cores, both halves of it.
 
-Our kernels (``dlrmc.schedules``) hand-write what runs per work item (register tiles, vector
-loops); at a static batch the loop over work items is left serial in a block annotated
-``schedule_rule = "dlrmc_work"`` (``work_split``). This module owns that loop:
+Emitting (``split_work``, called by the kernels): waking TVM's thread pool costs
+microseconds, more than a batch-1 kernel. With a symbolic batch each kernel emits its work
+items twice, under a run-time test: a parallel loop when the batch is large enough, a serial
+one otherwise. With a static batch (a batch bucket) the test is decided here: small work runs
+serially; enough work becomes a serial loop in a block annotated ``schedule_rule =
+"dlrmc_work"``, left to the schedule below.
+
+Scheduling (the kernels hand-write what runs per work item, register tiles and vector loops;
+this owns the loop over items):
 
 - ``apply_default``: one work item per parallel task (what the symbolic-batch kernels do);
 - ``sample``: a MetaSchedule custom rule (registered for the ``cpu`` and ``arm_cpu`` target
@@ -13,13 +19,47 @@ loops); at a static batch the loop over work items is left serial in a block ann
 
 from __future__ import annotations
 
+from typing import Callable
+
 import tvm
 from tvm import s_tir
+from tvm.tirx.script.builder import ir as T
 
-from .work_split import RULE
-
+RULE = "dlrmc_work"   # the block annotation naming our MetaSchedule rule
 GRAINS = (1, 2, 4, 8, 16, 32)
 
+
+def static_value(expr):
+    """The Python value of a constant expression (or a Python scalar), else None."""
+    if isinstance(expr, (bool, int)):
+        return expr
+    if isinstance(expr, tvm.tirx.IntImm):
+        return expr.value
+    return None
+
+
+def split_work(items, enough, name: str, body: Callable) -> None:
+    """Emit ``body(item)`` for every item, in one block per item; in parallel when ``enough``."""
+    decided = static_value(enough)
+    if decided is not None:
+        _loop(T.serial, items, name if decided else f"{name}_serial", body, tunable=bool(decided))
+        return
+    with T.If(enough):
+        with T.Then():
+            _loop(T.parallel, items, name, body)
+        with T.Else():
+            _loop(T.serial, items, f"{name}_serial", body)
+
+
+def _loop(loop, items, name: str, body: Callable, tunable: bool = False) -> None:
+    with loop(items) as i:
+        with T.sblock(name):
+            if tunable:
+                T.sblock_attr({"schedule_rule": RULE})
+            body(T.axis.spatial(items, i))
+
+
+# --- scheduling -----------------------------------------------------------------------------
 
 def annotated_blocks(sch: s_tir.Schedule) -> list:
     """The blocks of ``sch``'s function that are left to this schedule."""

@@ -1,7 +1,7 @@
 """Tuning tasks: our static-batch kernels as MetaSchedule sees them.
 
 A *task* is one of our kernels inside a batch bucket (``main_b{B}``) that has work loops
-left to the ``dlrmc_work`` rule (``work_schedule``), in one variant of its discrete knobs
+left to the ``dlrmc_work`` rule (``dlrmc.schedules.work_rule``), in one variant of its discrete knobs
 (``kernels.variants``). MetaSchedule measures a task with every shape static, so its symbolic
 index counts are bound to ``B * indices_per_bag``; the trace it records only touches the
 work loops, so ``tuning_log.schedule_kernels`` replays it on the bucket's kernel, whose
@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import tvm
 from tvm import relax, s_tir
 
-from ..frontend.ops import num_pairs
-from ..targets.knobs import cpu_knobs
-from . import work_schedule
-from .embedding_bag import bag_tables
-from .kernels import KERNEL_ATTR, recipe, variants, with_args
+from ...frontend.ops import num_pairs
+from ...targets.knobs import cpu_knobs
+from .. import work_rule
+from ..embedding_bag import bag_tables
+from ..kernels import KERNEL_ATTR, recipe, variants, with_args
 
 
 @dataclass
@@ -98,7 +98,7 @@ def has_work_loops(func: tvm.tirx.PrimFunc) -> bool:
     if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
         return False          # our GPU kernels: thread-bound already, nothing to tune here
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
-    return bool(work_schedule.annotated_blocks(sch))
+    return bool(work_rule.annotated_blocks(sch))
 
 
 def _variant_name(kernel: str, override: dict) -> str:

@@ -20,10 +20,10 @@ import tvm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
+from .log import (LOG_FORMAT, LOG_MANIFEST, TuningLogError, best_seconds,
+                  read_manifest, records)
 from .measure import build_kernel, make_runner, skip_tensor_intrinsics
 from .tasks import Task
-from .tuning_log import (LOG_FORMAT, LOG_MANIFEST, TuningLogError, best_seconds,
-                         read_manifest, records)
 
 
 def model_hash(arch: dict) -> str:

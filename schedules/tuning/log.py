@@ -17,8 +17,8 @@ import tvm
 from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
-from . import work_schedule
-from .kernels import recipe, with_args
+from .. import work_rule
+from ..kernels import recipe, with_args
 from .tasks import Task, extract_tasks, has_work_loops
 
 LOG_MANIFEST = "dlrmc_tuning.json"
@@ -55,33 +55,6 @@ def task_table(manifest: dict) -> str:
         lines.append(f"{t['name']:<34} {t['trials']:>6} {best * 1e6:>8.1f} us  "
                      f"{t['work'] / best / 1e9:.1f} {unit}")
     return "\n".join(lines)
-
-
-def tuning_curve(log_dir: str, manifest: dict) -> tuple[list[int], list[float]]:
-    """(trials so far, sum over the tasks of their best latency so far) after each measured
-    record, in measurement order, from the point every task has one."""
-    with open(os.path.join(log_dir, "database_workload.json")) as f:
-        hashes = [json.loads(line)[0] for line in f if line.strip()]
-    ours = {t["workload"] for t in manifest["tasks"]}
-    best: dict[str, float] = {}
-    xs, ys, count = [], [], 0
-    with open(os.path.join(log_dir, "database_tuning_record.json")) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            shash = hashes[record[0]]
-            if shash not in ours:
-                continue
-            count += 1
-            run_secs = record[1][1]      # [workload, [trace, run_secs, target, args]]
-            secs = float(np.mean(run_secs)) if run_secs else 1e10
-            if secs < 1e9:
-                best[shash] = min(secs, best.get(shash, secs))
-            if len(best) == len(ours):
-                xs.append(count)
-                ys.append(sum(best.values()))
-    return xs, ys
 
 
 def read_manifest(log_dir: str) -> dict:
@@ -151,7 +124,7 @@ def schedule_kernels(mod: tvm.IRModule, target: tvm.target.Target,
             mod[gv] = sch.mod["main"]
             summary["tuned"][gv.name_hint] = task.name
         else:
-            mod[gv] = work_schedule.apply_default(func)
+            mod[gv] = work_rule.apply_default(func)
             summary["default"].append(gv.name_hint)
     if db is not None and summary["default"]:
         missing = ", ".join(summary["default"])

@@ -85,7 +85,7 @@ def skip_tensor_intrinsics() -> None:
 def _measure_on_every_core() -> None:
     """Runner workers' initializer: TVM's default thread count is half the cores on x86;
     measure with all of them, as the runtime runs (``dlrmc.runtime.set_threads``)."""
-    from ..runtime.model import set_threads
+    from ...runtime.model import set_threads
 
     set_threads()
 
