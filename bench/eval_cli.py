@@ -61,8 +61,8 @@ def evaluate(runtime, data: ProcessedData, split: str, batch_size: int) -> dict:
     with torch.no_grad():
         for dense, offsets, indices, y in data.batches(split, batch_size):
             ours.append(runtime.predict(dense, offsets, indices)[:, 0])
-            ref.append(model(torch.from_numpy(dense), torch.from_numpy(offsets),
-                             [torch.from_numpy(i) for i in indices]).numpy()[:, 0])
+            ref.append(model.probabilities(torch.from_numpy(dense), torch.from_numpy(offsets),
+                                           [torch.from_numpy(i) for i in indices]).numpy()[:, 0])
             labels.append(y)
     ours, ref, y = np.concatenate(ours), np.concatenate(ref), np.concatenate(labels)
     return {"samples": len(y), "dlrmc": metrics(y, ours), "pytorch": metrics(y, ref),

@@ -34,8 +34,8 @@ def check_artifact(model: torch.nn.Module, out_dir: str, batch: int, seed: int =
     dense, offsets, indices = random_batch(compiled.arch, batch, bag_size=2, seed=seed)
     ours = compiled.predict(dense, offsets, indices)
     with torch.no_grad():
-        ref = model(torch.from_numpy(dense), torch.from_numpy(offsets),
-                    [torch.from_numpy(i) for i in indices]).numpy()
+        ref = model.probabilities(torch.from_numpy(dense), torch.from_numpy(offsets),
+                                  [torch.from_numpy(i) for i in indices]).numpy()
     np.set_printoptions(precision=6, threshold=16, edgeitems=4)
     print(f"predictions (dlrmc)   : {ours[:, 0]}")
     print(f"predictions (PyTorch) : {ref[:, 0]}")

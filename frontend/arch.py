@@ -5,7 +5,8 @@ An ``Arch`` holds exactly what facebookresearch/dlrm's command line sets:
 ``--arch-mlp-bot`` (with the dense input width), ``--arch-mlp-top`` (without its input
 width, which is derived from the interaction as the reference does),
 ``--arch-interaction-op`` and ``--arch-interaction-itself``; plus the pooling mode and the
-reference's ``--weighted-pooling``.
+reference's ``--weighted-pooling``, and whether the top MLP ends in the reference's sigmoid
+(``output="probability"``) or gives TorchRec's logits (``"logit"``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .ops import POOLING_MODES, num_pairs
 
 INTERACTIONS = ("dot", "cat")
 WEIGHTED_POOLING = (None, "fixed", "learned")
+OUTPUTS = ("probability", "logit")   # the reference's sigmoid at the end, or TorchRec's none
 
 # Rows per categorical feature of the Criteo Kaggle set (the reference's processed counts).
 KAGGLE_TABLES = (
@@ -43,6 +45,7 @@ class Arch:
     interaction_itself: bool = False
     pooling: str = "sum"
     weighted_pooling: str | None = None
+    output: str = "probability"
 
     def __post_init__(self):
         object.__setattr__(self, "embedding_sizes", tuple(int(v) for v in self.embedding_sizes))
@@ -56,6 +59,8 @@ class Arch:
         if self.weighted_pooling not in WEIGHTED_POOLING:
             problems.append(f"weighted pooling {self.weighted_pooling!r} is not one of "
                             f"{WEIGHTED_POOLING}")
+        if self.output not in OUTPUTS:
+            problems.append(f"output {self.output!r} is not one of {OUTPUTS}")
         if self.weighted_pooling and self.pooling != "sum":
             problems.append("weighted pooling needs pooling 'sum' (as in torch.nn.EmbeddingBag)")
         if not self.embedding_sizes or min(self.embedding_sizes) < 1:

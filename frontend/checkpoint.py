@@ -7,6 +7,14 @@ numpy types such files need and never fall back to unrestricted unpickling.
 When the architecture flags are absent it is inferred from the weights: tables from
 ``emb_l.K.weight``, the MLPs from ``bot_l``/``top_l``, the interaction from the top MLP's input
 width (the user is asked for ``--arch-interaction-op`` only when that is ambiguous).
+
+A TorchRec ``torchrec.models.dlrm.DLRM`` state_dict is recognised by its keys and read without
+TorchRec (``from_torchrec``): tables in the EmbeddingBagCollection's order (one feature a
+table, as the KeyedJaggedTensor's keys must then come), the dense arch as the bottom MLP, the
+over arch as the top MLP ending in logits (``output="logit"``). TorchRec's interaction takes
+the strict upper triangle of the Gram matrix in row-major order, ours the strict lower one
+(the same values, other order), so the over arch's first layer has its columns reordered to
+match. ``DLRM_DCN`` and ``DLRM_Projection`` checkpoints are recognised and refused by name.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import torch
 
 from .arch import Arch, flag_name, top_input_width
 from .model import DLRM
+from .ops import interaction_pairs, num_pairs
 
 
 class CheckpointError(ValueError):
@@ -79,6 +88,79 @@ def _layers(sd: dict, prefix: str) -> list[tuple[int, ...]]:
     return widths
 
 
+TORCHREC_TABLES = "sparse_arch.embedding_bag_collection.embedding_bags."
+TORCHREC_OTHER_INTERACTIONS = {"inter_arch.crossnet.": "DLRM_DCN (low-rank cross layers)",
+                               "inter_arch.interaction_branch": "DLRM_Projection"}
+
+
+def _torchrec_mlp(sd: dict, prefix: str, out: dict, target: str, start: int = 0) -> int:
+    """Copy TorchRec MLP layers ``prefix.<i>._linear.{weight,bias}`` to ``target.{2i}``;
+    the number of layers."""
+    idx = sorted(int(m.group(1)) for k in sd
+                 if (m := re.fullmatch(rf"{re.escape(prefix)}\.(\d+)\._linear\.weight", k)))
+    if idx != list(range(len(idx))) or not idx:
+        raise CheckpointError(f"TorchRec checkpoint: the layers {prefix}.<i>._linear.weight are "
+                              f"{idx or 'missing'}, expected 0, 1, 2, ...")
+    for i in idx:
+        for part in ("weight", "bias"):
+            key = f"{prefix}.{i}._linear.{part}"
+            if key not in sd:
+                raise CheckpointError(f"TorchRec checkpoint: {key} is missing")
+            out[f"{target}.{2 * (start + i)}.{part}"] = sd[key]
+    return len(idx)
+
+
+def from_torchrec(sd: dict) -> tuple[dict, dict] | None:
+    """A TorchRec DLRM state_dict as ours and the Arch fields it fixes; None when ``sd`` is
+    not TorchRec's."""
+    if not any(k.startswith(TORCHREC_TABLES) for k in sd):
+        return None
+    for prefix, name in TORCHREC_OTHER_INTERACTIONS.items():
+        found = sorted(k for k in sd if k.startswith(prefix))
+        if found:
+            raise CheckpointError(f"TorchRec checkpoint of a {name} model ({found[0]}, ...): "
+                                  "dlrmc compiles TorchRec's plain DLRM so far")
+    out: dict = {}
+    tables = [k for k in sd if k.startswith(TORCHREC_TABLES)]
+    for k, key in enumerate(tables):
+        if not key.endswith(".weight"):
+            raise CheckpointError(f"TorchRec checkpoint: unexpected table key {key}")
+        out[f"emb_l.{k}.weight"] = sd[key]
+    _torchrec_mlp(sd, "dense_arch.model._mlp", out, "bot_l")
+    hidden = _torchrec_mlp(sd, "over_arch.model.0._mlp", out, "top_l")
+    for part in ("weight", "bias"):
+        key = f"over_arch.model.1.{part}"
+        if key not in sd:
+            raise CheckpointError(f"TorchRec checkpoint: {key} (the over arch's last layer) is "
+                                  "missing")
+        out[f"top_l.{2 * hidden}.{part}"] = sd[key]
+    known = set(tables) | {k for k in sd if k.startswith(("dense_arch.model._mlp.",
+                                                            "over_arch.model."))}
+    unexpected = sorted(set(sd) - known)
+    if unexpected:
+        raise CheckpointError(f"TorchRec checkpoint: unexpected keys {', '.join(unexpected[:6])}")
+    dense = out[f"bot_l.{2 * (_count(out, 'bot_l') - 1)}.weight"].shape[0]
+    first = out["top_l.0.weight"]
+    features = len(tables) + 1
+    if first.dim() != 2 or first.shape[1] != dense + num_pairs(features, False):
+        raise CheckpointError(
+            f"TorchRec checkpoint: over_arch.model.0._mlp.0._linear.weight takes "
+            f"{first.shape[1] if first.dim() == 2 else '?'} inputs; the interaction of "
+            f"{len(tables)} tables and a dense output of {dense} gives "
+            f"{dense + num_pairs(features, False)}")
+    # Our column p holds pair (i, j), j < i; TorchRec's the same pair as (j, i), upper order.
+    li, lj = interaction_pairs(features, False)
+    upper = {(a, b): c for c, (a, b) in enumerate(
+        (a, b) for a in range(features) for b in range(a + 1, features))}
+    order = [upper[(j, i)] for i, j in zip(li.tolist(), lj.tolist())]
+    out["top_l.0.weight"] = torch.cat([first[:, :dense], first[:, dense:][:, order]], dim=1)
+    return out, {"interaction_op": "dot", "interaction_itself": False, "output": "logit"}
+
+
+def _count(sd: dict, prefix: str) -> int:
+    return sum(1 for k in sd if re.fullmatch(rf"{prefix}\.\d+\.weight", k))
+
+
 def infer_arch(sd: dict, given: dict | None = None) -> Arch:
     """The architecture the weights imply, with the user's ``given`` fields taking part."""
     given = dict(given or {})
@@ -132,24 +214,9 @@ def _show(value) -> str:
     return "-".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def expected_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
-    """Every state_dict key of ``DLRM(arch)`` with its shape."""
-    out: dict[str, tuple[int, ...]] = {}
-    for k, n in enumerate(arch.embedding_sizes):
-        out[f"emb_l.{k}.weight"] = (n, arch.sparse_feature_size)
-    for prefix, widths in (("bot_l", arch.mlp_bot), ("top_l", arch.ln_top)):
-        for i in range(len(widths) - 1):
-            out[f"{prefix}.{2 * i}.weight"] = (widths[i + 1], widths[i])
-            out[f"{prefix}.{2 * i}.bias"] = (widths[i + 1],)
-    if arch.weighted_pooling == "learned":
-        for k, n in enumerate(arch.embedding_sizes):
-            out[f"v_W_l.{k}"] = (n,)
-    return out
-
-
 def check_state_dict(arch: Arch, sd: dict) -> None:
     """Raise CheckpointError naming every missing, unexpected or mis-shaped key."""
-    want = expected_shapes(arch)
+    want = arch.weight_shapes()
     problems = [f"missing key {k} {list(s)}" for k, s in want.items() if k not in sd]
     problems += [f"unexpected key {k} {list(sd[k].shape)}" for k in sd if k not in want]
     problems += [f"{k} has shape {list(sd[k].shape)}, the architecture needs {list(s)}"
@@ -161,8 +228,17 @@ def check_state_dict(arch: Arch, sd: dict) -> None:
 
 
 def load_model(path: str | os.PathLike, given: dict | None = None) -> DLRM:
-    """A DLRM holding the checkpoint's weights (no copy beyond a float32 cast)."""
+    """A DLRM holding the checkpoint's weights (no copy beyond a float32 cast); a TorchRec
+    DLRM's too (``from_torchrec``)."""
     sd = read_checkpoint(path)
+    torchrec = from_torchrec(sd)
+    if torchrec is not None:
+        sd, fixed = torchrec
+        clash = {k: v for k, v in (given or {}).items() if k in fixed and fixed[k] != v}
+        if clash:
+            raise CheckpointError(f"a TorchRec DLRM checkpoint fixes "
+                                  f"{', '.join(flag_name(k) for k in clash)}")
+        given = {**(given or {}), **fixed}
     arch = infer_arch(sd, given)
     model = DLRM(arch, init=False)
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)

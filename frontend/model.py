@@ -18,7 +18,9 @@ from .arch import Arch
 from .ops import Pooling
 
 
-def _mlp(widths: tuple[int, ...], sigmoid_last: bool, rng) -> nn.Sequential:
+def _mlp(widths: tuple[int, ...], last_act: str, rng) -> nn.Sequential:
+    """Linear layers with ReLU between them; after the last, ``last_act``: "relu",
+    "sigmoid" or "none" (nothing appended, so the state_dict keys stay the reference's)."""
     layers: list[nn.Module] = []
     for i in range(len(widths) - 1):
         n, m = widths[i], widths[i + 1]
@@ -31,7 +33,9 @@ def _mlp(widths: tuple[int, ...], sigmoid_last: bool, rng) -> nn.Sequential:
             lin.bias = nn.Parameter(torch.from_numpy(b))
         layers.append(lin)
         last = i == len(widths) - 2
-        layers.append(nn.Sigmoid() if (last and sigmoid_last) else nn.ReLU())
+        act = last_act if last else "relu"
+        if act != "none":
+            layers.append(nn.Sigmoid() if act == "sigmoid" else nn.ReLU())
     return nn.Sequential(*layers)
 
 
@@ -71,8 +75,8 @@ class DLRM(nn.Module):
         elif arch.weighted_pooling == "fixed":
             for k, n in enumerate(arch.embedding_sizes):
                 self.register_buffer(f"_fixed_w{k}", torch.ones(n), persistent=False)
-        self.bot_l = _mlp(arch.mlp_bot, False, rng)
-        self.top_l = _mlp(arch.ln_top, True, rng)
+        self.bot_l = _mlp(arch.mlp_bot, "relu", rng)
+        self.top_l = _mlp(arch.ln_top, "sigmoid" if arch.output == "probability" else "none", rng)
 
     def _pool_weights(self, k: int):
         if self.arch.weighted_pooling == "learned":
@@ -108,6 +112,11 @@ class DLRM(nn.Module):
         ly = self.apply_emb(lS_o, lS_i)
         z = self.interact_features(x, ly)
         return self.top_l(z)
+
+    def probabilities(self, dense_x, lS_o, lS_i):
+        """Click probabilities: ``forward``, through a sigmoid when the model ends in logits."""
+        out = self.forward(dense_x, lS_o, lS_i)
+        return out if self.arch.output == "probability" else torch.sigmoid(out)
 
     def forward_flat(self, dense_x, indices, offsets):
         """``forward`` on the flat layout (``dlrmc.frontend.ops``): ``indices`` [N] every

@@ -16,7 +16,7 @@ from ..artifact import LIBRARY, ArtifactError, Manifest, read_manifest, read_wei
 from ..frontend.arch import Arch
 from .devices import artifact_device, is_host
 from .plan import pick, slice_batch
-from .validate import check_batch, check_jagged, check_kjt
+from .validate import InputError, check_batch, check_jagged, check_kjt
 
 
 def to_tvm(arrays: list[np.ndarray]) -> list[tvm.runtime.Tensor]:
@@ -127,6 +127,7 @@ class CompiledDLRM:
         self.device = artifact_device(self.path, self.manifest)
         self._library = load_library(self.path)
         self._bucket_sizes = [int(b) for b in self.manifest.buckets]
+        self._output = self.arch.get("output", "probability")
         self._local = threading.local()
         vm = self._vm()
         # mmap: TVM reads the file's pages in place (fast load, memory shared between
@@ -195,30 +196,37 @@ class CompiledDLRM:
 
         return run
 
-    def predict(self, dense_x, lS_o, lS_i) -> np.ndarray:
+    def predict(self, dense_x, lS_o, lS_i, logits: bool = False) -> np.ndarray:
         """Validate the batch (reference layout: ``lS_o`` [T, B] bag starts, ``lS_i`` T index
-        arrays) and run it; returns float32 [B, 1]."""
-        return self._run(self.bind(dense_x, lS_o, lS_i))
+        arrays) and run it; returns float32 [B, 1] click probabilities, or with ``logits`` the
+        model's logits (a model that ends in logits, as TorchRec's DLRM does)."""
+        return self._run(self.bind(dense_x, lS_o, lS_i), logits)
 
     def bind_jagged(self, dense_x, indices, offsets) -> Callable[[], object]:
         """``bind`` for the flat layout, as ``predict_jagged`` takes it."""
         return self._bind(*check_jagged(self.arch, dense_x, indices, offsets))
 
-    def predict_jagged(self, dense_x, indices, offsets) -> np.ndarray:
+    def predict_jagged(self, dense_x, indices, offsets, logits: bool = False) -> np.ndarray:
         """``predict`` for FBGEMM's table-batched layout, the artifact's own: ``indices`` [N]
         (every table's, table-major), ``offsets`` [T*B+1]
         (``dlrmc.runtime.validate.check_jagged``); int64 arrays go in without a conversion."""
-        return self._run(self.bind_jagged(dense_x, indices, offsets))
+        return self._run(self.bind_jagged(dense_x, indices, offsets), logits)
 
-    def predict_kjt(self, dense_x, values, lengths) -> np.ndarray:
+    def predict_kjt(self, dense_x, values, lengths, logits: bool = False) -> np.ndarray:
         """``predict`` for TorchRec's KeyedJaggedTensor layout: ``values`` [N] key-major,
         ``lengths`` [T*B] bag sizes (``dlrmc.runtime.validate.check_kjt``)."""
-        return self._run(self._bind(*check_kjt(self.arch, dense_x, values, lengths)))
+        return self._run(self._bind(*check_kjt(self.arch, dense_x, values, lengths)), logits)
 
-    @staticmethod
-    def _run(call) -> np.ndarray:
+    def _run(self, call, logits: bool = False) -> np.ndarray:
+        """Run a bound call; the probabilities (or ``logits``) as numpy."""
+        if logits and self._output != "logit":
+            raise InputError(f"{self.path} computes click probabilities (its model ends in a "
+                             "sigmoid), not logits; call without logits=True")
         out = call()
-        return out.numpy() if isinstance(out, tvm.runtime.Tensor) else out
+        out = out.numpy() if isinstance(out, tvm.runtime.Tensor) else out
+        if self._output == "logit" and not logits:
+            return (1 / (1 + np.exp(-out.astype(np.float64)))).astype(np.float32)
+        return out
 
     def time_per_batch(self, dense_x, lS_o, lS_i, repeat: int = 20) -> list[float]:
         """Seconds of each of ``repeat`` runs after a warm-up, validation excluded."""

@@ -76,6 +76,25 @@ def test_native_runner_matches_pytorch(native, model, tmp_path):
     _check_against_pytorch([native], tmp_path / "x86", model, tmp_path)
 
 
+def test_native_runner_gives_probabilities_of_a_logit_model(native, tmp_path):
+    """A model ending in logits (TorchRec's DLRM): the runner applies the sigmoid."""
+    import dataclasses
+
+    arch = dataclasses.replace(ARCH, output="logit")
+    model = DLRM(arch, seed=5).eval()
+    compile_model(model, arch, None, str(tmp_path / "logit"), log=lambda _: None, buckets=(4,))
+    batch = random_batch(arch.to_dict(), 6, bag_size=2, seed=2)
+    write_raw_batch(tmp_path / "b", batch, "kjt")
+    res = _run([native], tmp_path / "logit", tmp_path / "b")
+    assert res.returncode == 0, res.stderr
+    got = np.array([float(v) for v in res.stdout.split()], np.float32)
+    dense, offsets, indices = batch
+    with torch.no_grad():
+        want = torch.sigmoid(model(torch.from_numpy(dense), torch.from_numpy(offsets),
+                                   [torch.from_numpy(i) for i in indices])).numpy()[:, 0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_native_runner_rejects_bad_input_and_artifacts(native, model, tmp_path):
     art = tmp_path / "x86"
     compile_model(model, ARCH, None, str(art), log=lambda _: None, buckets=(4,))

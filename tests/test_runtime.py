@@ -356,3 +356,20 @@ def test_dlrm_run_takes_the_flat_and_kjt_layouts(compiled, tmp_path):
     np.savez(tmp_path / "bad.npz", dense_x=dense, values=values, lengths=lengths[:-1])
     res = run("dlrm-run", c.path, "--input", tmp_path / "bad.npz", check=False, timeout=300)
     assert res.returncode == 2 and "lengths must have shape [27]" in res.stderr
+
+
+def test_logits_of_a_model_that_ends_in_them(compiled, tmp_path):
+    """A model whose top MLP ends in logits (TorchRec's DLRM): probabilities by default,
+    logits on request; a model with the reference's sigmoid refuses to give logits."""
+    import dataclasses
+
+    logit_arch = dataclasses.replace(TINY, output="logit")
+    c = compiled(logit_arch)
+    dense, offsets, indices = make_batch(logit_arch, 9, np.random.default_rng(3), empty=0.2)
+    logits = torch_predict(c.model, dense, offsets, indices)
+    np.testing.assert_allclose(c.runtime.predict(dense, offsets, indices, logits=True), logits,
+                               rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(c.runtime.predict(dense, offsets, indices),
+                               1 / (1 + np.exp(-logits)), rtol=1e-5, atol=2e-6)
+    with pytest.raises(InputError, match="not logits"):
+        compiled(TINY).runtime.predict(dense, offsets, indices, logits=True)

@@ -4,6 +4,7 @@
  */
 #include "dlrmc_runtime.h"
 
+#include <cmath>
 #include <dlpack/dlpack.h>
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/map.h>
@@ -231,6 +232,7 @@ struct Model::Impl {
   std::string dir;
   DLDevice dev{kDLCPU, 0};
   int64_t num_dense = 0;
+  bool logit_output = false;  // arch.output "logit": the model ends in logits
   std::vector<int64_t> rows;
   ffi::Optional<ffi::Module> vm;  // set by the constructor
   ffi::Function main;
@@ -335,6 +337,8 @@ Model::Model(const std::string& artifact_dir, bool verify) : impl_(new Impl) {
   }
   json::Object arch = Obj(Get(man, "arch"), "arch");
   m.num_dense = Ints(Get(arch, "mlp_bot"), "arch.mlp_bot").at(0);
+  auto output_it = arch.find(ffi::String("output"));
+  m.logit_output = output_it != arch.end() && Str((*output_it).second, "arch.output") == "logit";
   m.rows = Ints(Get(arch, "embedding_sizes"), "arch.embedding_sizes");
 
   // Files: plain names inside the artifact, regular files of the listed size and digest.
@@ -515,8 +519,10 @@ Batch Batch::FromLengths(std::vector<float> dense_x, int64_t batch, std::vector<
   return out;
 }
 
-std::vector<float> Model::Predict(const Batch& in) const {
+std::vector<float> Model::Predict(const Batch& in, bool logits) const {
   const Impl& m = *impl_;
+  if (logits && !m.logit_output)
+    throw Error("this model computes click probabilities (it ends in a sigmoid), not logits");
   const int64_t B = in.batch, T = num_tables();
   const int64_t N = static_cast<int64_t>(in.indices.size());
   // Validation, as dlrmc.runtime.validate.check_jagged.
@@ -587,6 +593,8 @@ std::vector<float> Model::Predict(const Batch& in) const {
     out.insert(out.end(), part.begin(), part.begin() + rows);
     start += rows;
   }
+  if (m.logit_output && !logits)
+    for (float& v : out) v = 1.0f / (1.0f + std::exp(-v));
   return out;
 }
 

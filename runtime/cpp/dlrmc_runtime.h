@@ -66,8 +66,9 @@ class Model {
   const std::vector<int64_t>& table_rows() const;
   std::vector<int64_t> buckets() const;
 
-  /*! \brief Validate a batch (throws Error naming the problem); return B click probabilities. */
-  std::vector<float> Predict(const Batch& batch) const;
+  /*! \brief Validate a batch (throws Error naming the problem); return B click probabilities,
+   *  or with ``logits`` the logits of a model that ends in them (TorchRec's DLRM). */
+  std::vector<float> Predict(const Batch& batch, bool logits = false) const;
 
  private:
   struct Impl;

@@ -1,0 +1,129 @@
+"""TorchRec's DLRM: its checkpoints compiled and run through every input layout, TorchRec
+itself the oracle (installed by .ci/run; these tests skip where it is not)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+torchrec = pytest.importorskip("torchrec")
+
+from torchrec.models.dlrm import DLRM as TorchRecDLRM, DLRM_DCN  # noqa: E402
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType  # noqa: E402
+from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
+
+from dlrmc.compiler.build import compile_model  # noqa: E402
+from dlrmc.frontend.checkpoint import CheckpointError, load_model  # noqa: E402
+from dlrmc.frontend.ops import reference_layout  # noqa: E402
+from dlrmc.runtime import InputError, load  # noqa: E402
+
+from conftest import run  # noqa: E402
+
+
+def _collection(rows, dim, pooling=PoolingType.SUM) -> EmbeddingBagCollection:
+    return EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name=f"t{k}", embedding_dim=dim, num_embeddings=n,
+                           feature_names=[f"f{k}"], pooling=pooling)
+        for k, n in enumerate(rows)])
+
+
+def _torchrec_model(rows, dim, dense_in, dense_layers, over_layers, seed,
+                    pooling=PoolingType.SUM):
+    torch.manual_seed(seed)
+    return TorchRecDLRM(embedding_bag_collection=_collection(rows, dim, pooling),
+                        dense_in_features=dense_in, dense_arch_layer_sizes=dense_layers,
+                        over_arch_layer_sizes=over_layers).eval()
+
+
+def _kjt_batch(rows, batch, dense_in, seed, max_bag=5):
+    """Multi-hot bags of 0..max_bag indices (empty ones included), KeyedJaggedTensor layout."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, max_bag + 1, len(rows) * batch)
+    values = np.concatenate([rng.integers(0, n, int(lengths[t * batch:(t + 1) * batch].sum()))
+                             for t, n in enumerate(rows)])
+    dense = rng.random((batch, dense_in), dtype=np.float32)
+    return dense, values, lengths
+
+
+CONFIGS = [   # rows, dim, dense input, dense arch, over arch, pooling
+    ((40, 7, 90, 3), 8, 5, [16, 8], [32, 16, 1], PoolingType.SUM),
+    ((11, 200, 60), 16, 13, [64, 32, 16], [64, 1], PoolingType.SUM),
+    ((25,), 4, 3, [4], [8, 8, 1], PoolingType.SUM),
+    ((30, 20, 10, 5, 9), 8, 6, [8], [16, 1], PoolingType.MEAN),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{len(c[0])}t-d{c[1]}-{c[5].name}")
+def test_a_torchrec_checkpoint_runs_as_torchrec_does(config, tmp_path):
+    rows, dim, dense_in, dense_layers, over_layers, pooling = config
+    model = _torchrec_model(rows, dim, dense_in, dense_layers, over_layers, seed=len(rows),
+                            pooling=pooling)
+    torch.save(model.state_dict(), tmp_path / "torchrec.pt")
+    given = {"pooling": "mean"} if pooling == PoolingType.MEAN else None
+    ours = load_model(tmp_path / "torchrec.pt", given)
+    assert ours.arch.output == "logit"
+    compile_model(ours, ours.arch, None, str(tmp_path / "a"), log=lambda _: None, buckets=(4, 16))
+    compiled = load(str(tmp_path / "a"))
+    keys = [f"f{k}" for k in range(len(rows))]
+    for batch in (1, 3, 4, 16, 37):    # the any-batch entry, padded, exact, split
+        dense, values, lengths = _kjt_batch(rows, batch, dense_in, seed=batch)
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.from_numpy(values),
+                                                  lengths=torch.from_numpy(lengths))
+        with torch.no_grad():
+            want = model(torch.from_numpy(dense), kjt).numpy()
+        for index_type in (np.int64, np.int32):
+            got = compiled.predict_kjt(dense, values.astype(index_type), lengths, logits=True)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        probs = compiled.predict_kjt(dense, values, lengths)
+        np.testing.assert_allclose(probs, torch.sigmoid(torch.from_numpy(want)).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        np.testing.assert_array_equal(compiled.predict_jagged(dense, values, offsets), probs)
+        lS_o, lS_i = reference_layout(values, offsets, len(rows))
+        np.testing.assert_array_equal(compiled.predict(dense, lS_o, lS_i), probs)
+
+
+def test_dlrm_compile_takes_a_torchrec_checkpoint(tmp_path):
+    model = _torchrec_model((50, 20, 7), 8, 4, [8], [16, 1], seed=3)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    res = run("dlrm-compile", "--load-model", str(tmp_path / "m.pt"), "-o",
+              str(tmp_path / "m.dlrmc"), "--check", "9", "--buckets", "none", "--no-progress")
+    diff = float(res.stdout.split("max |dlrmc - PyTorch| over batch 9:")[1].split()[0])
+    assert diff < 1e-6, res.stdout
+    compiled = load(str(tmp_path / "m.dlrmc"))
+    assert compiled.manifest.output["name"] == "pred"
+    dense, values, lengths = _kjt_batch((50, 20, 7), 5, 4, seed=1)
+    with pytest.raises(InputError, match="values.*out of range for table 1|table 1"):
+        bad = values.copy()
+        bad[lengths[:5].sum()] = 20                 # table 1's first index, past its 20 rows
+        compiled.predict_kjt(dense, bad, lengths)
+
+
+def test_bad_torchrec_checkpoints_are_named(tmp_path):
+    model = _torchrec_model((10, 12), 4, 3, [4], [8, 1], seed=0)
+    sd = model.state_dict()
+    cases = {
+        "no last layer": ({k: v for k, v in sd.items() if not k.startswith("over_arch.model.1.")},
+                          "over_arch.model.1.weight"),
+        "hole": ({k: v for k, v in sd.items() if "dense_arch.model._mlp.0." not in k},
+                 "dense_arch.model._mlp.<i>._linear.weight are"),
+        "extra": (dict(sd, **{"over_arch.extra": torch.ones(2)}), "unexpected keys over_arch"),
+        "width": (dict(sd, **{"over_arch.model.0._mlp.0._linear.weight": torch.ones(8, 5)}),
+                  "takes 5 inputs"),
+        "mixed dims": (dict(sd, **{
+            "sparse_arch.embedding_bag_collection.embedding_bags.t1.weight": torch.ones(12, 6)}),
+            "one common width"),
+    }
+    for name, (state, message) in cases.items():
+        torch.save(state, tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError, match=message):
+            load_model(tmp_path / f"{name}.pt")
+    torch.manual_seed(0)
+    dcn = DLRM_DCN(embedding_bag_collection=_collection((10, 12), 4), dense_in_features=3,
+                   dense_arch_layer_sizes=[4], over_arch_layer_sizes=[8, 1], dcn_num_layers=2,
+                   dcn_low_rank_dim=2)
+    torch.save(dcn.state_dict(), tmp_path / "dcn.pt")
+    with pytest.raises(CheckpointError, match=r"DLRM_DCN .*inter_arch\.crossnet"):
+        load_model(tmp_path / "dcn.pt")
