@@ -5,7 +5,9 @@ An ``Arch`` holds exactly what facebookresearch/dlrm's command line sets:
 ``--arch-mlp-bot`` (with the dense input width), ``--arch-mlp-top`` (without its input
 width, which is derived from the interaction as the reference does),
 ``--arch-interaction-op`` and ``--arch-interaction-itself``; plus the pooling mode and the
-reference's ``--weighted-pooling``, and whether the top MLP ends in the reference's sigmoid
+reference's ``--weighted-pooling``; TorchRec's DLRM_DCN cross layers (``interaction_op="dcn"``,
+``dcn_layers`` of rank ``dcn_low_rank``: x_{l+1} = x0 * (W_l (V_l x_l) + b_l) + x_l on the
+concatenated features); and whether the top MLP ends in the reference's sigmoid
 (``output="probability"``) or gives TorchRec's logits (``"logit"``).
 """
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 from .ops import POOLING_MODES, num_pairs
 
-INTERACTIONS = ("dot", "cat")
+INTERACTIONS = ("dot", "cat", "dcn")   # dcn: TorchRec's DLRM_DCN low-rank cross layers
 WEIGHTED_POOLING = (None, "fixed", "learned")
 OUTPUTS = ("probability", "logit")   # the reference's sigmoid at the end, or TorchRec's none
 
@@ -46,6 +48,8 @@ class Arch:
     pooling: str = "sum"
     weighted_pooling: str | None = None
     output: str = "probability"
+    dcn_layers: int = 0       # interaction "dcn": cross layers, each of this low rank
+    dcn_low_rank: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "embedding_sizes", tuple(int(v) for v in self.embedding_sizes))
@@ -59,6 +63,11 @@ class Arch:
         if self.weighted_pooling not in WEIGHTED_POOLING:
             problems.append(f"weighted pooling {self.weighted_pooling!r} is not one of "
                             f"{WEIGHTED_POOLING}")
+        if self.interaction_op == "dcn" and (self.dcn_layers < 1 or self.dcn_low_rank < 1):
+            problems.append(f"the dcn interaction needs --dcn-layers and --dcn-low-rank >= 1, "
+                            f"got {self.dcn_layers} and {self.dcn_low_rank}")
+        if self.interaction_op != "dcn" and (self.dcn_layers or self.dcn_low_rank):
+            problems.append("--dcn-layers and --dcn-low-rank need --arch-interaction-op dcn")
         if self.output not in OUTPUTS:
             problems.append(f"output {self.output!r} is not one of {OUTPUTS}")
         if self.weighted_pooling and self.pooling != "sum":
@@ -105,6 +114,11 @@ class Arch:
                   for k, n in enumerate(self.embedding_sizes)}
         if self.weighted_pooling == "learned":
             shapes.update({f"v_W_l.{k}": (n,) for k, n in enumerate(self.embedding_sizes)})
+        width, rank = self.top_input_width, self.dcn_low_rank
+        for layer in range(self.dcn_layers):
+            shapes[f"cross_l.W_kernels.{layer}"] = (width, rank)
+            shapes[f"cross_l.V_kernels.{layer}"] = (rank, width)
+            shapes[f"cross_l.bias.{layer}"] = (width,)
         for prefix, widths in (("bot_l", self.mlp_bot), ("top_l", self.ln_top)):
             for i in range(len(widths) - 1):
                 shapes[f"{prefix}.{2 * i}.weight"] = (widths[i + 1], widths[i])
@@ -122,7 +136,9 @@ class Arch:
         return (f"{self.num_tables} tables ({sum(self.embedding_sizes):,} rows, dim "
                 f"{self.sparse_feature_size}), bot {'-'.join(map(str, self.mlp_bot))}, top "
                 f"{'-'.join(map(str, self.ln_top))}, interaction {self.interaction_op}"
-                f"{' (itself)' if self.interaction_itself else ''}, pooling {self.pooling}"
+                f"{' (itself)' if self.interaction_itself else ''}"
+                f"{f' ({self.dcn_layers} layers of rank {self.dcn_low_rank})' if self.dcn_layers else ''}"
+                f", pooling {self.pooling}"
                 f"{', weighted ' + self.weighted_pooling if self.weighted_pooling else ''}")
 
 
@@ -130,7 +146,7 @@ def top_input_width(num_tables: int, dense_out: int, op: str, itself: bool) -> i
     num_fea = num_tables + 1
     if op == "dot":
         return num_pairs(num_fea, itself) + dense_out
-    return num_fea * dense_out
+    return num_fea * dense_out     # cat, and dcn (whose cross layers keep the width)
 
 
 PRESETS = {
@@ -165,6 +181,8 @@ def add_arch_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--arch-interaction-itself", action="store_true", default=None)
     g.add_argument("--pooling", choices=POOLING_MODES)
     g.add_argument("--weighted-pooling", choices=["fixed", "learned"])
+    g.add_argument("--dcn-layers", type=int, help="cross layers (--arch-interaction-op dcn)")
+    g.add_argument("--dcn-low-rank", type=int, help="their rank (--arch-interaction-op dcn)")
 
 
 _FLAG_FIELDS = {
@@ -176,6 +194,8 @@ _FLAG_FIELDS = {
     "arch_interaction_itself": ("interaction_itself", bool),
     "pooling": ("pooling", str),
     "weighted_pooling": ("weighted_pooling", str),
+    "dcn_layers": ("dcn_layers", int),
+    "dcn_low_rank": ("dcn_low_rank", int),
 }
 
 

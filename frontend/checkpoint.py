@@ -89,8 +89,8 @@ def _layers(sd: dict, prefix: str) -> list[tuple[int, ...]]:
 
 
 TORCHREC_TABLES = "sparse_arch.embedding_bag_collection.embedding_bags."
-TORCHREC_OTHER_INTERACTIONS = {"inter_arch.crossnet.": "DLRM_DCN (low-rank cross layers)",
-                               "inter_arch.interaction_branch": "DLRM_Projection"}
+TORCHREC_CROSSNET = "inter_arch.crossnet."
+TORCHREC_OTHER_INTERACTIONS = {"inter_arch.interaction_branch": "DLRM_Projection"}
 
 
 def _torchrec_mlp(sd: dict, prefix: str, out: dict, target: str, start: int = 0) -> int:
@@ -119,7 +119,7 @@ def from_torchrec(sd: dict) -> tuple[dict, dict] | None:
         found = sorted(k for k in sd if k.startswith(prefix))
         if found:
             raise CheckpointError(f"TorchRec checkpoint of a {name} model ({found[0]}, ...): "
-                                  "dlrmc compiles TorchRec's plain DLRM so far")
+                                  "dlrmc compiles TorchRec's DLRM and DLRM_DCN so far")
     out: dict = {}
     tables = [k for k in sd if k.startswith(TORCHREC_TABLES)]
     for k, key in enumerate(tables):
@@ -134,14 +134,19 @@ def from_torchrec(sd: dict) -> tuple[dict, dict] | None:
             raise CheckpointError(f"TorchRec checkpoint: {key} (the over arch's last layer) is "
                                   "missing")
         out[f"top_l.{2 * hidden}.{part}"] = sd[key]
-    known = set(tables) | {k for k in sd if k.startswith(("dense_arch.model._mlp.",
-                                                            "over_arch.model."))}
+    cross = {k: v for k, v in sd.items() if k.startswith(TORCHREC_CROSSNET)}
+    out.update((f"cross_l.{k[len(TORCHREC_CROSSNET):]}", v) for k, v in cross.items())
+    known = set(tables) | set(cross) | {k for k in sd if k.startswith(("dense_arch.model._mlp.",
+                                                                        "over_arch.model."))}
     unexpected = sorted(set(sd) - known)
     if unexpected:
         raise CheckpointError(f"TorchRec checkpoint: unexpected keys {', '.join(unexpected[:6])}")
     dense = out[f"bot_l.{2 * (_count(out, 'bot_l') - 1)}.weight"].shape[0]
     first = out["top_l.0.weight"]
     features = len(tables) + 1
+    if cross:     # DLRM_DCN: the cross layers keep the concatenated features' order
+        return out, {"interaction_op": "dcn", "interaction_itself": False, "output": "logit",
+                     **_cross_fields(out)}
     if first.dim() != 2 or first.shape[1] != dense + num_pairs(features, False):
         raise CheckpointError(
             f"TorchRec checkpoint: over_arch.model.0._mlp.0._linear.weight takes "
@@ -155,6 +160,20 @@ def from_torchrec(sd: dict) -> tuple[dict, dict] | None:
     order = [upper[(j, i)] for i, j in zip(li.tolist(), lj.tolist())]
     out["top_l.0.weight"] = torch.cat([first[:, :dense], first[:, dense:][:, order]], dim=1)
     return out, {"interaction_op": "dot", "interaction_itself": False, "output": "logit"}
+
+
+def _cross_fields(sd: dict) -> dict:
+    """The dcn_layers and dcn_low_rank that ``cross_l.*`` keys imply."""
+    layers = sorted(int(m.group(1)) for k in sd
+                    if (m := re.fullmatch(r"cross_l\.V_kernels\.(\d+)", k)))
+    if not layers or layers != list(range(len(layers))):
+        raise CheckpointError(f"cross layers must be cross_l.V_kernels.0 .. N (TorchRec: "
+                              f"inter_arch.crossnet.V_kernels.0 .. N), found {layers}")
+    v = sd["cross_l.V_kernels.0"]
+    if v.dim() != 2:
+        raise CheckpointError(f"cross_l.V_kernels.0 has shape {list(v.shape)}, expected [rank, "
+                              "width]")
+    return {"dcn_layers": len(layers), "dcn_low_rank": int(v.shape[0])}
 
 
 def _count(sd: dict, prefix: str) -> int:
@@ -180,7 +199,13 @@ def infer_arch(sd: dict, given: dict | None = None) -> Arch:
                   mlp_bot=tuple(bot), mlp_top=tuple(top[1:]))
     if any(k.startswith("v_W_l.") for k in sd):
         fields["weighted_pooling"] = "learned"
-    if "interaction_op" not in given:
+    if any(k.startswith("cross_l.") for k in sd):
+        fields.update(_cross_fields(sd), interaction_op="dcn", interaction_itself=False)
+        if given.get("interaction_op", "dcn") != "dcn":
+            raise CheckpointError(f"the checkpoint has cross layers (cross_l.*): its interaction "
+                                  f"is dcn, not {given['interaction_op']}")
+        given.pop("interaction_op", None)
+    if "interaction_op" not in given and "interaction_op" not in fields:
         options = [(op, it) for op, it in (("dot", False), ("dot", True), ("cat", False))
                    if top_input_width(len(shapes), bot[-1], op, it) == top[0]]
         if "interaction_itself" in given:

@@ -54,6 +54,32 @@ def _table(n: int, m: int, rng, mode: str) -> nn.EmbeddingBag:
     return nn.EmbeddingBag(n, m, mode=mode, sparse=mode != "max", _weight=weight)
 
 
+class CrossNet(nn.Module):
+    """TorchRec's low-rank cross layers (DLRM_DCN), its parameter names: x_{l+1} =
+    x0 * (W_l (V_l x_l) + b_l) + x_l, W_l [N, r], V_l [r, N], b_l [N]."""
+
+    def __init__(self, width: int, layers: int, rank: int, rng):
+        super().__init__()
+
+        def param(*shape):
+            if rng is None:
+                return nn.Parameter(torch.empty(shape, device="meta"))
+            std = np.sqrt(2 / sum(shape))       # TorchRec's xavier_normal_
+            return nn.Parameter(torch.from_numpy(rng.normal(0, std, shape).astype(np.float32)))
+
+        self.W_kernels = nn.ParameterList(param(width, rank) for _ in range(layers))
+        self.V_kernels = nn.ParameterList(param(rank, width) for _ in range(layers))
+        self.bias = nn.ParameterList(
+            nn.Parameter(torch.zeros(width, device=None if rng is not None else "meta"))
+            for _ in range(layers))
+
+    def forward(self, x0):
+        x = x0
+        for w, v, b in zip(self.W_kernels, self.V_kernels, self.bias):
+            x = x0 * nn.functional.linear(nn.functional.linear(x, v), w, b) + x
+        return x
+
+
 class DLRM(nn.Module):
     """DLRM with reference semantics. ``forward(dense_x, lS_o, lS_i)`` -> click probability [B, 1].
 
@@ -75,6 +101,8 @@ class DLRM(nn.Module):
         elif arch.weighted_pooling == "fixed":
             for k, n in enumerate(arch.embedding_sizes):
                 self.register_buffer(f"_fixed_w{k}", torch.ones(n), persistent=False)
+        if arch.interaction_op == "dcn":
+            self.cross_l = CrossNet(arch.top_input_width, arch.dcn_layers, arch.dcn_low_rank, rng)
         self.bot_l = _mlp(arch.mlp_bot, "relu", rng)
         self.top_l = _mlp(arch.ln_top, "sigmoid" if arch.output == "probability" else "none", rng)
 
@@ -105,6 +133,8 @@ class DLRM(nn.Module):
             lj = torch.tensor([j for i in range(nj) for j in range(i + offset)])
             Zflat = Z[:, li, lj]
             return torch.cat([x] + [Zflat], dim=1)
+        if self.arch.interaction_op == "dcn":
+            return self.cross_l(torch.cat([x] + ly, dim=1))
         return torch.cat([x] + ly, dim=1)
 
     def forward(self, dense_x, lS_o, lS_i):

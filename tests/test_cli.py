@@ -136,3 +136,16 @@ def test_compile_for_a_cpu_we_are_not_on_builds_and_says_the_check_is_skipped(tm
     res = run("dlrm-run", str(out), "--random", "2", check=False)
     assert res.returncode == 2 and "needs CPU features this CPU lacks" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_dcn_from_flags_compiles_and_matches_pytorch(tmp_path):
+    """TorchRec's DLRM_DCN interaction spelled with flags, random weights (no checkpoint)."""
+    res = run("dlrm-compile", "--preset", "tiny", "--arch-interaction-op", "dcn", "--dcn-layers",
+              "3", "--dcn-low-rank", "5", "-o", str(tmp_path / "dcn.dlrmc"), "--check", "11",
+              "--no-progress")
+    assert "interaction dcn (3 layers of rank 5)" in res.stdout, res.stdout
+    diff = float(res.stdout.split("max |dlrmc - PyTorch| over batch 11:")[1].split()[0])
+    assert diff < 1e-6, res.stdout
+    bad = run("dlrm-compile", "--preset", "tiny", "--arch-interaction-op", "dcn", "-o",
+              str(tmp_path / "x"), check=False)
+    assert bad.returncode != 0 and "needs --dcn-layers and --dcn-low-rank" in bad.stderr

@@ -76,11 +76,14 @@ def test_native_runner_matches_pytorch(native, model, tmp_path):
     _check_against_pytorch([native], tmp_path / "x86", model, tmp_path)
 
 
-def test_native_runner_gives_probabilities_of_a_logit_model(native, tmp_path):
-    """A model ending in logits (TorchRec's DLRM): the runner applies the sigmoid."""
+@pytest.mark.parametrize("interaction", [{}, {"interaction_op": "dcn", "dcn_layers": 2,
+                                              "dcn_low_rank": 3}], ids=["dot", "dcn"])
+def test_native_runner_gives_probabilities_of_a_logit_model(native, tmp_path, interaction):
+    """A model ending in logits (TorchRec's DLRM, and DLRM_DCN with its cross layers' weights
+    checked against the architecture): the runner applies the sigmoid."""
     import dataclasses
 
-    arch = dataclasses.replace(ARCH, output="logit")
+    arch = dataclasses.replace(ARCH, output="logit", **interaction)
     model = DLRM(arch, seed=5).eval()
     compile_model(model, arch, None, str(tmp_path / "logit"), log=lambda _: None, buckets=(4,))
     batch = random_batch(arch.to_dict(), 6, bag_size=2, seed=2)

@@ -30,11 +30,20 @@ def _collection(rows, dim, pooling=PoolingType.SUM) -> EmbeddingBagCollection:
 
 
 def _torchrec_model(rows, dim, dense_in, dense_layers, over_layers, seed,
-                    pooling=PoolingType.SUM):
+                    pooling=PoolingType.SUM, dcn=None):
+    """TorchRec's DLRM, or with ``dcn`` = (layers, low rank) its DLRM_DCN (biases made
+    non-zero, so they count)."""
     torch.manual_seed(seed)
-    return TorchRecDLRM(embedding_bag_collection=_collection(rows, dim, pooling),
-                        dense_in_features=dense_in, dense_arch_layer_sizes=dense_layers,
-                        over_arch_layer_sizes=over_layers).eval()
+    args = dict(embedding_bag_collection=_collection(rows, dim, pooling),
+                dense_in_features=dense_in, dense_arch_layer_sizes=dense_layers,
+                over_arch_layer_sizes=over_layers)
+    if dcn is None:
+        return TorchRecDLRM(**args).eval()
+    model = DLRM_DCN(**args, dcn_num_layers=dcn[0], dcn_low_rank_dim=dcn[1]).eval()
+    with torch.no_grad():
+        for bias in model.inter_arch.crossnet.bias:
+            bias.normal_()
+    return model
 
 
 def _kjt_batch(rows, batch, dense_in, seed, max_bag=5):
@@ -47,23 +56,29 @@ def _kjt_batch(rows, batch, dense_in, seed, max_bag=5):
     return dense, values, lengths
 
 
-CONFIGS = [   # rows, dim, dense input, dense arch, over arch, pooling
-    ((40, 7, 90, 3), 8, 5, [16, 8], [32, 16, 1], PoolingType.SUM),
-    ((11, 200, 60), 16, 13, [64, 32, 16], [64, 1], PoolingType.SUM),
-    ((25,), 4, 3, [4], [8, 8, 1], PoolingType.SUM),
-    ((30, 20, 10, 5, 9), 8, 6, [8], [16, 1], PoolingType.MEAN),
+CONFIGS = [   # rows, dim, dense input, dense arch, over arch, pooling, DCN (layers, rank)
+    ((40, 7, 90, 3), 8, 5, [16, 8], [32, 16, 1], PoolingType.SUM, None),
+    ((11, 200, 60), 16, 13, [64, 32, 16], [64, 1], PoolingType.SUM, None),
+    ((25,), 4, 3, [4], [8, 8, 1], PoolingType.SUM, None),
+    ((30, 20, 10, 5, 9), 8, 6, [8], [16, 1], PoolingType.MEAN, None),
+    ((40, 7, 90, 3), 8, 5, [16, 8], [32, 16, 1], PoolingType.SUM, (3, 4)),
+    ((11, 200, 60), 16, 13, [32, 16], [64, 1], PoolingType.SUM, (1, 64)),
+    ((30, 20, 10, 5, 9), 8, 6, [8], [16, 1], PoolingType.MEAN, (2, 1)),
 ]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{len(c[0])}t-d{c[1]}-{c[5].name}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{len(c[0])}t-d{c[1]}-{c[5].name}"
+                         + (f"-dcn{c[6][0]}x{c[6][1]}" if c[6] else ""))
 def test_a_torchrec_checkpoint_runs_as_torchrec_does(config, tmp_path):
-    rows, dim, dense_in, dense_layers, over_layers, pooling = config
+    rows, dim, dense_in, dense_layers, over_layers, pooling, dcn = config
     model = _torchrec_model(rows, dim, dense_in, dense_layers, over_layers, seed=len(rows),
-                            pooling=pooling)
+                            pooling=pooling, dcn=dcn)
     torch.save(model.state_dict(), tmp_path / "torchrec.pt")
     given = {"pooling": "mean"} if pooling == PoolingType.MEAN else None
     ours = load_model(tmp_path / "torchrec.pt", given)
     assert ours.arch.output == "logit"
+    assert ours.arch.interaction_op == ("dcn" if dcn else "dot")
+    assert (ours.arch.dcn_layers, ours.arch.dcn_low_rank) == (dcn or (0, 0))
     compile_model(ours, ours.arch, None, str(tmp_path / "a"), log=lambda _: None, buckets=(4, 16))
     compiled = load(str(tmp_path / "a"))
     keys = [f"f{k}" for k in range(len(rows))]
@@ -120,10 +135,18 @@ def test_bad_torchrec_checkpoints_are_named(tmp_path):
         torch.save(state, tmp_path / f"{name}.pt")
         with pytest.raises(CheckpointError, match=message):
             load_model(tmp_path / f"{name}.pt")
-    torch.manual_seed(0)
-    dcn = DLRM_DCN(embedding_bag_collection=_collection((10, 12), 4), dense_in_features=3,
-                   dense_arch_layer_sizes=[4], over_arch_layer_sizes=[8, 1], dcn_num_layers=2,
-                   dcn_low_rank_dim=2)
-    torch.save(dcn.state_dict(), tmp_path / "dcn.pt")
-    with pytest.raises(CheckpointError, match=r"DLRM_DCN .*inter_arch\.crossnet"):
-        load_model(tmp_path / "dcn.pt")
+    dcn = _torchrec_model((10, 12), 4, 3, [4], [8, 1], seed=0, dcn=(2, 2)).state_dict()
+    for name, (state, message) in {
+            "layer hole": ({k: v for k, v in dcn.items() if not k.endswith("V_kernels.0")},
+                           r"cross layers must be cross_l\.V_kernels\.0 \.\. N"),
+            "rank": (dict(dcn, **{"inter_arch.crossnet.W_kernels.1": torch.ones(12, 3)}),
+                     r"cross_l\.W_kernels\.1 has shape \[12, 3\], the architecture needs "
+                     r"\[12, 2\]")}.items():
+        torch.save(state, tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError, match=message):
+            load_model(tmp_path / f"{name}.pt")
+    projection = dict(sd, **{"inter_arch.interaction_branch1.model._mlp.0._linear.weight":
+                             torch.ones(2, 2)})
+    torch.save(projection, tmp_path / "projection.pt")
+    with pytest.raises(CheckpointError, match="DLRM_Projection"):
+        load_model(tmp_path / "projection.pt")

@@ -169,9 +169,20 @@ std::map<std::string, std::vector<int64_t>> WeightShapes(const json::Object& arc
   if (bot.size() < 2 || top.empty()) throw Error("manifest.json: arch has too few MLP layers");
   const int64_t fea = static_cast<int64_t>(rows.size()) + 1;
   int64_t top_in = op == "dot" ? (*itself ? fea * (fea + 1) / 2 : fea * (fea - 1) / 2) + bot.back()
-                               : fea * bot.back();
+                               : fea * bot.back();   // cat, and dcn (cross layers keep the width)
   top.insert(top.begin(), top_in);
   std::map<std::string, std::vector<int64_t>> shapes;
+  auto optional_int = [&arch](const char* key) -> int64_t {   // as Arch's defaults: 0
+    auto it = arch.find(ffi::String(key));
+    return it == arch.end() ? 0 : Int((*it).second, std::string("arch.") + key);
+  };
+  const int64_t layers = optional_int("dcn_layers"), rank = optional_int("dcn_low_rank");
+  for (int64_t l = 0; l < layers; ++l) {   // as Arch.weight_shapes
+    const std::string n = std::to_string(l);
+    shapes["cross_l.W_kernels." + n] = {top_in, rank};
+    shapes["cross_l.V_kernels." + n] = {rank, top_in};
+    shapes["cross_l.bias." + n] = {top_in};
+  }
   for (size_t k = 0; k < rows.size(); ++k) {
     shapes["emb_l." + std::to_string(k) + ".weight"] = {rows[k], dim};
     if (weighted && std::string(*weighted) == "learned")
