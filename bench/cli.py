@@ -29,7 +29,7 @@ from ..compiler.build import compile_model
 from ..compiler.numerics import MLP_QUANTS, PRECISIONS
 from ..frontend.source import add_model_args, model_from_args
 from ..runtime import load, set_threads
-from ..runtime.batch import add_random_batch_args, batch_from_args
+from ..runtime.batch import add_random_batch_args, bag_sizes_of, batch_from_args
 from ..runtime.model import time_calls
 from ..schedules.tuning.log import read_manifest as read_log_manifest
 from ..schedules.tuning.log import task_table
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if name == "ort" and not args.fixed_bags:
                 raise PeerUnavailable("our ONNX export of the bags needs fixed bag sizes")
-            systems[name] = build_peer(name, model, arch, args.bag_size, args.threads)
+            systems[name] = build_peer(name, model, arch, bag_sizes_of(args), args.threads)
             print(f"prepared {PEERS[name]} in {time.perf_counter() - t0:.1f} s", flush=True)
         except Exception as e:  # noqa: BLE001 - a peer that fails to build is reported, not fatal
             reason = str(e) if isinstance(e, PeerUnavailable) else f"{type(e).__name__}: {e}"
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
               [torch.from_numpy(i) for i in indices])
         row = {"batch": batch, "systems": {}}
         with torch.no_grad():
-            expected = model(*tb).numpy()
+            expected = model.probabilities(*tb).numpy()
             run = ours.bind(dense, offsets, indices)
             diff = float(np.abs(ours.predict(dense, offsets, indices) - expected).max())
             # dlrmc as users call it (predict: validation and input copies included), and the
@@ -134,8 +134,11 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.2)  # let the other runtime's spinning threads go to sleep
                 if name in ("dlrmc-default", "dlrmc-fp32"):
                     call = (lambda f=fn: f(dense, offsets, indices))
-                else:
-                    call = fn if name.startswith("dlrmc") else (lambda f=fn: f(*tb))
+                elif name.startswith("dlrmc"):
+                    call = fn
+                else:    # a peer's own input (TorchRec's KeyedJaggedTensor) made untimed
+                    args_ = fn.inputs(*tb) if hasattr(fn, "inputs") else tb
+                    call = (lambda f=fn, a=args_: f(*a))
                 t = np.array(time_calls(call, 3, args.repeat))
                 row["systems"][name] = {"median_us": float(np.median(t) * 1e6),
                                         "p99_us": float(np.percentile(t, 99) * 1e6),
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + table)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"arch": arch.to_dict(), "threads": args.threads, "bag_size": args.bag_size,
+            json.dump({"arch": arch.to_dict(), "threads": args.threads, "bag_size": bag_sizes_of(args),
                        "target": ours.manifest.target, "gemm_flops": rate_flops,
                        "gather_bytes_per_s": rate_bytes, "results": results,
                        "tuning": tuning}, f, indent=1)

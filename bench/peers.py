@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..frontend.arch import Arch
+from ..frontend.checkpoint import to_torchrec
 from ..frontend.export import export_model
 from ..runtime.model import time_calls
 
@@ -58,12 +59,14 @@ class _FixedBags(torch.nn.Module):
         return m.top_l(m.interact_features(x, ly))
 
 
-def onnx_runtime(model, arch: Arch, bag_size: int, threads: int) -> Callable:
+def onnx_runtime(model, arch: Arch, bag_size, threads: int) -> Callable:
     """ONNX Runtime on the model exported with bags as Gather + ReduceSum."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise PeerUnavailable("onnxruntime is not installed (pip install onnxruntime)") from None
+    if isinstance(bag_size, tuple):
+        raise PeerUnavailable("the ONNX export here needs one bag size for every table")
     if arch.pooling != "sum" or arch.weighted_pooling:
         raise PeerUnavailable("the ONNX export here covers unweighted sum pooling only")
     path = os.path.join(tempfile.mkdtemp(prefix="dlrmc-ort-"), "model.onnx")
@@ -85,8 +88,55 @@ def onnx_runtime(model, arch: Arch, bag_size: int, threads: int) -> Callable:
     return run
 
 
+class _TorchRecCall:
+    """TorchRec's own model called on its own input: ``inputs`` turns a reference batch into
+    (dense, KeyedJaggedTensor) outside the timing."""
+
+    def __init__(self, model, keys):
+        self.model, self.keys = model, keys
+
+    def inputs(self, dense, lS_o, lS_i):
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        lengths = torch.cat([torch.diff(o, append=torch.tensor([len(i)]))
+                             for o, i in zip(lS_o, lS_i)])
+        return dense, KeyedJaggedTensor.from_lengths_sync(keys=self.keys,
+                                                          values=torch.cat(list(lS_i)),
+                                                          lengths=lengths)
+
+    def __call__(self, dense, kjt):
+        return self.model(dense, kjt)
+
+
+def torchrec_eager(model, arch: Arch) -> Callable:
+    """TorchRec's DLRM / DLRM_DCN (fbgemm-gpu-cpu kernels) holding the same weights."""
+    try:
+        from torchrec.models.dlrm import DLRM as TorchRecDLRM, DLRM_DCN
+        from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+        from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    except ImportError as e:
+        raise PeerUnavailable(f"torchrec is not installed ({e})") from None
+    if arch.output != "logit" or arch.interaction_op not in ("dot", "dcn") or \
+            arch.interaction_itself or arch.weighted_pooling or arch.pooling == "max":
+        raise PeerUnavailable("TorchRec's DLRM is this model only for TorchRec-shaped "
+                              "architectures (logits, dot without the diagonal, or dcn)")
+    keys = [f"f{k}" for k in range(arch.num_tables)]
+    ebc = EmbeddingBagCollection(device=torch.device("meta"), tables=[
+        EmbeddingBagConfig(name=f"t{k}", embedding_dim=arch.sparse_feature_size,
+                           num_embeddings=n, feature_names=[keys[k]],
+                           pooling=PoolingType[arch.pooling.upper()])
+        for k, n in enumerate(arch.embedding_sizes)])
+    args = dict(embedding_bag_collection=ebc, dense_in_features=arch.num_dense,
+                dense_arch_layer_sizes=list(arch.mlp_bot[1:]),
+                over_arch_layer_sizes=list(arch.mlp_top), dense_device=torch.device("meta"))
+    peer = (DLRM_DCN(**args, dcn_num_layers=arch.dcn_layers, dcn_low_rank_dim=arch.dcn_low_rank)
+            if arch.interaction_op == "dcn" else TorchRecDLRM(**args))
+    peer.load_state_dict(to_torchrec(model.state_dict(), arch), assign=True)
+    return _TorchRecCall(peer.eval(), keys)
+
+
 PEERS = {"eager": "PyTorch eager", "compile": "torch.compile", "aoti": "AOTInductor",
-         "ort": "ONNX Runtime"}
+         "ort": "ONNX Runtime", "torchrec": "TorchRec eager"}
 
 
 def build_peer(name: str, model, arch: Arch, bag_size: int, threads: int) -> Callable:
@@ -98,6 +148,8 @@ def build_peer(name: str, model, arch: Arch, bag_size: int, threads: int) -> Cal
         return aot_inductor(model, arch)
     if name == "ort":
         return onnx_runtime(model, arch, bag_size, threads)
+    if name == "torchrec":
+        return torchrec_eager(model, arch)
     raise ValueError(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
 
 

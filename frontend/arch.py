@@ -33,6 +33,13 @@ TERABYTE_COUNTS = (
     39884406, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 38532951, 2953546, 403346, 10,
     2208, 11938, 155, 4, 976, 14, 39979771, 25641295, 39664984, 585935, 12972, 108, 36,
 )
+# MLPerf Inference DLRM-v2 (mlcommons/inference recommendation/dlrm_v2): rows per table and
+# the multi-hot bag size of each table's feature (214 indices a sample).
+DLRM_V2_TABLES = (
+    40000000, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 40000000, 3067956, 405282, 10, 2209,
+    11938, 155, 4, 976, 14, 40000000, 40000000, 40000000, 590152, 12973, 108, 36,
+)
+DLRM_V2_BAGS = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -158,7 +165,16 @@ PRESETS = {
     "mlperf-v1": Arch(128, tuple(min(c, 40_000_000) for c in TERABYTE_COUNTS),
                       (13, 512, 256, 128), (1024, 1024, 512, 256, 1)),
     "tiny": Arch(8, (100, 50, 20, 10), (13, 32, 8), (32, 1)),
+    # MLPerf DLRM-v2: TorchRec's DLRM_DCN, logits out (about 125 GB of fp32 tables), and the
+    # same structure with every table capped at 200,000 rows, for benchmarks and tests.
+    "dlrm-v2": Arch(128, DLRM_V2_TABLES, (13, 512, 256, 128), (1024, 1024, 512, 256, 1),
+                    interaction_op="dcn", dcn_layers=3, dcn_low_rank=512, output="logit"),
+    "dlrm-v2-small": Arch(128, tuple(min(n, 200_000) for n in DLRM_V2_TABLES),
+                          (13, 512, 256, 128), (1024, 1024, 512, 256, 1), interaction_op="dcn",
+                          dcn_layers=3, dcn_low_rank=512, output="logit"),
 }
+# The bag sizes a preset's features have (one-hot where a preset is not listed).
+PRESET_BAGS = {"dlrm-v2": DLRM_V2_BAGS, "dlrm-v2-small": DLRM_V2_BAGS}
 
 
 def parse_dashed(text: str, flag: str) -> tuple[int, ...]:

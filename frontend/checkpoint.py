@@ -153,13 +153,44 @@ def from_torchrec(sd: dict) -> tuple[dict, dict] | None:
             f"{first.shape[1] if first.dim() == 2 else '?'} inputs; the interaction of "
             f"{len(tables)} tables and a dense output of {dense} gives "
             f"{dense + num_pairs(features, False)}")
-    # Our column p holds pair (i, j), j < i; TorchRec's the same pair as (j, i), upper order.
+    order = torchrec_pair_order(features)
+    out["top_l.0.weight"] = torch.cat([first[:, :dense], first[:, dense:][:, order]], dim=1)
+    return out, {"interaction_op": "dot", "interaction_itself": False, "output": "logit"}
+
+
+def torchrec_pair_order(features: int) -> list[int]:
+    """For each of our interaction columns, TorchRec's column of the same pair: ours hold
+    pair (i, j), j < i, in row-major lower order; TorchRec's the pair as (j, i), in row-major
+    strict upper order."""
     li, lj = interaction_pairs(features, False)
     upper = {(a, b): c for c, (a, b) in enumerate(
         (a, b) for a in range(features) for b in range(a + 1, features))}
-    order = [upper[(j, i)] for i, j in zip(li.tolist(), lj.tolist())]
-    out["top_l.0.weight"] = torch.cat([first[:, :dense], first[:, dense:][:, order]], dim=1)
-    return out, {"interaction_op": "dot", "interaction_itself": False, "output": "logit"}
+    return [upper[(j, i)] for i, j in zip(li.tolist(), lj.tolist())]
+
+
+def to_torchrec(sd: dict, arch: Arch) -> dict:
+    """Our DLRM's state_dict as TorchRec's DLRM / DLRM_DCN names it (tables ``t0``, ``t1``,
+    ...): ``from_torchrec`` the other way, for running TorchRec beside us."""
+    out = {}
+    for k in range(arch.num_tables):
+        out[f"{TORCHREC_TABLES}t{k}.weight"] = sd[f"emb_l.{k}.weight"]
+    for i in range(len(arch.mlp_bot) - 1):
+        for part in ("weight", "bias"):
+            out[f"dense_arch.model._mlp.{i}._linear.{part}"] = sd[f"bot_l.{2 * i}.{part}"]
+    last = len(arch.ln_top) - 2
+    for i in range(last + 1):
+        for part in ("weight", "bias"):
+            key = (f"over_arch.model.1.{part}" if i == last
+                   else f"over_arch.model.0._mlp.{i}._linear.{part}")
+            out[key] = sd[f"top_l.{2 * i}.{part}"]
+    out.update((TORCHREC_CROSSNET + k[len("cross_l."):], v) for k, v in sd.items()
+               if k.startswith("cross_l."))
+    if arch.interaction_op == "dot":
+        first, dense = out["over_arch.model.0._mlp.0._linear.weight"], arch.mlp_bot[-1]
+        back = np.argsort(torchrec_pair_order(arch.num_tables + 1))
+        out["over_arch.model.0._mlp.0._linear.weight"] = torch.cat(
+            [first[:, :dense], first[:, dense:][:, torch.from_numpy(back)]], dim=1)
+    return out
 
 
 def _cross_fields(sd: dict) -> dict:

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from ..frontend.arch import PRESET_BAGS
 from ..frontend.ops import flat_layout
 from .validate import check_batch, check_jagged, check_kjt
 
@@ -14,28 +15,32 @@ from .validate import check_batch, check_jagged, check_kjt
 DISTRIBUTIONS = ("uniform", "zipf")
 
 
-def random_batch(arch: dict, batch: int, bag_size: int = 1, seed: int = 0,
+def random_batch(arch: dict, batch: int, bag_size: int | tuple = 1, seed: int = 0,
                  empty_bags: float = 0.0, fixed: bool = True, distribution: str = "uniform",
                  zipf_alpha: float = 1.05):
     """dense_x [B, D] float32, lS_o [T, B] int64, lS_i list of T int64 arrays.
 
     The reference's random input mode: each bag holds ``bag_size`` indices (its
-    ``--num-indices-per-lookup``) when ``fixed`` (``--num-indices-per-lookup-fixed``), else
+    ``--num-indices-per-lookup``; or one size per table, as MLPerf DLRM-v2's multi-hot
+    features have) when ``fixed`` (``--num-indices-per-lookup-fixed``), else
     between 1 and ``bag_size``; a fraction ``empty_bags`` holds none. Indices are uniform over
     the table, or ``zipf``: row ranks from a Zipf law of exponent ``zipf_alpha`` (a few hot
     rows), scattered over the table by a fixed multiplicative hash.
     """
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"index distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
-    if bag_size < 1:
-        raise ValueError(f"indices per lookup must be positive, got {bag_size}")
-    rng = np.random.default_rng(seed)
     rows = arch["embedding_sizes"]
+    sizes_per_table = tuple(bag_size) if isinstance(bag_size, (tuple, list)) else \
+        (bag_size,) * len(rows)
+    if len(sizes_per_table) != len(rows) or min(sizes_per_table) < 1:
+        raise ValueError(f"indices per lookup must be positive, one number or one per table "
+                         f"({len(rows)}), got {bag_size}")
+    rng = np.random.default_rng(seed)
     dense = rng.random((batch, arch["mlp_bot"][0]), dtype=np.float32)
     offsets, indices = [], []
-    for t, n in enumerate(rows):
-        sizes = (np.full(batch, bag_size, np.int64) if fixed
-                 else rng.integers(1, bag_size + 1, batch))
+    for t, (n, size) in enumerate(zip(rows, sizes_per_table)):
+        sizes = (np.full(batch, size, np.int64) if fixed
+                 else rng.integers(1, size + 1, batch))
         if empty_bags:
             sizes[rng.random(batch) < empty_bags] = 0
         offsets.append(np.concatenate([[0], np.cumsum(sizes)[:-1]]))
@@ -50,8 +55,10 @@ def random_batch(arch: dict, batch: int, bag_size: int = 1, seed: int = 0,
 
 def add_random_batch_args(parser) -> None:
     """The reference's random-input flags (dlrm-run --random, dlrm-bench)."""
-    parser.add_argument("--num-indices-per-lookup", "--bag-size", dest="bag_size", type=int,
-                        default=1, help="indices per bag (default 1, one-hot)")
+    parser.add_argument("--num-indices-per-lookup", "--bag-size", dest="bag_size",
+                        type=_bag_sizes, default=None,
+                        help="indices per bag: N, or one per table dash-separated (default: "
+                             "the preset's, MLPerf's multi-hot sizes for dlrm-v2, else 1)")
     parser.add_argument("--num-indices-per-lookup-fixed", dest="fixed_bags",
                         action=argparse.BooleanOptionalAction, default=True,
                         help="every bag holds exactly that many (default); --no-... draws "
@@ -61,8 +68,24 @@ def add_random_batch_args(parser) -> None:
                         help="Zipf exponent for --index-distribution zipf")
 
 
+def _bag_sizes(text: str) -> int | tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split("-"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or N1-N2-... per table, got {text!r}") \
+            from None
+    return values[0] if len(values) == 1 else values
+
+
+def bag_sizes_of(args) -> int | tuple[int, ...]:
+    """The bag size(s) the flags ask for: --num-indices-per-lookup, else the preset's."""
+    if args.bag_size is not None:
+        return args.bag_size
+    return PRESET_BAGS.get(getattr(args, "preset", None), 1)
+
+
 def batch_from_args(arch: dict, batch: int, args, seed: int):
-    return random_batch(arch, batch, args.bag_size, seed, fixed=args.fixed_bags,
+    return random_batch(arch, batch, bag_sizes_of(args), seed, fixed=args.fixed_bags,
                         distribution=args.index_distribution, zipf_alpha=args.zipf_alpha)
 
 

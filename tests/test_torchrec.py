@@ -150,3 +150,27 @@ def test_bad_torchrec_checkpoints_are_named(tmp_path):
     torch.save(projection, tmp_path / "projection.pt")
     with pytest.raises(CheckpointError, match="DLRM_Projection"):
         load_model(tmp_path / "projection.pt")
+
+
+@pytest.mark.parametrize("dcn", [None, (2, 3)], ids=["dlrm", "dcn"])
+def test_the_torchrec_peer_holds_our_weights(dcn, tmp_path):
+    """dlrm-bench's TorchRec peer (our weights mapped back to TorchRec's names) computes what
+    the TorchRec model we read them from computes."""
+    from dlrmc.bench.peers import torchrec_eager
+
+    rows = (30, 9, 14)
+    model = _torchrec_model(rows, 8, 4, [8], [16, 1], seed=7, dcn=dcn)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    ours = load_model(tmp_path / "m.pt")
+    peer = torchrec_eager(ours, ours.arch)
+    dense, values, lengths = _kjt_batch(rows, 6, 4, seed=2)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    lS_o, lS_i = reference_layout(values, offsets, len(rows))
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=[f"f{k}" for k in range(len(rows))],
+                                              values=torch.from_numpy(values),
+                                              lengths=torch.from_numpy(lengths))
+    with torch.no_grad():
+        want = model(torch.from_numpy(dense), kjt)
+        got = peer(*peer.inputs(torch.from_numpy(dense), torch.from_numpy(lS_o),
+                                [torch.from_numpy(i) for i in lS_i]))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
