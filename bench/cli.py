@@ -33,14 +33,16 @@ from ..runtime.batch import add_random_batch_args, bag_sizes_of, batch_from_args
 from ..runtime.model import time_calls
 from ..schedules.tuning.log import read_manifest as read_log_manifest
 from ..schedules.tuning.log import task_table
+from . import loadgen
 from .tuning_report import plot_curve, tuning_curve
 from .peers import PEERS, PeerUnavailable, build_peer, gather_rate, gemm_rate
 
 
 def mlp_flops(arch) -> int:
-    """Multiply-adds x 2 of both MLPs for one sample."""
-    return 2 * sum(a * b for widths in (arch.mlp_bot, arch.ln_top)
-                   for a, b in zip(widths[:-1], widths[1:]))
+    """Multiply-adds x 2 of both MLPs, and of the DCN cross layers' two GEMMs, for one sample."""
+    cross = arch.dcn_layers * 2 * arch.top_input_width * arch.dcn_low_rank
+    return 2 * (cross + sum(a * b for widths in (arch.mlp_bot, arch.ln_top)
+                            for a, b in zip(widths[:-1], widths[1:])))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="build our artifact in this precision (fp32 runs beside it)")
     p.add_argument("--mlp-quant", choices=MLP_QUANTS, help="int8 MLPs (fp32 runs beside it)")
+    lgen = p.add_argument_group("MLPerf LoadGen (instead of the peer table)")
+    lgen.add_argument("--loadgen", choices=loadgen.SCENARIOS,
+                      help="run the artifact as a LoadGen system under test in this scenario")
+    lgen.add_argument("--accuracy", action="store_true",
+                      help="LoadGen's accuracy mode, its responses checked against PyTorch")
+    lgen.add_argument("--samples", type=int, default=4096,
+                      help="query sample library size (synthetic samples; default 4096)")
+    lgen.add_argument("--seconds", type=float, default=10.0, help="minimum test duration")
+    lgen.add_argument("--target-qps", type=float,
+                      help="Server: the scheduled rate; Offline: the expected rate")
+    lgen.add_argument("--max-batch", type=int, default=2048,
+                      help="largest batch the system under test forms (default 2048)")
+    lgen.add_argument("--loadgen-out", default="loadgen_logs", help="LoadGen's log directory")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--markdown", help="write the Markdown table here")
     args = p.parse_args(argv)
@@ -84,6 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     # Weights mapped from the file, not copied: the peers hold their own copies (multi-hot
     # tables are 8.6 GB). Warm-up runs fault in the rows a batch touches.
     ours = load(artifact, threads=args.threads, mmap=True)
+    if args.loadgen:
+        samples = batch_from_args(arch.to_dict(), args.samples, args, seed=0)
+        result = loadgen.run(ours, model, samples, args.loadgen, args.loadgen_out, args.seconds,
+                             args.target_qps, args.max_batch, args.accuracy)
+        print(loadgen.report(result))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0
     systems: dict[str, object] = {}
     if reduced and not args.artifact:
         compile_model(model, arch, args.target, f"{tmp.name}/fp32", buckets=buckets)
