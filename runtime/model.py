@@ -223,7 +223,9 @@ class CompiledDLRM:
             raise InputError(f"{self.path} computes click probabilities (its model ends in a "
                              "sigmoid), not logits; call without logits=True")
         out = call()
-        out = out.numpy() if isinstance(out, tvm.runtime.Tensor) else out
+        if isinstance(out, tvm.runtime.Tensor):
+            # on the host, the VM's own output buffer, shared (it lives as long as the array)
+            out = np.from_dlpack(out) if self._on_host else out.numpy()
         if self._output == "logit" and not logits:
             return (1 / (1 + np.exp(-out.astype(np.float64)))).astype(np.float32)
         return out

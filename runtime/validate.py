@@ -27,6 +27,7 @@ class InputError(ValueError):
 
 
 _INT64_MAX = np.iinfo(np.int64).max
+_FAST_INDEX_TYPES = (np.dtype(np.int64), np.dtype(np.int32))
 
 
 def _int_array(value, what: str) -> np.ndarray:
@@ -91,12 +92,17 @@ def check_batch(arch: dict, dense_x, lS_o, lS_i) -> Batch:
         raise InputError("lS_i must be a list of 1-D index arrays, one per table, or a [T, N] array")
     if len(lS_i) != num_tables:
         raise InputError(f"lS_i has {len(lS_i)} index arrays, the model has {num_tables} tables")
-    indices = []
-    for k, idx in enumerate(lS_i):
-        idx = _int_array(idx, f"lS_i[{k}]")
-        if idx.ndim != 1:
-            raise InputError(f"lS_i[{k}] must be 1-D, got shape {list(idx.shape)}")
-        indices.append(np.ascontiguousarray(idx))
+    first = lS_i[0]
+    if isinstance(first, np.ndarray) and first.dtype in _FAST_INDEX_TYPES and all(
+            isinstance(i, np.ndarray) and i.dtype == first.dtype and i.ndim == 1 for i in lS_i):
+        indices = lS_i        # signed arrays of one type: one concatenate checks them all
+    else:
+        indices = []
+        for k, idx in enumerate(lS_i):
+            idx = _int_array(idx, f"lS_i[{k}]")
+            if idx.ndim != 1:
+                raise InputError(f"lS_i[{k}] must be 1-D, got shape {list(idx.shape)}")
+            indices.append(idx)
     lengths = np.array([len(i) for i in indices], np.int64)
     if (offsets[:, 0] != 0).any():
         k = int(np.argmax(offsets[:, 0] != 0))
@@ -111,7 +117,7 @@ def check_batch(arch: dict, dense_x, lS_o, lS_i) -> Batch:
         k = int(np.argmax(past))
         raise InputError(f"lS_o[{k}][{batch - 1}] = {offsets[k, -1]} is past the end of lS_i[{k}] "
                          f"({lengths[k]} indices)")
-    flat = np.concatenate(indices)
+    flat = np.concatenate(indices).astype(np.int64, copy=False)
     starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
     bad = _out_of_range(rows, flat, starts)
     if bad:
