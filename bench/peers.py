@@ -109,17 +109,19 @@ class _TorchRecCall:
 
 
 def torchrec_eager(model, arch: Arch) -> Callable:
-    """TorchRec's DLRM / DLRM_DCN (fbgemm-gpu-cpu kernels) holding the same weights."""
+    """TorchRec's DLRM, DLRM_DCN or DLRM_Projection (fbgemm-gpu-cpu kernels) holding the
+    same weights."""
     try:
-        from torchrec.models.dlrm import DLRM as TorchRecDLRM, DLRM_DCN
+        from torchrec.models.dlrm import DLRM as TorchRecDLRM, DLRM_DCN, DLRM_Projection
         from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
         from torchrec.modules.embedding_modules import EmbeddingBagCollection
     except ImportError as e:
         raise PeerUnavailable(f"torchrec is not installed ({e})") from None
-    if arch.output != "logit" or arch.interaction_op not in ("dot", "dcn") or \
+    if arch.output != "logit" or arch.interaction_op == "cat" or \
             arch.interaction_itself or arch.weighted_pooling or arch.pooling == "max":
         raise PeerUnavailable("TorchRec's DLRM is this model only for TorchRec-shaped "
-                              "architectures (logits, dot without the diagonal, or dcn)")
+                              "architectures (logits; dot without the diagonal, dcn or "
+                              "projection)")
     keys = [f"f{k}" for k in range(arch.num_tables)]
     ebc = EmbeddingBagCollection(device=torch.device("meta"), tables=[
         EmbeddingBagConfig(name=f"t{k}", embedding_dim=arch.sparse_feature_size,
@@ -129,8 +131,14 @@ def torchrec_eager(model, arch: Arch) -> Callable:
     args = dict(embedding_bag_collection=ebc, dense_in_features=arch.num_dense,
                 dense_arch_layer_sizes=list(arch.mlp_bot[1:]),
                 over_arch_layer_sizes=list(arch.mlp_top), dense_device=torch.device("meta"))
-    peer = (DLRM_DCN(**args, dcn_num_layers=arch.dcn_layers, dcn_low_rank_dim=arch.dcn_low_rank)
-            if arch.interaction_op == "dcn" else TorchRecDLRM(**args))
+    if arch.interaction_op == "dcn":
+        peer = DLRM_DCN(**args, dcn_num_layers=arch.dcn_layers,
+                        dcn_low_rank_dim=arch.dcn_low_rank)
+    elif arch.interaction_op == "projection":
+        peer = DLRM_Projection(**args, interaction_branch1_layer_sizes=list(arch.proj_branch1),
+                               interaction_branch2_layer_sizes=list(arch.proj_branch2))
+    else:
+        peer = TorchRecDLRM(**args)
     peer.load_state_dict(to_torchrec(model.state_dict(), arch), assign=True)
     return _TorchRecCall(peer.eval(), keys)
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from .ops import POOLING_MODES, num_pairs
 
-INTERACTIONS = ("dot", "cat", "dcn")   # dcn: TorchRec's DLRM_DCN low-rank cross layers
+# dcn: TorchRec's DLRM_DCN low-rank cross layers; projection: DLRM_Projection's two branches
+INTERACTIONS = ("dot", "cat", "dcn", "projection")
 WEIGHTED_POOLING = (None, "fixed", "learned")
 OUTPUTS = ("probability", "logit")   # the reference's sigmoid at the end, or TorchRec's none
 
@@ -57,11 +58,15 @@ class Arch:
     output: str = "probability"
     dcn_layers: int = 0       # interaction "dcn": cross layers, each of this low rank
     dcn_low_rank: int = 0
+    proj_branch1: tuple[int, ...] = ()   # interaction "projection": its two MLPs' widths
+    proj_branch2: tuple[int, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "embedding_sizes", tuple(int(v) for v in self.embedding_sizes))
         object.__setattr__(self, "mlp_bot", tuple(int(v) for v in self.mlp_bot))
         object.__setattr__(self, "mlp_top", tuple(int(v) for v in self.mlp_top))
+        for name in ("proj_branch1", "proj_branch2"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
         problems = []
         if self.interaction_op not in INTERACTIONS:
             problems.append(f"interaction op {self.interaction_op!r} is not one of {INTERACTIONS}")
@@ -75,6 +80,16 @@ class Arch:
                             f"got {self.dcn_layers} and {self.dcn_low_rank}")
         if self.interaction_op != "dcn" and (self.dcn_layers or self.dcn_low_rank):
             problems.append("--dcn-layers and --dcn-low-rank need --arch-interaction-op dcn")
+        branches = (self.proj_branch1, self.proj_branch2)
+        if self.interaction_op == "projection":
+            if not all(branches) or any(min(b) < 1 or b[-1] % self.sparse_feature_size
+                                        for b in branches):
+                problems.append(f"the projection interaction needs --projection-branch1 and "
+                                f"--projection-branch2, each ending in a multiple of the "
+                                f"sparse feature size {self.sparse_feature_size}, got "
+                                f"{list(self.proj_branch1)} and {list(self.proj_branch2)}")
+        elif any(branches):
+            problems.append("--projection-branch1/2 need --arch-interaction-op projection")
         if self.output not in OUTPUTS:
             problems.append(f"output {self.output!r} is not one of {OUTPUTS}")
         if self.weighted_pooling and self.pooling != "sum":
@@ -105,8 +120,17 @@ class Arch:
         return len(self.embedding_sizes)
 
     @property
+    def features_width(self) -> int:
+        """The width of the concatenated features, the bottom MLP's output first."""
+        return (self.num_tables + 1) * self.mlp_bot[-1]
+
+    @property
     def top_input_width(self) -> int:
-        """The top MLP's input width, derived from the interaction as the reference does."""
+        """The top MLP's input width, derived from the interaction as the reference does
+        (projection: the dense features and the F1 x F2 products of the two branches)."""
+        if self.interaction_op == "projection":
+            dim = self.sparse_feature_size
+            return dim + (self.proj_branch1[-1] // dim) * (self.proj_branch2[-1] // dim)
         return top_input_width(self.num_tables, self.mlp_bot[-1], self.interaction_op,
                                self.interaction_itself)
 
@@ -126,11 +150,17 @@ class Arch:
             shapes[f"cross_l.W_kernels.{layer}"] = (width, rank)
             shapes[f"cross_l.V_kernels.{layer}"] = (rank, width)
             shapes[f"cross_l.bias.{layer}"] = (width,)
-        for prefix, widths in (("bot_l", self.mlp_bot), ("top_l", self.ln_top)):
+        for prefix, widths in (("bot_l", self.mlp_bot), ("top_l", self.ln_top),
+                               ("proj_l1", self.proj_widths(1)), ("proj_l2", self.proj_widths(2))):
             for i in range(len(widths) - 1):
                 shapes[f"{prefix}.{2 * i}.weight"] = (widths[i + 1], widths[i])
                 shapes[f"{prefix}.{2 * i}.bias"] = (widths[i + 1],)
         return shapes
+
+    def proj_widths(self, branch: int) -> tuple[int, ...]:
+        """Projection branch 1 or 2 with its input width: [in, out1, ...] (() if none)."""
+        widths = self.proj_branch1 if branch == 1 else self.proj_branch2
+        return (self.features_width,) + widths if widths else ()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -145,8 +175,13 @@ class Arch:
                 f"{'-'.join(map(str, self.ln_top))}, interaction {self.interaction_op}"
                 f"{' (itself)' if self.interaction_itself else ''}"
                 f"{f' ({self.dcn_layers} layers of rank {self.dcn_low_rank})' if self.dcn_layers else ''}"
+                f"{f' (branches {_dashed(self.proj_branch1)} and {_dashed(self.proj_branch2)})' if self.proj_branch1 else ''}"
                 f", pooling {self.pooling}"
                 f"{', weighted ' + self.weighted_pooling if self.weighted_pooling else ''}")
+
+
+def _dashed(values) -> str:
+    return "-".join(map(str, values))
 
 
 def top_input_width(num_tables: int, dense_out: int, op: str, itself: bool) -> int:
@@ -199,6 +234,10 @@ def add_arch_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weighted-pooling", choices=["fixed", "learned"])
     g.add_argument("--dcn-layers", type=int, help="cross layers (--arch-interaction-op dcn)")
     g.add_argument("--dcn-low-rank", type=int, help="their rank (--arch-interaction-op dcn)")
+    g.add_argument("--projection-branch1", help="widths of the first projection MLP, e.g. "
+                   "512-128 (--arch-interaction-op projection; the last a multiple of the "
+                   "sparse feature size)")
+    g.add_argument("--projection-branch2", help="widths of the second projection MLP")
 
 
 _FLAG_FIELDS = {
@@ -212,6 +251,8 @@ _FLAG_FIELDS = {
     "weighted_pooling": ("weighted_pooling", str),
     "dcn_layers": ("dcn_layers", int),
     "dcn_low_rank": ("dcn_low_rank", int),
+    "projection_branch1": ("proj_branch1", lambda v: parse_dashed(v, "--projection-branch1")),
+    "projection_branch2": ("proj_branch2", lambda v: parse_dashed(v, "--projection-branch2")),
 }
 
 

@@ -14,7 +14,9 @@ table, as the KeyedJaggedTensor's keys must then come), the dense arch as the bo
 over arch as the top MLP ending in logits (``output="logit"``). TorchRec's interaction takes
 the strict upper triangle of the Gram matrix in row-major order, ours the strict lower one
 (the same values, other order), so the over arch's first layer has its columns reordered to
-match. ``DLRM_DCN`` and ``DLRM_Projection`` checkpoints are recognised and refused by name.
+match. ``DLRM_DCN``'s cross layers (``inter_arch.crossnet``) become our ``dcn`` interaction
+and ``DLRM_Projection``'s two branches (``inter_arch.interaction_branch{1,2}``) our
+``projection`` one, each in TorchRec's own feature order.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def _layers(sd: dict, prefix: str) -> list[tuple[int, ...]]:
 
 TORCHREC_TABLES = "sparse_arch.embedding_bag_collection.embedding_bags."
 TORCHREC_CROSSNET = "inter_arch.crossnet."
-TORCHREC_OTHER_INTERACTIONS = {"inter_arch.interaction_branch": "DLRM_Projection"}
+TORCHREC_BRANCH = "inter_arch.interaction_branch{}.model._mlp"   # DLRM_Projection
 
 
 def _torchrec_mlp(sd: dict, prefix: str, out: dict, target: str, start: int = 0) -> int:
@@ -115,11 +117,6 @@ def from_torchrec(sd: dict) -> tuple[dict, dict] | None:
     not TorchRec's."""
     if not any(k.startswith(TORCHREC_TABLES) for k in sd):
         return None
-    for prefix, name in TORCHREC_OTHER_INTERACTIONS.items():
-        found = sorted(k for k in sd if k.startswith(prefix))
-        if found:
-            raise CheckpointError(f"TorchRec checkpoint of a {name} model ({found[0]}, ...): "
-                                  "dlrmc compiles TorchRec's DLRM and DLRM_DCN so far")
     out: dict = {}
     tables = [k for k in sd if k.startswith(TORCHREC_TABLES)]
     for k, key in enumerate(tables):
@@ -134,10 +131,13 @@ def from_torchrec(sd: dict) -> tuple[dict, dict] | None:
             raise CheckpointError(f"TorchRec checkpoint: {key} (the over arch's last layer) is "
                                   "missing")
         out[f"top_l.{2 * hidden}.{part}"] = sd[key]
+    branches = [_torchrec_mlp(sd, TORCHREC_BRANCH.format(b), out, f"proj_l{b}")
+                for b in (1, 2) if any(k.startswith(TORCHREC_BRANCH.format(b)) for k in sd)]
     cross = {k: v for k, v in sd.items() if k.startswith(TORCHREC_CROSSNET)}
     out.update((f"cross_l.{k[len(TORCHREC_CROSSNET):]}", v) for k, v in cross.items())
-    known = set(tables) | set(cross) | {k for k in sd if k.startswith(("dense_arch.model._mlp.",
-                                                                        "over_arch.model."))}
+    known = set(tables) | set(cross) | {k for k in sd if k.startswith((
+        "dense_arch.model._mlp.", "over_arch.model.", TORCHREC_BRANCH.format(1),
+        TORCHREC_BRANCH.format(2)))}
     unexpected = sorted(set(sd) - known)
     if unexpected:
         raise CheckpointError(f"TorchRec checkpoint: unexpected keys {', '.join(unexpected[:6])}")
@@ -147,6 +147,12 @@ def from_torchrec(sd: dict) -> tuple[dict, dict] | None:
     if cross:     # DLRM_DCN: the cross layers keep the concatenated features' order
         return out, {"interaction_op": "dcn", "interaction_itself": False, "output": "logit",
                      **_cross_fields(out)}
+    if branches:  # DLRM_Projection: its branches' products in TorchRec's own order
+        if len(branches) != 2:
+            raise CheckpointError(f"TorchRec checkpoint: a DLRM_Projection needs both "
+                                  f"{TORCHREC_BRANCH.format(1)} and {TORCHREC_BRANCH.format(2)}")
+        return out, {"interaction_op": "projection", "interaction_itself": False,
+                     "output": "logit", **_projection_fields(out)}
     if first.dim() != 2 or first.shape[1] != dense + num_pairs(features, False):
         raise CheckpointError(
             f"TorchRec checkpoint: over_arch.model.0._mlp.0._linear.weight takes "
@@ -185,6 +191,11 @@ def to_torchrec(sd: dict, arch: Arch) -> dict:
             out[key] = sd[f"top_l.{2 * i}.{part}"]
     out.update((TORCHREC_CROSSNET + k[len("cross_l."):], v) for k, v in sd.items()
                if k.startswith("cross_l."))
+    for b in (1, 2):
+        for i in range(len(arch.proj_widths(b)) - 1):
+            for part in ("weight", "bias"):
+                out[f"{TORCHREC_BRANCH.format(b)}.{i}._linear.{part}"] = \
+                    sd[f"proj_l{b}.{2 * i}.{part}"]
     if arch.interaction_op == "dot":
         first, dense = out["over_arch.model.0._mlp.0._linear.weight"], arch.mlp_bot[-1]
         back = np.argsort(torchrec_pair_order(arch.num_tables + 1))
@@ -205,6 +216,11 @@ def _cross_fields(sd: dict) -> dict:
         raise CheckpointError(f"cross_l.V_kernels.0 has shape {list(v.shape)}, expected [rank, "
                               "width]")
     return {"dcn_layers": len(layers), "dcn_low_rank": int(v.shape[0])}
+
+
+def _projection_fields(sd: dict) -> dict:
+    """The proj_branch1/2 widths that ``proj_l1.*`` / ``proj_l2.*`` keys imply."""
+    return {f"proj_branch{b}": tuple(_layers(sd, f"proj_l{b}")[1:]) for b in (1, 2)}
 
 
 def _count(sd: dict, prefix: str) -> int:
@@ -235,6 +251,14 @@ def infer_arch(sd: dict, given: dict | None = None) -> Arch:
         if given.get("interaction_op", "dcn") != "dcn":
             raise CheckpointError(f"the checkpoint has cross layers (cross_l.*): its interaction "
                                   f"is dcn, not {given['interaction_op']}")
+        given.pop("interaction_op", None)
+    if any(k.startswith(("proj_l1.", "proj_l2.")) for k in sd):
+        fields.update(_projection_fields(sd), interaction_op="projection",
+                      interaction_itself=False)
+        if given.get("interaction_op", "projection") != "projection":
+            raise CheckpointError(f"the checkpoint has projection branches (proj_l1.*, "
+                                  f"proj_l2.*): its interaction is projection, not "
+                                  f"{given['interaction_op']}")
         given.pop("interaction_op", None)
     if "interaction_op" not in given and "interaction_op" not in fields:
         options = [(op, it) for op, it in (("dot", False), ("dot", True), ("cat", False))

@@ -103,6 +103,9 @@ class DLRM(nn.Module):
                 self.register_buffer(f"_fixed_w{k}", torch.ones(n), persistent=False)
         if arch.interaction_op == "dcn":
             self.cross_l = CrossNet(arch.top_input_width, arch.dcn_layers, arch.dcn_low_rank, rng)
+        if arch.interaction_op == "projection":    # TorchRec's DLRM_Projection branches
+            self.proj_l1 = _mlp(arch.proj_widths(1), "relu", rng)
+            self.proj_l2 = _mlp(arch.proj_widths(2), "relu", rng)
         self.bot_l = _mlp(arch.mlp_bot, "relu", rng)
         self.top_l = _mlp(arch.ln_top, "sigmoid" if arch.output == "probability" else "none", rng)
 
@@ -135,6 +138,12 @@ class DLRM(nn.Module):
             return torch.cat([x] + [Zflat], dim=1)
         if self.arch.interaction_op == "dcn":
             return self.cross_l(torch.cat([x] + ly, dim=1))
+        if self.arch.interaction_op == "projection":
+            (batch_size, d) = x.shape
+            features = torch.cat([x] + ly, dim=1)
+            left = self.proj_l1(features).reshape(batch_size, -1, d)
+            right = self.proj_l2(features).reshape(batch_size, d, -1)
+            return torch.cat([x, torch.bmm(left, right).reshape(batch_size, -1)], dim=1)
         return torch.cat([x] + ly, dim=1)
 
     def forward(self, dense_x, lS_o, lS_i):

@@ -138,8 +138,9 @@ def test_compile_for_a_cpu_we_are_not_on_builds_and_says_the_check_is_skipped(tm
     assert "Traceback" not in res.stderr
 
 
-def test_dcn_from_flags_compiles_and_matches_pytorch(tmp_path):
-    """TorchRec's DLRM_DCN interaction spelled with flags, random weights (no checkpoint)."""
+def test_dcn_and_projection_from_flags_compile_and_match_pytorch(tmp_path):
+    """TorchRec's DLRM_DCN and DLRM_Projection interactions spelled with flags, random
+    weights (no checkpoint)."""
     res = run("dlrm-compile", "--preset", "tiny", "--arch-interaction-op", "dcn", "--dcn-layers",
               "3", "--dcn-low-rank", "5", "-o", str(tmp_path / "dcn.dlrmc"), "--check", "11",
               "--no-progress")
@@ -149,3 +150,13 @@ def test_dcn_from_flags_compiles_and_matches_pytorch(tmp_path):
     bad = run("dlrm-compile", "--preset", "tiny", "--arch-interaction-op", "dcn", "-o",
               str(tmp_path / "x"), check=False)
     assert bad.returncode != 0 and "needs --dcn-layers and --dcn-low-rank" in bad.stderr
+    res = run("dlrm-compile", "--preset", "tiny", "--arch-interaction-op", "projection",
+              "--projection-branch1", "32-16", "--projection-branch2", "24", "-o",
+              str(tmp_path / "p.dlrmc"), "--check", "7", "--no-progress")
+    assert "interaction projection (branches 32-16 and 24)" in res.stdout, res.stdout
+    diff = float(res.stdout.split("max |dlrmc - PyTorch| over batch 7:")[1].split()[0])
+    assert diff < 1e-6, res.stdout
+    bad = run("dlrm-compile", "--preset", "tiny", "--arch-interaction-op", "projection",
+              "--projection-branch1", "12", "--projection-branch2", "8", "-o",
+              str(tmp_path / "y"), check=False)
+    assert bad.returncode != 0 and "a multiple of the sparse feature size 8" in bad.stderr

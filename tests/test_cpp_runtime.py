@@ -76,8 +76,10 @@ def test_native_runner_matches_pytorch(native, model, tmp_path):
     _check_against_pytorch([native], tmp_path / "x86", model, tmp_path)
 
 
-@pytest.mark.parametrize("interaction", [{}, {"interaction_op": "dcn", "dcn_layers": 2,
-                                              "dcn_low_rank": 3}], ids=["dot", "dcn"])
+@pytest.mark.parametrize("interaction", [
+    {}, {"interaction_op": "dcn", "dcn_layers": 2, "dcn_low_rank": 3},
+    {"interaction_op": "projection", "proj_branch1": (16, 8), "proj_branch2": (24,)}],
+    ids=["dot", "dcn", "projection"])
 def test_native_runner_gives_probabilities_of_a_logit_model(native, tmp_path, interaction):
     """A model ending in logits (TorchRec's DLRM, and DLRM_DCN with its cross layers' weights
     checked against the architecture): the runner applies the sigmoid."""

@@ -9,7 +9,7 @@ import torch
 
 torchrec = pytest.importorskip("torchrec")
 
-from torchrec.models.dlrm import DLRM as TorchRecDLRM, DLRM_DCN  # noqa: E402
+from torchrec.models.dlrm import DLRM as TorchRecDLRM, DLRM_DCN, DLRM_Projection  # noqa: E402
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType  # noqa: E402
 from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
@@ -31,14 +31,18 @@ def _collection(rows, dim, pooling=PoolingType.SUM) -> EmbeddingBagCollection:
 
 def _torchrec_model(rows, dim, dense_in, dense_layers, over_layers, seed,
                     pooling=PoolingType.SUM, dcn=None):
-    """TorchRec's DLRM, or with ``dcn`` = (layers, low rank) its DLRM_DCN (biases made
-    non-zero, so they count)."""
+    """TorchRec's DLRM; with ``dcn`` = (layers, low rank) its DLRM_DCN (biases made
+    non-zero, so they count); with ``dcn`` = ("projection", branch1, branch2) its
+    DLRM_Projection."""
     torch.manual_seed(seed)
     args = dict(embedding_bag_collection=_collection(rows, dim, pooling),
                 dense_in_features=dense_in, dense_arch_layer_sizes=dense_layers,
                 over_arch_layer_sizes=over_layers)
     if dcn is None:
         return TorchRecDLRM(**args).eval()
+    if dcn[0] == "projection":
+        return DLRM_Projection(**args, interaction_branch1_layer_sizes=list(dcn[1]),
+                               interaction_branch2_layer_sizes=list(dcn[2])).eval()
     model = DLRM_DCN(**args, dcn_num_layers=dcn[0], dcn_low_rank_dim=dcn[1]).eval()
     with torch.no_grad():
         for bias in model.inter_arch.crossnet.bias:
@@ -64,11 +68,15 @@ CONFIGS = [   # rows, dim, dense input, dense arch, over arch, pooling, DCN (lay
     ((40, 7, 90, 3), 8, 5, [16, 8], [32, 16, 1], PoolingType.SUM, (3, 4)),
     ((11, 200, 60), 16, 13, [32, 16], [64, 1], PoolingType.SUM, (1, 64)),
     ((30, 20, 10, 5, 9), 8, 6, [8], [16, 1], PoolingType.MEAN, (2, 1)),
+    ((40, 7, 90, 3), 8, 5, [16, 8], [32, 16, 1], PoolingType.SUM, ("projection", [32, 16],
+                                                                   [24])),
+    ((11, 200), 4, 3, [4], [8, 1], PoolingType.MEAN, ("projection", [8], [16, 12])),
 ]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{len(c[0])}t-d{c[1]}-{c[5].name}"
-                         + (f"-dcn{c[6][0]}x{c[6][1]}" if c[6] else ""))
+                         + (("-projection" if c[6][0] == "projection" else
+                             f"-dcn{c[6][0]}x{c[6][1]}") if c[6] else ""))
 def test_a_torchrec_checkpoint_runs_as_torchrec_does(config, tmp_path):
     rows, dim, dense_in, dense_layers, over_layers, pooling, dcn = config
     model = _torchrec_model(rows, dim, dense_in, dense_layers, over_layers, seed=len(rows),
@@ -77,8 +85,12 @@ def test_a_torchrec_checkpoint_runs_as_torchrec_does(config, tmp_path):
     given = {"pooling": "mean"} if pooling == PoolingType.MEAN else None
     ours = load_model(tmp_path / "torchrec.pt", given)
     assert ours.arch.output == "logit"
-    assert ours.arch.interaction_op == ("dcn" if dcn else "dot")
-    assert (ours.arch.dcn_layers, ours.arch.dcn_low_rank) == (dcn or (0, 0))
+    if dcn and dcn[0] == "projection":
+        assert ours.arch.interaction_op == "projection"
+        assert (ours.arch.proj_branch1, ours.arch.proj_branch2) == (tuple(dcn[1]), tuple(dcn[2]))
+    else:
+        assert ours.arch.interaction_op == ("dcn" if dcn else "dot")
+        assert (ours.arch.dcn_layers, ours.arch.dcn_low_rank) == (dcn or (0, 0))
     compile_model(ours, ours.arch, None, str(tmp_path / "a"), log=lambda _: None, buckets=(4, 16))
     compiled = load(str(tmp_path / "a"))
     keys = [f"f{k}" for k in range(len(rows))]
@@ -145,14 +157,16 @@ def test_bad_torchrec_checkpoints_are_named(tmp_path):
         torch.save(state, tmp_path / f"{name}.pt")
         with pytest.raises(CheckpointError, match=message):
             load_model(tmp_path / f"{name}.pt")
-    projection = dict(sd, **{"inter_arch.interaction_branch1.model._mlp.0._linear.weight":
-                             torch.ones(2, 2)})
-    torch.save(projection, tmp_path / "projection.pt")
-    with pytest.raises(CheckpointError, match="DLRM_Projection"):
-        load_model(tmp_path / "projection.pt")
+    one_branch = {k: v for k, v in _torchrec_model(
+        (10, 12), 4, 3, [4], [8, 1], seed=0, dcn=("projection", [8], [12])).state_dict().items()
+        if "interaction_branch2" not in k}
+    torch.save(one_branch, tmp_path / "one_branch.pt")
+    with pytest.raises(CheckpointError, match="DLRM_Projection needs both"):
+        load_model(tmp_path / "one_branch.pt")
 
 
-@pytest.mark.parametrize("dcn", [None, (2, 3)], ids=["dlrm", "dcn"])
+@pytest.mark.parametrize("dcn", [None, (2, 3), ("projection", [16, 8], [8])],
+                         ids=["dlrm", "dcn", "projection"])
 def test_the_torchrec_peer_holds_our_weights(dcn, tmp_path):
     """dlrm-bench's TorchRec peer (our weights mapped back to TorchRec's names) computes what
     the TorchRec model we read them from computes."""

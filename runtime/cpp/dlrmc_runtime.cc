@@ -168,14 +168,24 @@ std::map<std::string, std::vector<int64_t>> WeightShapes(const json::Object& arc
   auto weighted = Get(arch, "weighted_pooling").try_cast<ffi::String>();
   if (bot.size() < 2 || top.empty()) throw Error("manifest.json: arch has too few MLP layers");
   const int64_t fea = static_cast<int64_t>(rows.size()) + 1;
-  int64_t top_in = op == "dot" ? (*itself ? fea * (fea + 1) / 2 : fea * (fea - 1) / 2) + bot.back()
-                               : fea * bot.back();   // cat, and dcn (cross layers keep the width)
-  top.insert(top.begin(), top_in);
-  std::map<std::string, std::vector<int64_t>> shapes;
   auto optional_int = [&arch](const char* key) -> int64_t {   // as Arch's defaults: 0
     auto it = arch.find(ffi::String(key));
     return it == arch.end() ? 0 : Int((*it).second, std::string("arch.") + key);
   };
+  auto optional_ints = [&arch](const char* key) -> std::vector<int64_t> {   // default: none
+    auto it = arch.find(ffi::String(key));
+    return it == arch.end() ? std::vector<int64_t>{} : Ints((*it).second, std::string("arch.") + key);
+  };
+  // As Arch.top_input_width: dot, projection (the two branches' F1 x F2 products after the
+  // dense features), and cat or dcn (the concatenated features; cross layers keep the width).
+  std::vector<int64_t> branch1 = optional_ints("proj_branch1"), branch2 = optional_ints("proj_branch2");
+  int64_t top_in = fea * bot.back();
+  if (op == "dot")
+    top_in = (*itself ? fea * (fea + 1) / 2 : fea * (fea - 1) / 2) + bot.back();
+  else if (op == "projection" && !branch1.empty() && !branch2.empty() && dim > 0)
+    top_in = dim + (branch1.back() / dim) * (branch2.back() / dim);
+  top.insert(top.begin(), top_in);
+  std::map<std::string, std::vector<int64_t>> shapes;
   const int64_t layers = optional_int("dcn_layers"), rank = optional_int("dcn_low_rank");
   for (int64_t l = 0; l < layers; ++l) {   // as Arch.weight_shapes
     const std::string n = std::to_string(l);
@@ -188,7 +198,11 @@ std::map<std::string, std::vector<int64_t>> WeightShapes(const json::Object& arc
     if (weighted && std::string(*weighted) == "learned")
       shapes["v_W_l." + std::to_string(k)] = {rows[k]};
   }
-  for (const auto& mlp : {std::make_pair(std::string("bot_l"), bot), std::make_pair(std::string("top_l"), top)})
+  for (auto* branch : {&branch1, &branch2})   // as Arch.proj_widths: the features first
+    if (!branch->empty()) branch->insert(branch->begin(), fea * bot.back());
+  for (const auto& mlp : {std::make_pair(std::string("bot_l"), bot), std::make_pair(std::string("top_l"), top),
+                          std::make_pair(std::string("proj_l1"), branch1),
+                          std::make_pair(std::string("proj_l2"), branch2)})
     for (size_t i = 0; i + 1 < mlp.second.size(); ++i) {
       std::string layer = mlp.first + "." + std::to_string(2 * i);
       shapes[layer + ".weight"] = {mlp.second[i + 1], mlp.second[i]};
