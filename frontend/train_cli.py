@@ -49,7 +49,7 @@ def evaluate(model: DLRM, data: ProcessedData, split: str, batch_size: int) -> d
     loss, correct, n, preds, labels = 0.0, 0, 0, [], []
     with torch.no_grad():
         for dense, offsets, indices, y in data.batches(split, batch_size):
-            p = model(torch.from_numpy(dense), torch.from_numpy(offsets),
+            p = model.probabilities(torch.from_numpy(dense), torch.from_numpy(offsets),
                       [torch.from_numpy(i) for i in indices])[:, 0]
             t = torch.from_numpy(y)
             loss += float(torch.nn.functional.binary_cross_entropy(p, t, reduction="sum"))
@@ -143,7 +143,7 @@ def train(args, model: DLRM, optimizer, data: ProcessedData, nbatches: int) -> N
                        total=nbatches, desc=f"epoch {epoch}", unit="batch", leave=False,
                        disable=args.no_progress)
         for j, (dense, offsets, indices, y) in enumerate(batches):
-            p_ = model(torch.from_numpy(dense), torch.from_numpy(offsets),
+            p_ = model.probabilities(torch.from_numpy(dense), torch.from_numpy(offsets),
                        [torch.from_numpy(i) for i in indices])[:, 0]
             loss = torch.nn.functional.binary_cross_entropy(p_, torch.from_numpy(y))
             optimizer.zero_grad()

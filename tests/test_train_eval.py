@@ -188,3 +188,21 @@ def test_reduced_precision_artifacts_stay_near_fp32(trained, options, tolerance)
                          [torch.from_numpy(i) for i in indices]).numpy()
         worst = max(worst, float(np.abs(ours - want).max()))
     assert 0 < worst < tolerance
+
+
+def test_a_dcn_model_trains_and_its_artifact_evaluates_as_pytorch(kaggle_sized):
+    """The DLRM_DCN interaction (logits out) through dlrm-train, dlrm-compile and dlrm-eval:
+    it learns, and the artifact's AUC is PyTorch's."""
+    d = kaggle_sized
+    res = run("dlrm-train", "--data", str(d / "synth.npz"), "--optimizer", "adagrad",
+              "--learning-rate", "0.01", "--arch-interaction-op", "dcn", "--dcn-layers", "2",
+              "--dcn-low-rank", "16", "--save-model", str(d / "dcn.pt"), "--threads", "2",
+              "--no-progress")
+    auc = float(re.search(r"^ auc ([\d.]+)$", res.stdout, re.M).group(1))
+    assert auc > 0.65, res.stdout
+    run("dlrm-compile", "--load-model", str(d / "dcn.pt"), "-o", str(d / "dcn.dlrmc"),
+        "--buckets", "none", "--no-progress")
+    res = run("dlrm-eval", str(d / "dcn.dlrmc"), "--data", str(d / "synth.npz"), "--split", "test")
+    ours = re.search(r"^dlrmc\s+([\d.]+)", res.stdout, re.M).group(1)
+    torch_auc = re.search(r"^pytorch\s+([\d.]+)", res.stdout, re.M).group(1)
+    assert ours == torch_auc and abs(float(ours) - auc) < 1e-3, res.stdout
