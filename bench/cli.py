@@ -30,10 +30,12 @@ from ..compiler.numerics import MLP_QUANTS, PRECISIONS
 from ..frontend.source import add_model_args, model_from_args
 from ..runtime import load, set_threads
 from ..runtime.batch import add_random_batch_args, bag_sizes_of, batch_from_args
+from ..runtime.devices import is_host
 from ..runtime.model import time_calls
 from ..schedules.tuning.log import read_manifest as read_log_manifest
 from ..schedules.tuning.log import task_table
-from . import loadgen
+from ..targets import parse_target
+from . import loadgen, probe
 from .tuning_report import plot_curve, tuning_curve
 from .peers import PEERS, PeerUnavailable, build_peer, gather_rate, gemm_rate
 
@@ -77,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     lgen.add_argument("--max-batch", type=int, default=2048,
                       help="largest batch the system under test forms (default 2048)")
     lgen.add_argument("--loadgen-out", default="loadgen_logs", help="LoadGen's log directory")
+    p.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure the FMA peak and each dense layer's share of it at the "
+                        "largest batch (default on)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--markdown", help="write the Markdown table here")
     args = p.parse_args(argv)
@@ -177,12 +182,21 @@ def main(argv: list[str] | None = None) -> int:
             + f"; bound {row['bound_us']:,.0f} us; max |dlrmc - eager| {diff:.2g}", flush=True)
     table = markdown(results)
     print("\n" + table)
+    layers = None
+    if args.layers and is_host(ours.device):
+        tgt = parse_target(args.target)
+        peak = probe.fma_peak(tgt, args.threads)
+        top = max(int(b) for b in args.batches.split(","))
+        layers = {"fma_peak_flops": peak, "batch": top,
+                  "table": probe.layer_table(arch, tgt, top, peak)}
+        print(f"\nFMA peak (built-in probe: independent vector FMA chains, {args.threads} "
+              f"threads): {peak / 1e9:,.1f} GFLOP/s\n" + layers["table"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"arch": arch.to_dict(), "threads": args.threads, "bag_size": bag_sizes_of(args),
                        "target": ours.manifest.target, "gemm_flops": rate_flops,
                        "gather_bytes_per_s": rate_bytes, "results": results,
-                       "tuning": tuning}, f, indent=1)
+                       "tuning": tuning, "layers": layers}, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(table + "\n")

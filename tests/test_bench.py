@@ -24,3 +24,7 @@ def test_bench_reports_ours_and_peers(tmp_path):
     assert "| dlrmc (this artifact) |" in table and "| PyTorch eager |" in table
     assert "| dlrmc, compiled call only |" in table and "time `predict`" in table
     assert "lower bound" in table
+    layers = data["layers"]
+    assert layers["fma_peak_flops"] > 1e9 and layers["batch"] == 8
+    assert "| bot 13->32 |" in layers["table"] and "| top 32->1 |" in layers["table"]
+    assert "FMA peak (built-in probe" in res.stdout
