@@ -2,7 +2,6 @@
 of independent vector FMA chains, built for the target with TVM) and each dense layer's rate
 in our kernel, as its share of that peak (``dlrm-bench`` prints both)."""
 
-from __future__ import annotations
 
 import numpy as np
 import tvm
