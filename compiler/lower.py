@@ -127,43 +127,42 @@ def _flat_batch(count, tables: int, node):
                         f"entries, got {count}")
 
 
-def _convert_embedding_bags_flat(node, importer, quant=None, tables=None, gpu=False
-                                 ) -> relax.Expr:
-    """``dlrmc::embedding_bags_flat``: the table-batched kernel on the flat layout."""
-    weights, indices, offsets, row_weights, mode = node.args
+def _table_batched(node, importer, weights, index_inputs, offsets, weighting, mode, batch_of,
+                   quant, tables, gpu, **layout) -> relax.Expr:
+    """One call of the table-batched kernel over ``weights`` (its ``layout`` arguments:
+    ``offset_rows`` or ``flat_tables``); ``weighting``: the per-index or per-row weights, if
+    any; ``batch_of(offsets shape)``: the batch."""
     env, bb = importer.env, importer.block_builder
-    ws, idx = [env[w] for w in weights], env[indices]
+    ws, ids = [env[w] for w in weights], [env[i] for i in index_inputs]
     dims = {_table(w, node) for w in ws}
     if len(dims) != 1:
         raise LoweringError(f"{node.name}: the tables must share one width, got {sorted(dims)}")
-    index_dtype = str(idx.ty.dtype)
-    off = _as_dtype(bb, env[offsets], index_dtype)
-    _quantized(ws, quant, tables)
-    kernel = _bags_kernel(gpu, quant, dim=dims.pop(), mode=Pooling.of(mode).label,
-                          weighted=bool(row_weights), index_dtype=index_dtype,
-                          include_last_offset=False, padding_idx=None, offset_rows=None,
-                          batch=None, flat_tables=len(ws))
-    gv = bb.add_func(kernel, f"embedding_bags_{len(ws)}")
-    batch = _flat_batch(_static_dims(off, "offsets", node)[0], len(ws), node)
-    out_ty = [relax.TensorType((batch, w.ty.shape[1]), "float32") for w in ws]
-    return bb.emit(relax.call_tir(gv, ws + [idx, off] + [env[v] for v in row_weights], out_ty))
-
-
-def _convert_embedding_bags(node, importer, quant=None, tables=None, gpu=False) -> relax.Expr:
-    weights, indices, offsets, psw, mode, rows = node.args
-    env, bb = importer.env, importer.block_builder
-    ws, ids = [env[w] for w in weights], [env[i] for i in indices]
-    dims = {_table(w, node) for w in ws}
     index_dtype = str(ids[0].ty.dtype)
     off = _as_dtype(bb, env[offsets], index_dtype)
     _quantized(ws, quant, tables)
     kernel = _bags_kernel(gpu, quant, dim=dims.pop(), mode=Pooling.of(mode).label,
-                          weighted=bool(psw), index_dtype=index_dtype, include_last_offset=False,
-                          padding_idx=None, offset_rows=list(rows), batch=None)
+                          weighted=bool(weighting), index_dtype=index_dtype,
+                          include_last_offset=False, padding_idx=None, batch=None, **layout)
     gv = bb.add_func(kernel, f"embedding_bags_{len(ws)}")
-    batch = _static_dims(off, "offsets", node)[1]
+    batch = batch_of(_static_dims(off, "offsets", node))
     out_ty = [relax.TensorType((batch, w.ty.shape[1]), "float32") for w in ws]
-    return bb.emit(relax.call_tir(gv, ws + ids + [off] + [env[s] for s in psw], out_ty))
+    return bb.emit(relax.call_tir(gv, ws + ids + [off] + [env[v] for v in weighting], out_ty))
+
+
+def _convert_embedding_bags_flat(node, importer, quant=None, tables=None, gpu=False
+                                 ) -> relax.Expr:
+    """``dlrmc::embedding_bags_flat``: the table-batched kernel on the flat layout."""
+    weights, indices, offsets, row_weights, mode = node.args
+    return _table_batched(node, importer, weights, [indices], offsets, row_weights, mode,
+                          lambda shape: _flat_batch(shape[0], len(weights), node), quant,
+                          tables, gpu, offset_rows=None, flat_tables=len(weights))
+
+
+def _convert_embedding_bags(node, importer, quant=None, tables=None, gpu=False) -> relax.Expr:
+    """``dlrmc::embedding_bags``: the table-batched kernel on rows of a [T, B] offset matrix."""
+    weights, indices, offsets, psw, mode, rows = node.args
+    return _table_batched(node, importer, weights, indices, offsets, psw, mode,
+                          lambda shape: shape[1], quant, tables, gpu, offset_rows=list(rows))
 
 
 @dataclass(frozen=True)
