@@ -95,7 +95,7 @@ TORCHREC_CROSSNET = "inter_arch.crossnet."
 TORCHREC_BRANCH = "inter_arch.interaction_branch{}.model._mlp"   # DLRM_Projection
 
 
-def _torchrec_mlp(sd: dict, prefix: str, out: dict, target: str, start: int = 0) -> int:
+def _torchrec_mlp(sd: dict, prefix: str, out: dict, target: str) -> int:
     """Copy TorchRec MLP layers ``prefix.<i>._linear.{weight,bias}`` to ``target.{2i}``;
     the number of layers."""
     idx = sorted(int(m.group(1)) for k in sd
@@ -108,7 +108,7 @@ def _torchrec_mlp(sd: dict, prefix: str, out: dict, target: str, start: int = 0)
             key = f"{prefix}.{i}._linear.{part}"
             if key not in sd:
                 raise CheckpointError(f"TorchRec checkpoint: {key} is missing")
-            out[f"{target}.{2 * (start + i)}.{part}"] = sd[key]
+            out[f"{target}.{2 * i}.{part}"] = sd[key]
     return len(idx)
 
 
@@ -141,18 +141,16 @@ def from_torchrec(sd: dict) -> tuple[dict, dict] | None:
     unexpected = sorted(set(sd) - known)
     if unexpected:
         raise CheckpointError(f"TorchRec checkpoint: unexpected keys {', '.join(unexpected[:6])}")
-    dense = out[f"bot_l.{2 * (_count(out, 'bot_l') - 1)}.weight"].shape[0]
+    # DLRM_DCN's cross layers keep the concatenated features' order, and DLRM_Projection's
+    # branches take TorchRec's own: ``infer_arch`` reads those interactions from our keys.
+    if len(branches) == 1:
+        raise CheckpointError(f"TorchRec checkpoint: a DLRM_Projection needs both "
+                              f"{TORCHREC_BRANCH.format(1)} and {TORCHREC_BRANCH.format(2)}")
+    if cross or branches:
+        return out, {"output": "logit"}
+    dense = _layers(out, "bot_l")[-1]
     first = out["top_l.0.weight"]
     features = len(tables) + 1
-    if cross:     # DLRM_DCN: the cross layers keep the concatenated features' order
-        return out, {"interaction_op": "dcn", "interaction_itself": False, "output": "logit",
-                     **_cross_fields(out)}
-    if branches:  # DLRM_Projection: its branches' products in TorchRec's own order
-        if len(branches) != 2:
-            raise CheckpointError(f"TorchRec checkpoint: a DLRM_Projection needs both "
-                                  f"{TORCHREC_BRANCH.format(1)} and {TORCHREC_BRANCH.format(2)}")
-        return out, {"interaction_op": "projection", "interaction_itself": False,
-                     "output": "logit", **_projection_fields(out)}
     if first.dim() != 2 or first.shape[1] != dense + num_pairs(features, False):
         raise CheckpointError(
             f"TorchRec checkpoint: over_arch.model.0._mlp.0._linear.weight takes "
@@ -221,10 +219,6 @@ def _cross_fields(sd: dict) -> dict:
 def _projection_fields(sd: dict) -> dict:
     """The proj_branch1/2 widths that ``proj_l1.*`` / ``proj_l2.*`` keys imply."""
     return {f"proj_branch{b}": tuple(_layers(sd, f"proj_l{b}")[1:]) for b in (1, 2)}
-
-
-def _count(sd: dict, prefix: str) -> int:
-    return sum(1 for k in sd if re.fullmatch(rf"{prefix}\.\d+\.weight", k))
 
 
 def infer_arch(sd: dict, given: dict | None = None) -> Arch:
