@@ -97,6 +97,8 @@ def write_raw_batch(directory: str, batch, layout: str = "flat") -> None:
     reads it: raw little-endian dense_x.bin (float32 [B, D]) and the sparse features as
     ``layout`` says: indices.bin + offsets.bin (flat), values.bin + lengths.bin (kjt) or
     lS_o.bin + lS_i_0.bin .. (reference), all int64."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     dense, lS_o, lS_i = batch
     os.makedirs(directory, exist_ok=True)
     arrays = {"dense_x": np.asarray(dense, "<f4")}

@@ -81,12 +81,12 @@ def vm_function(vm: VirtualMachine, name, field: str):
                             f"{LIBRARY}") from None
 
 
-def check_weights(manifest: Manifest) -> None:
+def check_weights(manifest: Manifest) -> Arch:
     """The weight index against the manifest's architecture: exactly the model's weights,
     each of its dtype (float32; a table may be uint8, row-wise quantised), every table with
     the rows the architecture (and so input validation) assumes, every float32 weight of its
     shape. (A manifest whose ``arch`` says a table is larger than it
-    is would let out-of-range indices through to the gathers.)"""
+    is would let out-of-range indices through to the gathers.) Returns the architecture."""
     try:
         arch = Arch.from_dict(manifest.arch)
     except (TypeError, ValueError) as e:
@@ -104,6 +104,7 @@ def check_weights(manifest: Manifest) -> None:
                 got["dtype"] == "float32" and tuple(got["shape"]) != shape):
             raise ArtifactError(f"manifest.json: weight {name} is {got['dtype']} {got['shape']}; "
                                 f"arch says {' or '.join(dtypes)} {list(shape)}")
+    return arch
 
 
 class CompiledDLRM:
@@ -123,11 +124,10 @@ class CompiledDLRM:
         if self.arch is None:
             raise ArtifactError(f"{self.path} is a generic (non-DLRM) artifact: load it with "
                                 "dlrmc.runtime.load, which gives a GenericModel")
-        check_weights(self.manifest)
+        self._output = check_weights(self.manifest).output   # probabilities, or logits
         self.device = artifact_device(self.path, self.manifest)
         self._library = load_library(self.path)
         self._bucket_sizes = [int(b) for b in self.manifest.buckets]
-        self._output = self.arch.get("output", "probability")
         self._local = threading.local()
         vm = self._vm()
         # mmap: TVM reads the file's pages in place (fast load, memory shared between
