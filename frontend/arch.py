@@ -99,9 +99,9 @@ class Arch:
                             f"{list(self.embedding_sizes)}")
         if len(self.mlp_bot) < 2 or min(self.mlp_bot) < 1:
             problems.append(f"bottom MLP needs an input and at least one layer, got "
-                            f"{'-'.join(map(str, self.mlp_bot))}")
+                            f"{_dashed(self.mlp_bot)}")
         if not self.mlp_top or min(self.mlp_top) < 1 or self.mlp_top[-1] != 1:
-            problems.append(f"top MLP must end in 1 output, got {'-'.join(map(str, self.mlp_top))}")
+            problems.append(f"top MLP must end in 1 output, got {_dashed(self.mlp_top)}")
         if self.sparse_feature_size < 1:
             problems.append(f"sparse feature size must be >= 1, got {self.sparse_feature_size}")
         elif len(self.mlp_bot) >= 2 and self.mlp_bot[-1] != self.sparse_feature_size:
@@ -171,8 +171,8 @@ class Arch:
 
     def describe(self) -> str:
         return (f"{self.num_tables} tables ({sum(self.embedding_sizes):,} rows, dim "
-                f"{self.sparse_feature_size}), bot {'-'.join(map(str, self.mlp_bot))}, top "
-                f"{'-'.join(map(str, self.ln_top))}, interaction {self.interaction_op}"
+                f"{self.sparse_feature_size}), bot {_dashed(self.mlp_bot)}, top "
+                f"{_dashed(self.ln_top)}, interaction {self.interaction_op}"
                 f"{' (itself)' if self.interaction_itself else ''}"
                 f"{f' ({self.dcn_layers} layers of rank {self.dcn_low_rank})' if self.dcn_layers else ''}"
                 f"{f' (branches {_dashed(self.proj_branch1)} and {_dashed(self.proj_branch2)})' if self.proj_branch1 else ''}"
