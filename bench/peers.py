@@ -17,7 +17,7 @@ import torch
 
 from ..frontend.arch import Arch
 from ..frontend.checkpoint import to_torchrec
-from ..frontend.export import export_model
+from ..frontend.export import example_batch
 from ..runtime.model import time_calls
 
 
@@ -34,12 +34,19 @@ def torch_compile(model, arch: Arch) -> Callable:
 
 
 def aot_inductor(model, arch: Arch) -> Callable:
-    """AOTInductor: the exported program compiled ahead of time into a .pt2 package."""
+    """AOTInductor: the model as PyTorch users have it (reference layout, ATen's embedding
+    bags; not our flat op, which AOTInductor would run through Python) exported with a
+    symbolic batch and index counts and compiled ahead of time into a .pt2 package."""
     from torch._inductor import aoti_compile_and_package, aoti_load_package
 
+    batch = torch.export.Dim("batch", min=1)
+    dims = {"dense_x": {0: batch}, "lS_o": {1: batch},
+            "lS_i": tuple({0: torch.export.Dim(f"indices_{k}", min=0)}
+                          for k in range(arch.num_tables))}
     path = os.path.join(tempfile.mkdtemp(prefix="dlrmc-aoti-"), "model.pt2")
     with torch.no_grad():
-        aoti_compile_and_package(export_model(model, arch), package_path=path)
+        program = torch.export.export(model.eval(), example_batch(arch), dynamic_shapes=dims)
+        aoti_compile_and_package(program, package_path=path)
     runner = aoti_load_package(path)
     return lambda d, o, i: runner(d, o, tuple(i))
 

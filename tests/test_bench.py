@@ -28,3 +28,24 @@ def test_bench_reports_ours_and_peers(tmp_path):
     assert layers["fma_peak_flops"] > 1e9 and layers["batch"] == 8
     assert "| bot 13->32 |" in layers["table"] and "| top 32->1 |" in layers["table"]
     assert "FMA peak (built-in probe" in res.stdout
+
+
+def test_the_aot_inductor_peer_computes_the_model():
+    """AOTInductor compiles the model as users have it (reference layout, ATen's bags)."""
+    import numpy as np
+    import torch
+
+    from dlrmc.bench.peers import aot_inductor
+    from dlrmc.frontend.arch import PRESETS
+    from dlrmc.frontend.model import DLRM
+    from dlrmc.runtime.batch import random_batch
+
+    arch = PRESETS["tiny"]
+    model = DLRM(arch, seed=1).eval()
+    peer = aot_inductor(model, arch)
+    for batch in (1, 5):
+        d, o, i = random_batch(arch.to_dict(), batch, bag_size=2, seed=batch, fixed=False,
+                               empty_bags=0.2)
+        tb = (torch.from_numpy(d), torch.from_numpy(o), [torch.from_numpy(x) for x in i])
+        with torch.no_grad():
+            np.testing.assert_allclose(peer(*tb).numpy(), model(*tb).numpy(), atol=1e-6)
