@@ -9,7 +9,7 @@ import numpy as np
 
 from ..frontend.arch import PRESET_BAGS
 from ..frontend.ops import flat_layout
-from .validate import check_batch, check_jagged, check_kjt
+from .validate import NAMED_LAYOUTS, check_batch, check_named
 
 
 DISTRIBUTIONS = ("uniform", "zipf")
@@ -122,10 +122,9 @@ def load_npz(path: str, arch: dict):
     num_tables = len(arch["embedding_sizes"])
     with np.load(path, allow_pickle=False) as z:
         keys = set(z.files)
-        for layout, check in ((("indices", "offsets"), check_jagged),
-                              (("values", "lengths"), check_kjt)):
+        for layout in NAMED_LAYOUTS:
             if "dense_x" in keys and set(layout) <= keys:
-                return check(arch, z["dense_x"], *(z[k] for k in layout))
+                return check_named(arch, {k: z[k] for k in ("dense_x", *layout)})
         missing = {"dense_x", "lS_o"} - keys
         if missing:
             raise ValueError(f"{path} lacks {', '.join(sorted(missing))}")

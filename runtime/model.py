@@ -38,6 +38,11 @@ def to_tvm(arrays: list[np.ndarray]) -> list[tvm.runtime.Tensor]:
     return out
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Probabilities from logits, float32 (computed in float64: no overflow warnings)."""
+    return (1 / (1 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+
+
 def time_calls(fn: Callable[[], object], warmup: int, repeat: int) -> list[float]:
     """Seconds of each of ``repeat`` calls of ``fn`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
@@ -217,18 +222,31 @@ class CompiledDLRM:
         ``lengths`` [T*B] bag sizes (``dlrmc.runtime.validate.check_kjt``)."""
         return self._run(self._bind(*check_kjt(self.arch, dense_x, values, lengths)), logits)
 
-    def _run(self, call, logits: bool = False) -> np.ndarray:
-        """Run a bound call; the probabilities (or ``logits``) as numpy."""
+    def predict_batch(self, batch, logits: bool = False) -> np.ndarray:
+        """``predict`` for a batch ``dlrmc.runtime.validate`` already checked, in the flat
+        layout its checks return (what ``dlrm-serve`` runs, its requests merged by
+        ``plan.merge_batches``)."""
+        return self._run(self._bind(*batch), logits)
+
+    def check_logits(self, logits: bool) -> None:
+        """Refuse ``logits=True`` for a model that ends in a sigmoid."""
         if logits and self._output != "logit":
             raise InputError(f"{self.path} computes click probabilities (its model ends in a "
                              "sigmoid), not logits; call without logits=True")
+
+    @property
+    def output_kind(self) -> str:
+        """What the model computes: "probability" or "logit" (TorchRec's DLRM)."""
+        return self._output
+
+    def _run(self, call, logits: bool = False) -> np.ndarray:
+        """Run a bound call; the probabilities (or ``logits``) as numpy."""
+        self.check_logits(logits)
         out = call()
         if isinstance(out, tvm.runtime.Tensor):
             # on the host, the VM's own output buffer, shared (it lives as long as the array)
             out = np.from_dlpack(out) if self._on_host else out.numpy()
-        if self._output == "logit" and not logits:
-            return (1 / (1 + np.exp(-out.astype(np.float64)))).astype(np.float32)
-        return out
+        return out if logits or self._output != "logit" else sigmoid(out)
 
     def time_per_batch(self, dense_x, lS_o, lS_i, repeat: int = 20) -> list[float]:
         """Seconds of each of ``repeat`` runs after a warm-up, validation excluded."""

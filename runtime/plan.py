@@ -48,3 +48,27 @@ def slice_batch(dense: np.ndarray, indices: np.ndarray, offsets: np.ndarray,
     off[:, rows:] = base[1:, None]
     idx = np.concatenate([indices[a:b] for a, b in zip(lo, hi)])
     return dense_piece, idx, np.append(off.ravel(), base[-1])
+
+
+def merge_batches(batches: list[tuple]) -> tuple:
+    """Validated flat batches (``dense`` [B_r, F], ``indices``, ``offsets`` [T*B_r+1]) as one
+    flat batch of all their rows in order, each table's bags and indices side by side (what
+    the server's dynamic batching runs; ``np.split`` of its output at the cumulative row
+    counts gives each batch its own rows back)."""
+    if len(batches) == 1:
+        return batches[0]
+    rows = [b[0].shape[0] for b in batches]
+    tables = (len(batches[0][2]) - 1) // rows[0]
+    dense = np.concatenate([b[0] for b in batches])
+    lengths = np.concatenate([np.diff(off).reshape(tables, r)
+                              for (_, _, off), r in zip(batches, rows)], axis=1)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    # Segment (batch r, table t) starts where r's table t starts in the concatenated
+    # indices; taken table-major, each copied to where the merged layout wants it.
+    base = np.cumsum([0] + [len(b[1]) for b in batches[:-1]])
+    starts = np.stack([off[::r] + s for (_, _, off), r, s in zip(batches, rows, base)])
+    seg_start, seg_len = starts[:, :-1].T.ravel(), np.diff(starts, axis=1).T.ravel()
+    out_start = np.cumsum(seg_len) - seg_len
+    source = np.repeat(seg_start - out_start, seg_len) + np.arange(int(seg_len.sum()))
+    indices = np.concatenate([b[1] for b in batches])[source]
+    return dense, indices, offsets

@@ -189,3 +189,18 @@ def _check_flat(arch: dict, dense: np.ndarray, idx: np.ndarray, off: np.ndarray,
         raise InputError(f"{idx_name}[{p}] = {idx[p]} (table {k}, position {p - starts[k]}) is "
                          f"out of range for table {k} with {rows[k]} rows")
     return dense, np.ascontiguousarray(idx), np.ascontiguousarray(off)
+
+
+#: the sparse inputs of each named layout a server or file may carry beside ``dense_x``
+NAMED_LAYOUTS = {("indices", "offsets"): check_jagged, ("values", "lengths"): check_kjt}
+
+
+def check_named(arch: dict, arrays: dict) -> Batch:
+    """Validate a batch given by name: ``dense_x`` with ``indices`` + ``offsets`` (flat) or
+    ``values`` + ``lengths`` (KeyedJaggedTensor), nothing else."""
+    names = set(arrays)
+    for layout, check in NAMED_LAYOUTS.items():
+        if names == {"dense_x", *layout}:
+            return check(arch, *(arrays[n] for n in ("dense_x", *layout)))
+    raise InputError("inputs must be dense_x with indices + offsets (FBGEMM's flat layout) or "
+                     f"with values + lengths (KeyedJaggedTensor); got {', '.join(sorted(names))}")
