@@ -35,7 +35,7 @@ from ..runtime.model import time_calls
 from ..schedules.tuning.log import read_manifest as read_log_manifest
 from ..schedules.tuning.log import task_table
 from ..targets import parse_target
-from . import loadgen, probe
+from . import loadgen, probe, serve_load
 from .tuning_report import plot_curve, tuning_curve
 from .peers import PEERS, PeerUnavailable, build_peer, gather_rate, gemm_rate
 
@@ -79,6 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     lgen.add_argument("--max-batch", type=int, default=2048,
                       help="largest batch the system under test forms (default 2048)")
     lgen.add_argument("--loadgen-out", default="loadgen_logs", help="LoadGen's log directory")
+    srv = p.add_argument_group("dlrm-serve under load (instead of the peer table)")
+    srv.add_argument("--serve", action="store_true",
+                     help="start dlrm-serve on 127.0.0.1 with the artifact and load it: QPS and "
+                          "p50/p99/p99.9 per level beside in-process predict, and a plot")
+    srv.add_argument("--serve-concurrency", default="1,4,16,32,64", help="clients per level")
+    srv.add_argument("--serve-rows", default="1,64", help="rows a request, one set of levels each")
+    srv.add_argument("--serve-requests", type=int, default=2000, help="requests a level at most")
+    srv.add_argument("--serve-seconds", type=float, default=15.0, help="seconds a level at most")
+    srv.add_argument("--serve-replicas", type=int, default=1)
+    srv.add_argument("--serve-max-batch", type=int, default=256)
+    srv.add_argument("--serve-batch-wait-ms", type=float, default=2.0)
+    srv.add_argument("--serve-plot", default="serve_latency.png", help="latency-load plot")
     p.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure the FMA peak and each dense layer's share of it at the "
                         "largest batch (default on)")
@@ -104,6 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     # Weights mapped from the file, not copied: the peers hold their own copies (multi-hot
     # tables are 8.6 GB). Warm-up runs fault in the rows a batch touches.
     ours = load(artifact, threads=args.threads, mmap=True)
+    if args.serve:
+        result = serve_load.benchmark(
+            artifact, ours, args, lambda rows, seed: batch_from_args(arch.to_dict(), rows, args,
+                                                                     seed))
+        table = serve_load.markdown(result["levels"])
+        serve_load.plot(result["levels"], args.serve_plot)
+        print("\n" + table + f"\n\nplot: {args.serve_plot}")
+        for path, text in ((args.json, json.dumps(result, indent=1)), (args.markdown, table)):
+            if path:
+                with open(path, "w") as f:
+                    f.write(text + "\n")
+        return 0
     if args.loadgen:
         samples = batch_from_args(arch.to_dict(), args.samples, args, seed=0)
         result = loadgen.run(ours, model, samples, args.loadgen, args.loadgen_out, args.seconds,

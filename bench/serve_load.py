@@ -222,3 +222,61 @@ def plot(rows: list[dict], path: str) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def benchmark(artifact: str, ours, args, batch_of) -> dict:
+    """The ``--serve`` table: for each request size and concurrency, the server's QPS and
+    latency percentiles, the mean batch it formed, and in-process ``predict`` (same artifact,
+    same machine, server idle) at that batch size and at the request's own size."""
+    from ..runtime.model import time_calls
+    levels = [int(c) for c in args.serve_concurrency.split(",")]
+    sizes = [int(r) for r in args.serve_rows.split(",")]
+    server_args = ("--replicas", str(args.serve_replicas), "--max-batch",
+                   str(args.serve_max_batch), "--batch-wait-ms", str(args.serve_batch_wait_ms),
+                   "--threads-per-replica", str(args.threads), "--log-format", "TEXT")
+
+    def predict_us(rows: int) -> float:
+        batch = batch_of(rows, 10_000 + rows)
+        return float(np.median(time_calls(lambda: ours.predict(*batch), 3, 30)) * 1e6)
+
+    rows_out = []
+    with Server({"model": artifact}, server_args) as server:
+        for size in sizes:
+            requests = [flat_request(batch_of(size, 1000 * size + k)) for k in range(64)]
+            for concurrency in levels:
+                run_level(server.url, "model", requests, concurrency, 4 * concurrency, 10)
+                time.sleep(5)                  # Ray's metrics agents export every 2 s
+                s0, c0 = batch_rows_mean(server, "model")
+                level = run_level(server.url, "model", requests, concurrency,
+                                  args.serve_requests, args.serve_seconds)
+                time.sleep(5)
+                s1, c1 = batch_rows_mean(server, "model")
+                row = level.row()
+                formed = (s1 - s0) / max(c1 - c0, 1)
+                row["mean_batch_rows"] = formed
+                b = max(1, round(formed))
+                row["predict_us_at_batch"] = predict_us(b)
+                row["predict_rows_per_s_at_batch"] = b / row["predict_us_at_batch"] * 1e6
+                row["share_of_predict"] = row["rows_per_s"] / row["predict_rows_per_s_at_batch"]
+                row["predict_us_at_request"] = predict_us(size)
+                rows_out.append(row)
+                print(f"{size} row(s) x {concurrency} client(s): {row['qps']:,.0f} req/s, p50 "
+                      f"{row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, batches of "
+                      f"{formed:.1f} rows, {row['share_of_predict']:.0%} of predict's "
+                      f"rows/s at that batch, {row['failed']} failed", flush=True)
+    return {"levels": rows_out, "server_args": list(server_args)}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| rows/request | clients | req/s | rows/s | p50 | p99 | p99.9 | mean batch | "
+             "in-process `predict` at that batch | server / `predict` rows/s | `predict` "
+             "at the request's rows | failed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['rows']} | {r['concurrency']} | {r['qps']:,.0f} | {r['rows_per_s']:,.0f} | "
+            f"{r['p50_ms']:.2f} ms | {r['p99_ms']:.2f} ms | {r['p999_ms']:.2f} ms | "
+            f"{r['mean_batch_rows']:.1f} | {r['predict_us_at_batch']:,.0f} us "
+            f"({r['predict_rows_per_s_at_batch']:,.0f} rows/s) | {r['share_of_predict']:.0%} | "
+            f"{r['predict_us_at_request'] / 1e3:.2f} ms | {r['failed']} |")
+    return "\n".join(lines)
