@@ -97,6 +97,7 @@ class Client:
     def __init__(self, url: str, timeout: float = 60):
         host, port = url.removeprefix("http://").rstrip("/").split(":")
         self._conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        self.last_response: dict = {}      # the last 200 response's JSON
 
     def infer(self, model: str, inputs: dict, binary: bool = True, outputs=None
               ) -> tuple[int, object]:
@@ -114,7 +115,9 @@ class Client:
             except (ValueError, KeyError):
                 return r.status, data.decode(errors="replace")
         try:
-            return 200, decode_response(data, r.getheader("Inference-Header-Content-Length"))[1]
+            self.last_response, outputs = decode_response(
+                data, r.getheader("Inference-Header-Content-Length"))
+            return 200, outputs
         except ProtocolError as e:
             return 200, f"undecodable response: {e}"
 
@@ -137,6 +140,7 @@ class Level:
     seconds: float
     failed: int
     latencies_ms: list
+    batch_rows: list            # each answered request's batch, as the server reported it
 
     def row(self) -> dict:
         lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.zeros(1)
@@ -144,7 +148,8 @@ class Level:
                 "failed": self.failed, "qps": self.requests / self.seconds,
                 "rows_per_s": self.requests * self.rows / self.seconds,
                 "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-                "p999_ms": float(np.percentile(lat, 99.9))}
+                "p999_ms": float(np.percentile(lat, 99.9)),
+                "mean_batch_rows": float(np.mean(self.batch_rows)) if self.batch_rows else 0.0}
 
 
 def run_level(url: str, model: str, requests: list[dict], concurrency: int, count: int,
@@ -152,7 +157,7 @@ def run_level(url: str, model: str, requests: list[dict], concurrency: int, coun
     """``count`` requests (cycling through ``requests``) from ``concurrency`` clients, or
     until ``seconds`` pass; every request's latency."""
     lock, sent = threading.Lock(), [0]
-    lat, failed = [], [0]
+    lat, failed, formed = [], [0], []
     deadline = time.perf_counter() + seconds
     bodies = [encode_request(r) for r in requests]
 
@@ -174,6 +179,7 @@ def run_level(url: str, model: str, requests: list[dict], concurrency: int, coun
             with lock:
                 if status == 200:
                     lat.append(ms)
+                    formed.append(c.last_response.get("parameters", {}).get("batch_rows", 0))
                 else:
                     failed[0] += 1
         c.close()
@@ -185,23 +191,7 @@ def run_level(url: str, model: str, requests: list[dict], concurrency: int, coun
     for t in threads:
         t.join()
     rows = requests[0]["dense_x"].shape[0]
-    return Level(concurrency, rows, len(lat), time.perf_counter() - t0, failed[0], lat)
-
-
-def batch_rows_mean(server: Server, model: str) -> tuple[float, float]:
-    """(sum, count) of the rows of every batch ``model`` ran, from ``/metrics``."""
-    from prometheus_client.parser import text_string_to_metric_families
-    _, text = server.get("/metrics")
-    total = count = 0.0
-    for family in text_string_to_metric_families(text.decode()):
-        if family.name == "ray_dlrmc_batch_rows":
-            for s in family.samples:
-                if s.labels.get("model") == model:
-                    if s.name.endswith("_sum"):
-                        total += s.value
-                    elif s.name.endswith("_count"):
-                        count += s.value
-    return total, count
+    return Level(concurrency, rows, len(lat), time.perf_counter() - t0, failed[0], lat, formed)
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -226,7 +216,8 @@ def plot(rows: list[dict], path: str) -> None:
 
 def benchmark(artifact: str, ours, args, batch_of) -> dict:
     """The ``--serve`` table: for each request size and concurrency, the server's QPS and
-    latency percentiles, the mean batch it formed, and in-process ``predict`` (same artifact,
+    latency percentiles, the mean batch its requests ran in (each response says its batch's
+    rows), and in-process ``predict`` (same artifact,
     same machine, server idle) at that batch size and at the request's own size."""
     from ..runtime.model import time_calls
     levels = [int(c) for c in args.serve_concurrency.split(",")]
@@ -245,15 +236,10 @@ def benchmark(artifact: str, ours, args, batch_of) -> dict:
             requests = [flat_request(batch_of(size, 1000 * size + k)) for k in range(64)]
             for concurrency in levels:
                 run_level(server.url, "model", requests, concurrency, 4 * concurrency, 10)
-                time.sleep(5)                  # Ray's metrics agents export every 2 s
-                s0, c0 = batch_rows_mean(server, "model")
                 level = run_level(server.url, "model", requests, concurrency,
                                   args.serve_requests, args.serve_seconds)
-                time.sleep(5)
-                s1, c1 = batch_rows_mean(server, "model")
                 row = level.row()
-                formed = (s1 - s0) / max(c1 - c0, 1)
-                row["mean_batch_rows"] = formed
+                formed = row["mean_batch_rows"]
                 b = max(1, round(formed))
                 row["predict_us_at_batch"] = predict_us(b)
                 row["predict_rows_per_s_at_batch"] = b / row["predict_us_at_batch"] * 1e6

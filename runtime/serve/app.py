@@ -136,15 +136,17 @@ class DLRMModel:
             self._requests.inc(tags={"status": "500"})
             return {"error": f"model {self.name} failed to run the batch: {e}", "status": 500}
         self._requests.inc(tags={"status": "200"})
-        return {"output": out if logits or self.model.output_kind != "logit"
-                else sigmoid(out)}
+        out, rows = out
+        return {"output": out if logits or self.model.output_kind != "logit" else sigmoid(out),
+                "batch_rows": rows}
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.002, batch_size_fn=_rows)
     async def _batched(self, items: list) -> list:
         return await self._run(items)
 
     async def _run(self, items: list) -> list:
-        """Run the requests' batches as one and split the output back; raw model output."""
+        """Run the requests' batches as one; each its rows of the raw model output, and the
+        rows of the batch it ran in."""
         start = time.perf_counter()
         for _, queued in items:
             self._queue.observe(start - queued)
@@ -157,7 +159,8 @@ class DLRMModel:
         self._model_time.observe(time.perf_counter() - start)
         self._batch_rows.observe(rows)
         self._rows_in.inc(rows)
-        return np.split(out, np.cumsum([b[0].shape[0] for b in batches])[:-1])
+        return [(piece, rows) for piece in
+                np.split(out, np.cumsum([b[0].shape[0] for b in batches])[:-1])]
 
 
 def model_application(name: str, artifact: str, version: str, settings: Settings):
@@ -312,7 +315,9 @@ class Front:
             return err
         if "error" in result:
             return _error(result["status"], result["error"])
-        body, headers = encode_response(req, name, self.versions[name], {out_name: result["output"]})
+        body, headers = encode_response(req, name, self.versions[name],
+                                        {out_name: result["output"]},
+                                        {"batch_rows": result["batch_rows"]})
         media = "application/octet-stream" if headers else "application/json"
         return Response(body, headers=headers, media_type=media)
 

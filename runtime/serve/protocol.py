@@ -121,13 +121,15 @@ def _binary_wanted(request: dict, name: str) -> bool:
     return bool((request.get("parameters") or {}).get("binary_data_output", False))
 
 
-def encode_response(request: dict, model: str, version: str, outputs: dict[str, np.ndarray]
-                    ) -> tuple[bytes, dict[str, str]]:
+def encode_response(request: dict, model: str, version: str, outputs: dict[str, np.ndarray],
+                    parameters: dict | None = None) -> tuple[bytes, dict[str, str]]:
     """The response body and its extra headers (``Inference-Header-Content-Length`` when any
-    output goes as binary data)."""
+    output goes as binary data); ``parameters``: the response's own."""
     header = {"model_name": model, "model_version": version, "outputs": []}
     if "id" in request:
         header["id"] = request["id"]
+    if parameters:
+        header["parameters"] = parameters
     blobs = []
     for name, array in outputs.items():
         array = np.ascontiguousarray(array)
