@@ -44,7 +44,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "dlrmc.runtime.serve.cli",
                *(f"{n}={p}" for n, p in models.items()), "--port", str(self.port), *args]
-        fd, log = tempfile.mkstemp(prefix="dlrm-serve-", suffix=".log")
+        fd, self.log_path = tempfile.mkstemp(prefix="dlrm-serve-", suffix=".log")
         self.log = os.fdopen(fd, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -52,7 +52,7 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"dlrm-serve exited with {self.proc.returncode}; its output "
-                                   f"is in {self.log.name}")
+                                   f"is in {self.log_path}")
             try:
                 with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=5) as r:
                     if r.status == 200:
@@ -61,7 +61,7 @@ class Server:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise TimeoutError(f"dlrm-serve was not ready within {timeout} s ({self.log.name})")
+        raise TimeoutError(f"dlrm-serve was not ready within {timeout} s ({self.log_path})")
 
     def get(self, path: str) -> tuple[int, bytes]:
         try:

@@ -289,7 +289,8 @@ class _Load:
         self.stop, self.results = threading.Event(), []
         rng = np.random.default_rng(6)
         self.batches = [make_batch(model.arch, int(rng.integers(1, 9)), rng) for _ in range(16)]
-        self.threads = [threading.Thread(target=self._run, args=(url, k)) for k in range(threads)]
+        self.threads = [threading.Thread(target=self._run, args=(url, k), daemon=True)
+                        for k in range(threads)]
         for t in self.threads:
             t.start()
 
@@ -315,6 +316,8 @@ class _Load:
 
 def test_hot_swap_under_load_fails_no_request(server):
     swap = server.models["swap"]
+    front = _replica_pids("Front")
+    assert len(front) == 1, front
     load = _Load(server.url, server.models["tiny"])
     time.sleep(1)
     # a bad artifact is refused before anything rolls
@@ -333,17 +336,19 @@ def test_hot_swap_under_load_fails_no_request(server):
     status, out = Client(server.url).infer("tiny", flat_request(batch))
     assert status == 200
     np.testing.assert_allclose(out["probabilities"], _expected(swap, batch), rtol=1e-5, atol=1e-6)
+    assert _replica_pids("Front") == front          # only the model's replicas rolled
     status, body = server.get("/v2/models/tiny")
     assert json.loads(body)["versions"] == ["2"]
     assert json.loads(body)["inputs"][0]["shape"] == [-1, SWAP.num_dense]
 
 
-def _replica_pids(app: str) -> list[int]:
+def _replica_pids(deployment: str) -> list[int]:
+    """The pids of a deployment's replicas (Ray titles them ray::ServeReplica:APP:NAME)."""
     import psutil
     pids = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if f"ServeReplica:{app}:" in cmd:
+        if cmd.startswith(f"ray::ServeReplica:dlrmc:{deployment}"):
             pids.append(p.info["pid"])
     return pids
 
@@ -351,7 +356,7 @@ def _replica_pids(app: str) -> list[int]:
 def test_killed_replica_is_restarted_and_requests_get_answers(server):
     """A replica killed under load: every request is answered (200, or 503 with a reason,
     never a hang), Ray starts a new replica, and the server keeps answering."""
-    before = _replica_pids("dlrmc-model-tiny")
+    before = _replica_pids("model-tiny")
     assert len(before) == 2, before
     model = server.models["swap"]                        # (tiny serves SWAP since the swap)
     load = _Load(server.url, model)
@@ -371,7 +376,7 @@ def test_killed_replica_is_restarted_and_requests_get_answers(server):
           f"{len(results)} requests got 503")
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        now = _replica_pids("dlrmc-model-tiny")
+        now = _replica_pids("model-tiny")
         if len(now) == 2 and before[0] not in now:
             break
         time.sleep(1)

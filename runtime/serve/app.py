@@ -1,18 +1,20 @@
-"""dlrm-serve's Ray Serve application: the Open Inference Protocol in front, one Ray Serve
-application per model behind it.
+"""dlrm-serve's Ray Serve application (``dlrmc``): the Open Inference Protocol in front, one
+deployment per model behind it.
 
-- ``Front`` (one replica, at route ``/``) speaks the protocol: health, metadata, infer,
-  ``/metrics``, and the model-repository extension's ``load`` for hot swaps. It decodes a
-  request and hands the arrays to the model's replicas through a Ray Serve handle; a replica
-  that dies under it is retried once on another, then answered 503 with the reason.
-- ``DLRMModel`` (``--replicas`` replicas per model, each in its own Ray Serve application
-  named ``dlrmc-model-NAME``) loads the artifact with mmap (replicas on one machine share the
-  table pages), validates each request alone (a bad one is answered 400 and never joins a
-  batch), then batches with ``serve.batch``, counting rows, not requests: requests wait up to
-  ``--batch-wait-ms`` for others until ``--max-batch`` rows, the merged batch runs on the
-  artifact's buckets (``dlrmc.runtime.plan``) and each request gets its own rows back.
-- A hot swap redeploys the model's application with the new artifact: Ray Serve rolls its
-  replicas, starting the new ones before it drains the old.
+- ``Front`` (one replica, the application's ingress, at route ``/``) speaks the protocol:
+  health, metadata, infer, ``/metrics``, and the model-repository extension's ``load`` for
+  hot swaps. It decodes a request and hands the arrays to the model's replicas through a Ray
+  Serve handle; a replica that dies under it is retried once on another, then answered 503
+  with the reason. Embedded, it listens on the port itself (Ray Serve's direct ingress).
+- ``DLRMModel`` (deployment ``model-NAME``, ``--replicas`` replicas) loads the artifact with
+  mmap (replicas on one machine share the table pages), validates each request alone (a bad
+  one is answered 400 and never joins a batch), then batches with ``serve.batch``, counting
+  rows, not requests: requests wait up to ``--batch-wait-ms`` for others until
+  ``--max-batch`` rows, the merged batch runs on the artifact's buckets
+  (``dlrmc.runtime.plan``) and each request gets its own rows back.
+- A hot swap redeploys the application with one model's artifact changed: Ray Serve rolls
+  that deployment's replicas, starting the new ones before it drains the old, and leaves the
+  rest (``Front`` included) running.
 """
 
 import asyncio
@@ -40,15 +42,14 @@ from ..validate import InputError, check_named
 from .protocol import ProtocolError, decode_request, encode_response
 
 LOG = logging.getLogger("ray.serve")
-FRONT_APP = "dlrmc-front"
-MODEL_DEPLOYMENT = "DLRMModel"
+APP = "dlrmc"
 METRIC_PREFIXES = ("ray_dlrmc_", "ray_serve_")
 _ROW_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 _SECONDS = [1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 2.5]
 
 
-def model_app_name(name: str) -> str:
-    return f"dlrmc-model-{name}"
+def deployment_name(model: str) -> str:
+    return f"model-{model}"
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def _rows(items) -> int:
     return sum(batch[0].shape[0] for batch, _ in items)
 
 
-@serve.deployment(name=MODEL_DEPLOYMENT, max_ongoing_requests=512, health_check_period_s=2,
+@serve.deployment(max_ongoing_requests=512, health_check_period_s=2,
                   health_check_timeout_s=10)
 class DLRMModel:
     """One replica of one model."""
@@ -118,8 +119,12 @@ class DLRMModel:
                 "batch_wait_ms": self.settings.batch_wait_ms},
         }
 
-    async def infer(self, inputs: dict, logits: bool) -> dict:
-        """{"output": [B, 1] float32} or {"error": message, "status": HTTP status}."""
+    async def infer(self, inputs: dict, logits: bool, version: str = "") -> dict:
+        """{"output": [B, 1] float32, "version", "batch_rows"} or {"error": message, "status":
+        HTTP status}; ``version``, when given, must be this replica's."""
+        if version and version != self.version:
+            return {"error": f"model {self.name} is at version {self.version}, not {version}",
+                    "status": 404}
         try:
             self.model.check_logits(logits)
             batch = check_named(self.model.arch, inputs)
@@ -138,7 +143,7 @@ class DLRMModel:
         self._requests.inc(tags={"status": "200"})
         out, rows = out
         return {"output": out if logits or self.model.output_kind != "logit" else sigmoid(out),
-                "batch_rows": rows}
+                "batch_rows": rows, "version": self.version}
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.002, batch_size_fn=_rows)
     async def _batched(self, items: list) -> list:
@@ -163,17 +168,26 @@ class DLRMModel:
                 np.split(out, np.cumsum([b[0].shape[0] for b in batches])[:-1])]
 
 
-def model_application(name: str, artifact: str, version: str, settings: Settings):
-    """The Ray Serve application of one model (``serve.run`` it as ``model_app_name``)."""
-    return DLRMModel.options(
-        num_replicas=settings.replicas,
-        ray_actor_options={"num_cpus": settings.threads},
+def application(models: dict, settings: Settings):
+    """The application: ``Front`` over one deployment per model, ``models`` mapping each name
+    to (artifact, version)."""
+    # Each deployment's version says when it must roll: serve.run otherwise gives every
+    # deployment a fresh random one and restarts them all, Front with them. (Ray 2.60 keeps
+    # the option for its own callers, hence _internal; the ray pin makes this safe.)
+    bound = {name: DLRMModel.options(
+        name=deployment_name(name), num_replicas=settings.replicas,
+        ray_actor_options={"num_cpus": settings.threads}, _internal=True,
+        version=f"{os.path.abspath(artifact)}@{version}",
     ).bind(name, os.path.abspath(artifact), version, asdict(settings))
+        for name, (artifact, version) in models.items()}
+    return Front.options(_internal=True, version=json.dumps(asdict(settings))).bind(
+        bound, asdict(settings))
 
 
-def deploy_model(name: str, artifact: str, version: str, settings: Settings) -> None:
-    serve.run(model_application(name, artifact, version, settings), name=model_app_name(name),
-              route_prefix=None, logging_config={"encoding": settings.log_format})
+def deploy(models: dict, settings: Settings) -> None:
+    """Deploy (or roll to) ``models``; Ray Serve restarts only what changed."""
+    serve.run(application(models, settings), name=APP, route_prefix="/",
+              logging_config={"encoding": settings.log_format})
 
 
 def gather_metrics() -> str:
@@ -222,13 +236,12 @@ api = FastAPI(title="dlrm-serve", docs_url=None, redoc_url=None)
                   ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Front:
-    """The protocol's routes (one replica: it holds the models' versions)."""
+    """The protocol's routes. It keeps no model state: versions and artifacts are the
+    replicas' own (``DLRMModel.metadata``), so a restarted ``Front`` is the same ``Front``."""
 
-    def __init__(self, models: dict[str, str], settings: dict):
+    def __init__(self, handles: dict, settings: dict):
         self.settings = Settings(**settings)
-        self.versions = {name: "1" for name in models}
-        self.handles = {name: serve.get_deployment_handle(MODEL_DEPLOYMENT, model_app_name(name))
-                        for name in models}
+        self.handles = handles              # model name -> its deployment's handle
         self._swap_lock = asyncio.Lock()
 
     async def _call(self, name: str, method: str, *args):
@@ -283,7 +296,7 @@ class Front:
     async def model_metadata(self, name: str, version: str = ""):
         meta, err = await self._answer(name, "metadata")
         if err is None and version and version not in meta["versions"]:
-            return _error(404, f"model {name} has version {meta['versions'][0]}, not {version}")
+            return _error(404, f"model {name} is at version {meta['versions'][0]}, not {version}")
         return err or meta
 
     @api.get("/v2/models/{name}/ready")
@@ -297,8 +310,6 @@ class Front:
     async def infer(self, name: str, request: Request, version: str = ""):
         if name not in self.handles:
             return _error(404, f"no model named {name!r}; models: {', '.join(sorted(self.handles))}")
-        if version and version != self.versions[name]:
-            return _error(404, f"model {name} has version {self.versions[name]}, not {version}")
         try:
             req, inputs = decode_request(await request.body(),
                                          request.headers.get("Inference-Header-Content-Length"))
@@ -310,12 +321,12 @@ class Front:
         except ProtocolError as e:
             return _error(400, str(e))
         out_name = wanted[0] if wanted else "probabilities"
-        result, err = await self._answer(name, "infer", inputs, out_name == "logits")
+        result, err = await self._answer(name, "infer", inputs, out_name == "logits", version)
         if err is not None:
             return err
         if "error" in result:
             return _error(result["status"], result["error"])
-        body, headers = encode_response(req, name, self.versions[name],
+        body, headers = encode_response(req, name, result["version"],
                                         {out_name: result["output"]},
                                         {"batch_rows": result["batch_rows"]})
         media = "application/octet-stream" if headers else "application/json"
@@ -329,7 +340,12 @@ class Front:
     @api.post("/v2/repository/index")
     @api.get("/v2/repository/index")
     async def repository_index(self):
-        return [{"name": n, "version": v, "state": "READY"} for n, v in self.versions.items()]
+        index = []
+        for name in sorted(self.handles):
+            meta, err = await self._answer(name, "metadata")
+            index.append({"name": name, "version": meta["versions"][0], "state": "READY"}
+                         if err is None else {"name": name, "state": "UNAVAILABLE"})
+        return index
 
     @api.post("/v2/repository/models/{name}/load")
     async def load_model(self, name: str, request: Request):
@@ -358,8 +374,15 @@ class Front:
         if manifest.arch is None:
             return _error(400, f"{artifact} is a generic (non-DLRM) artifact")
         async with self._swap_lock:
-            version = str(int(self.versions[name]) + 1)
-            await asyncio.to_thread(deploy_model, name, artifact, version, self.settings)
-            self.versions[name] = version
+            models = {}
+            for other in self.handles:       # every model as its replicas serve it now
+                meta, err = await self._answer(other, "metadata")
+                if err is not None:
+                    return _error(503, f"cannot swap model {name} while model {other} does not "
+                                       f"answer: {json.loads(err.body)['error']}")
+                models[other] = (meta["parameters"]["artifact"], meta["versions"][0])
+            version = str(int(models[name][1]) + 1)
+            models[name] = (artifact, version)
+            await asyncio.to_thread(deploy, models, self.settings)
         LOG.info("swapped model", extra={"model": name, "artifact": artifact, "version": version})
         return {"name": name, "version": version, "artifact": os.path.abspath(artifact)}
