@@ -79,6 +79,7 @@ class DLRMModel:
         self.name, self.artifact, self.version = name, artifact, version
         self.model = load(artifact, mmap=True, threads=self.settings.threads)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="dlrmc-batch")  # one batch at a time
+        self._pending = 0       # requests past validation, queued or running
         self._batched.set_max_batch_size(self.settings.max_batch)
         self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_ms / 1000)
         tags = ("model",)
@@ -131,8 +132,12 @@ class DLRMModel:
         except InputError as e:
             self._requests.inc(tags={"status": "400"})
             return {"error": str(e), "status": 400}
+        # A request that finds the replica idle (nothing queued or running) runs at once: at
+        # low load no one would join it. The others wait in serve.batch for company.
+        alone = self._pending == 0 or batch[0].shape[0] >= self.settings.max_batch
+        self._pending += 1
         try:
-            if batch[0].shape[0] >= self.settings.max_batch:   # a batch of its own
+            if alone:
                 out = (await self._run([(batch, time.perf_counter())]))[0]
             else:
                 out = await self._batched((batch, time.perf_counter()))
@@ -140,6 +145,8 @@ class DLRMModel:
             LOG.exception("batch failed", extra={"model": self.name})
             self._requests.inc(tags={"status": "500"})
             return {"error": f"model {self.name} failed to run the batch: {e}", "status": 500}
+        finally:
+            self._pending -= 1
         self._requests.inc(tags={"status": "200"})
         out, rows = out
         return {"output": out if logits or self.model.output_kind != "logit" else sigmoid(out),
