@@ -195,19 +195,26 @@ def run_level(url: str, model: str, requests: list[dict], concurrency: int, coun
 
 
 def plot(rows: list[dict], path: str) -> None:
+    """p50 and p99 latency against the number of concurrent clients, a line per request size,
+    each point labelled with its throughput."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for size in sorted({r["rows"] for r in rows}):
-        pts = sorted((r["qps"] * r["rows"], r["p50_ms"], r["p99_ms"]) for r in rows
+        pts = sorted((r["concurrency"], r["p50_ms"], r["p99_ms"], r["rows_per_s"]) for r in rows
                      if r["rows"] == size)
         xs = [p[0] for p in pts]
-        ax.plot(xs, [p[1] for p in pts], "o-", label=f"p50, {size} row(s) a request")
-        ax.plot(xs, [p[2] for p in pts], "x--", label=f"p99, {size} row(s) a request")
-    ax.set_xlabel("throughput (rows/s)")
-    ax.set_ylabel("latency (ms)")
+        line, = ax.plot(xs, [p[1] for p in pts], "o-", label=f"p50, {size} row(s) a request")
+        ax.plot(xs, [p[2] for p in pts], "x--", color=line.get_color(),
+                label=f"p99, {size} row(s) a request")
+        for x, y, _, tput in pts:
+            ax.annotate(f"{tput:,.0f} rows/s", (x, y), fontsize=6, xytext=(3, -9),
+                        textcoords="offset points")
+    ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("latency (ms)")
     ax.set_title("dlrm-serve: latency against load")
     ax.legend(fontsize=7)
     fig.tight_layout()
