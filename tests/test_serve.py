@@ -5,6 +5,7 @@ swap under load, a replica killed under load."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -23,6 +24,8 @@ from dlrmc.runtime.serve.protocol import (ProtocolError, decode_request, decode_
 from dlrmc.runtime.validate import check_batch
 
 ray = pytest.importorskip("ray")
+from ray.serve.exceptions import BackPressureError  # noqa: E402
+
 from dlrmc.bench.serve_load import Client, Server, flat_request  # noqa: E402
 
 # A second architecture for the hot swap (other widths, other tables: a different model).
@@ -104,6 +107,60 @@ def test_merge_batches_is_split_back_by_slicing():
             for a, b in zip(slice_batch(*merged, start, rows, rows), part):
                 assert np.array_equal(a, b)
             start += rows
+
+
+class _FakeMethod:
+    """A handle method whose calls give ``outcomes`` in turn (the last one repeats): a value,
+    an exception to raise, or "hang"."""
+
+    def __init__(self, *outcomes):
+        self.outcomes, self.calls = outcomes, 0
+
+    def remote(self, *args):
+        outcome = self.outcomes[min(self.calls, len(self.outcomes) - 1)]
+        self.calls += 1
+
+        async def answer():
+            if outcome == "hang":
+                await asyncio.sleep(60)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+        return answer()
+
+
+def _front(method: _FakeMethod):
+    """The protocol front's own class over one fake model, without Ray."""
+    from types import SimpleNamespace
+
+    from dlrmc.runtime.serve.app import Front, Settings
+    cls = Front.func_or_class.__mro__[1]       # ours, under Ray Serve's ASGI wrapper
+    front = cls.__new__(cls)
+    cls.__init__(front, {"m": SimpleNamespace(infer=method)},
+                 vars(Settings(request_timeout_s=0.2)))
+    return front
+
+
+@pytest.mark.parametrize("outcomes, calls, status, match", [
+    ((ray.exceptions.ActorDiedError(), {"ok": 1}), 2, None, None),     # retried on another
+    ((ray.exceptions.ActorDiedError(),), 2, 503, "a replica of model m failed: ActorDiedError"),
+    ((ray.exceptions.ActorUnavailableError("gone", None),), 2, 503, "ActorUnavailableError"),
+    (("hang",), 1, 503, "did not answer within 0.2 s"),
+    ((BackPressureError(num_queued_requests=9, max_queued_requests=9),), 1, 503, "overloaded"),
+])
+def test_front_answers_503_with_the_reason(outcomes, calls, status, match):
+    method = _FakeMethod(*outcomes)
+    result, err = asyncio.run(_front(method)._answer("m", "infer", {}, False))
+    assert method.calls == calls
+    if status is None:
+        assert err is None and result == {"ok": 1}
+    else:
+        assert err.status_code == status and match in json.loads(err.body)["error"]
+
+
+def test_front_names_an_unknown_model():
+    _, err = asyncio.run(_front(_FakeMethod({}))._answer("nope", "infer"))
+    assert err.status_code == 404 and "no model named 'nope'; models: m" in json.loads(err.body)["error"]
 
 
 # ---- one server for the rest ---------------------------------------------------------------
@@ -390,3 +447,18 @@ def test_dlrm_serve_refuses_bad_arguments(tmp_path):
     assert res.returncode == 2 and "NAME=ARTIFACT" in res.stderr
     res = run("dlrm-serve", f"m={tmp_path}", check=False)
     assert res.returncode != 0 and "model m" in res.stderr
+
+
+def test_dlrm_bench_serve_command(tmp_path):
+    """dlrm-bench --serve, bounded: two levels on the tiny preset, the JSON, table and plot."""
+    out = tmp_path / "serve.json"
+    res = run("dlrm-bench", "--preset", "tiny", "--serve", "--serve-concurrency", "1,3",
+              "--serve-rows", "2", "--serve-requests", "30", "--serve-seconds", "5",
+              "--no-layers", "--peers", "none", "--json", out, "--serve-plot",
+              tmp_path / "plot.png", timeout=300)
+    levels = json.loads(out.read_text())["levels"]
+    assert [(lv["concurrency"], lv["rows"]) for lv in levels] == [(1, 2), (3, 2)]
+    for lv in levels:
+        assert lv["failed"] == 0 and 0 < lv["requests"] <= 30 and lv["qps"] > 0
+        assert lv["mean_batch_rows"] >= 2 and lv["p50_ms"] <= lv["p99_ms"]
+    assert "| rows/request | clients |" in res.stdout and (tmp_path / "plot.png").stat().st_size
