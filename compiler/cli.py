@@ -30,7 +30,9 @@ def check_artifact(model: torch.nn.Module, out_dir: str, batch: int, seed: int =
     from ..runtime import load
     from ..runtime.batch import random_batch
 
-    compiled = load(out_dir)
+    # mapped, not copied: the model's own copy of the tables is already in memory (the
+    # batch touches a few pages of the file)
+    compiled = load(out_dir, mmap=True)
     dense, offsets, indices = random_batch(compiled.arch, batch, bag_size=2, seed=seed)
     ours = compiled.predict(dense, offsets, indices)
     with torch.no_grad():
