@@ -168,7 +168,7 @@ def test_front_names_an_unknown_model():
 @pytest.fixture(scope="module")
 def server(compiled):
     tiny, swap = compiled(TINY), compiled(SWAP)
-    with Server({"tiny": str(tiny.path)},
+    with Server({"tiny": str(tiny.path), "other": str(swap.path)},
                 ("--replicas", "2", "--admin", "--max-batch", "64", "--batch-wait-ms", "5",
                  "--log-format", "TEXT")) as s:
         s.models = {"tiny": tiny, "swap": swap}
@@ -186,6 +186,8 @@ def test_tritonclient_routes_and_inference(server):
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("tiny") and not client.is_model_ready("nope")
     assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    assert [m["name"] for m in client.get_model_repository_index()] == ["other", "tiny"]
+    assert client.get_model_metadata("other")["inputs"][0]["shape"] == [-1, SWAP.num_dense]
     meta = client.get_model_metadata("tiny")
     assert [i["name"] for i in meta["inputs"]] == ["dense_x", "indices", "offsets"]
     assert meta["inputs"][0]["shape"] == [-1, TINY.num_dense]
@@ -244,8 +246,8 @@ def test_keyed_jagged_inputs_and_errors(server):
 
 
 def _send_all(url, requests, threads=8):
-    """Each request by one of ``threads`` clients at once; [(status, outputs or message,
-    the rows of the batch it ran in)]."""
+    """Each (model, inputs) request by one of ``threads`` clients at once; [(status, outputs
+    or message, the rows of the batch it ran in)]."""
     results = [None] * len(requests)
     todo = iter(range(len(requests)))
     lock = threading.Lock()
@@ -257,7 +259,7 @@ def _send_all(url, requests, threads=8):
                 k = next(todo, None)
             if k is None:
                 break
-            status, out = c.infer("tiny", requests[k])
+            status, out = c.infer(*requests[k])
             results[k] = (status, out, c.last_response.get("parameters", {}).get("batch_rows"))
         c.close()
 
@@ -294,8 +296,19 @@ def test_concurrent_mixed_requests_batch_and_match_predict(server):
     tiny = server.models["tiny"]
     ours = load(str(tiny.path))
     batches = [make_batch(TINY, int(rng.integers(1, 21)), rng) for _ in range(120)]
-    results = _send_all(server.url, [flat_request(b) for b in batches], threads=12)
-    for batch, (status, out, formed) in zip(batches, results):
+    others = [make_batch(SWAP, int(rng.integers(1, 21)), rng) for _ in range(40)]
+    requests = [("tiny", flat_request(b)) for b in batches] + \
+        [("other", flat_request(b)) for b in others]
+    order = rng.permutation(len(requests))          # both models' requests interleaved
+    shuffled = _send_all(server.url, [requests[k] for k in order], threads=12)
+    results = [None] * len(requests)
+    for k, result in zip(order, shuffled):
+        results[k] = result
+    for batch, (status, out, _) in zip(others, results[len(batches):]):
+        assert status == 200, out
+        np.testing.assert_allclose(out["probabilities"], _expected(server.models["swap"], batch),
+                                   rtol=1e-5, atol=1e-6)
+    for batch, (status, out, formed) in zip(batches, results[:len(batches)]):
         assert status == 200, out
         assert batch[0].shape[0] <= formed <= 64       # --max-batch 64
         np.testing.assert_allclose(out["probabilities"], _expected(tiny, batch), rtol=1e-5,
@@ -318,7 +331,7 @@ def test_bad_request_among_good_ones_fails_alone(server):
     requests = [flat_request(b) for b in batches]
     bad = 17
     requests[bad]["indices"][0] = -3
-    results = _send_all(server.url, requests, threads=10)
+    results = _send_all(server.url, [("tiny", r) for r in requests], threads=10)
     for k, (batch, (status, out, _)) in enumerate(zip(batches, results)):
         if k == bad:
             assert status == 400 and "indices[0] = -3 (table" in out, out
@@ -334,8 +347,8 @@ def test_metrics_are_prometheus_text(server):
     status, text = server.get("/metrics")
     assert status == 200
     names = {f.name for f in text_string_to_metric_families(text.decode())}
-    for want in ("ray_dlrmc_requests", "ray_dlrmc_batch_rows", "ray_dlrmc_queue_seconds",
-                 "ray_dlrmc_model_seconds"):
+    for want in ("ray_dlrmc_requests", "ray_dlrmc_rows", "ray_dlrmc_batch_rows",
+                 "ray_dlrmc_queue_seconds", "ray_dlrmc_model_seconds"):
         assert want in names, sorted(names)[:20]
 
 
@@ -373,8 +386,8 @@ class _Load:
 
 def test_hot_swap_under_load_fails_no_request(server):
     swap = server.models["swap"]
-    front = _replica_pids("Front")
-    assert len(front) == 1, front
+    front, other = _replica_pids("Front"), _replica_pids("model-other")
+    assert len(front) == 1 and len(other) == 2, (front, other)
     load = _Load(server.url, server.models["tiny"])
     time.sleep(1)
     # a bad artifact is refused before anything rolls
@@ -393,7 +406,8 @@ def test_hot_swap_under_load_fails_no_request(server):
     status, out = Client(server.url).infer("tiny", flat_request(batch))
     assert status == 200
     np.testing.assert_allclose(out["probabilities"], _expected(swap, batch), rtol=1e-5, atol=1e-6)
-    assert _replica_pids("Front") == front          # only the model's replicas rolled
+    # only the swapped model's replicas rolled
+    assert _replica_pids("Front") == front and _replica_pids("model-other") == other
     status, body = server.get("/v2/models/tiny")
     assert json.loads(body)["versions"] == ["2"]
     assert json.loads(body)["inputs"][0]["shape"] == [-1, SWAP.num_dense]
@@ -449,6 +463,7 @@ def test_dlrm_serve_refuses_bad_arguments(tmp_path):
     assert res.returncode != 0 and "model m" in res.stderr
 
 
+@pytest.mark.slow   # (a compile and a server of its own, ~30 s; the server is tested above)
 def test_dlrm_bench_serve_command(tmp_path):
     """dlrm-bench --serve, bounded: two levels on the tiny preset, the JSON, table and plot."""
     out = tmp_path / "serve.json"

@@ -250,6 +250,9 @@ class Front:
         self.settings = Settings(**settings)
         self.handles = handles              # model name -> its deployment's handle
         self._swap_lock = asyncio.Lock()
+        self._unavailable = metrics.Counter(
+            "dlrmc_unavailable", "requests answered 503: no replica of the model answered",
+            tag_keys=("model",))
 
     async def _call(self, name: str, method: str, *args):
         """A model replica's answer; a dead replica retried once, then ``Unavailable``."""
@@ -278,6 +281,7 @@ class Front:
             return None, _error(404, f"no model named {name!r}; models: "
                                      f"{', '.join(sorted(self.handles))}")
         except Unavailable as e:
+            self._unavailable.inc(tags={"model": name})
             return None, _error(503, str(e))
 
     @api.get("/v2/health/live")
