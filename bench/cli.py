@@ -79,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     lgen.add_argument("--max-batch", type=int, default=2048,
                       help="largest batch the system under test forms (default 2048)")
     lgen.add_argument("--loadgen-out", default="loadgen_logs", help="LoadGen's log directory")
+    lgen.add_argument("--loadgen-data", metavar="NPZ",
+                      help="the query sample library: the first --samples rows of this "
+                           "processed Criteo file's test split (dlrm-data criteo), scored by "
+                           "ROC AUC with --accuracy (default: synthetic samples)")
+    lgen.add_argument("--loadgen-max-ind-range", type=int, metavar="N",
+                      help="hash --loadgen-data's categories modulo N, as the model was trained")
     srv = p.add_argument_group("dlrm-serve under load (instead of the peer table)")
     srv.add_argument("--serve", action="store_true",
                      help="start dlrm-serve on 127.0.0.1 with the artifact and load it: QPS and "
@@ -129,9 +135,14 @@ def main(argv: list[str] | None = None) -> int:
                     f.write(text + "\n")
         return 0
     if args.loadgen:
-        samples = batch_from_args(arch.to_dict(), args.samples, args, seed=0)
+        labels = None
+        if args.loadgen_data:
+            samples, labels = loadgen.criteo_samples(args.loadgen_data, arch.to_dict(),
+                                                     args.samples, args.loadgen_max_ind_range)
+        else:
+            samples = batch_from_args(arch.to_dict(), args.samples, args, seed=0)
         result = loadgen.run(ours, model, samples, args.loadgen, args.loadgen_out, args.seconds,
-                             args.target_qps, args.max_batch, args.accuracy)
+                             args.target_qps, args.max_batch, args.accuracy, labels)
         print(loadgen.report(result))
         if args.json:
             with open(args.json, "w") as f:

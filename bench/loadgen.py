@@ -1,7 +1,8 @@
 """MLPerf LoadGen driving an artifact: ``dlrm-bench --loadgen offline|server|singlestream``.
 
 The query sample library is ``samples`` synthetic samples (the preset's multi-hot bag sizes:
-MLPerf DLRM-v2's for ``dlrm-v2``), held in memory. The system under test answers each query
+MLPerf DLRM-v2's for ``dlrm-v2``), or the first rows of a processed Criteo-format file's test
+split (``criteo_samples``: ``dlrm-data criteo``'s output, one index a bag), held in memory. The system under test answers each query
 with the artifact's click probability for its sample (float32, 4 bytes):
 
 - SingleStream: one sample a query, answered on LoadGen's thread;
@@ -11,7 +12,8 @@ with the artifact's click probability for its sample (float32, 4 bytes):
 
 LoadGen writes its summary and detail logs under ``out_dir``; the summary's result lines are
 printed. With ``accuracy`` LoadGen runs in accuracy mode (every sample once) and the logged
-responses are compared with PyTorch eager on the same samples.
+responses are compared with PyTorch eager on the same samples; with the file's labels,
+both are scored by ROC AUC, MLPerf DLRM's accuracy metric.
 """
 
 from __future__ import annotations
@@ -113,10 +115,29 @@ class _System:
             self.worker.join()
 
 
+def criteo_samples(path: str, arch: dict, count: int, max_ind_range: int | None = None):
+    """The first ``count`` rows of a processed Criteo file's test split as the query sample
+    library (a reference-layout batch) and their click labels; an index the model's tables
+    cannot hold is an error naming the table and position."""
+    from ..frontend.dataset import ProcessedData
+    from ..runtime.validate import InputError, check_batch
+
+    data = ProcessedData.load(path, max_ind_range)
+    dense, lS_o, lS_i, labels = next(data.batches("test", count))
+    try:
+        check_batch(arch, dense, lS_o, lS_i)
+    except InputError as e:
+        raise InputError(f"{path} does not fit the model ({e}; was it trained with "
+                         "--max-ind-range?)") from None
+    return (dense, lS_o, lS_i), labels
+
+
 def run(model, torch_model, samples, scenario: str, out_dir: str, seconds: float = 10.0,
-        target_qps: float | None = None, max_batch: int = 2048, accuracy: bool = False) -> dict:
+        target_qps: float | None = None, max_batch: int = 2048, accuracy: bool = False,
+        labels: np.ndarray | None = None) -> dict:
     """Run LoadGen on ``model`` (a loaded artifact) over ``samples`` (a reference-layout
-    batch, one row a sample); returns the summary's results (and the accuracy check)."""
+    batch, one row a sample); returns the summary's results (and the accuracy check, scored
+    by ROC AUC against ``labels`` when given)."""
     import mlperf_loadgen as lg
 
     if scenario not in SCENARIOS:
@@ -155,7 +176,7 @@ def run(model, torch_model, samples, scenario: str, out_dir: str, seconds: float
         lg.DestroySUT(sut)
     result = {"scenario": scenario, "out_dir": out_dir}
     if accuracy:
-        result["accuracy"] = _check_accuracy(out_dir, torch_model, samples)
+        result["accuracy"] = _check_accuracy(out_dir, torch_model, samples, labels)
     else:
         result.update(_summary(os.path.join(out_dir, "mlperf_log_summary.txt")))
     return result
@@ -177,8 +198,9 @@ def _summary(path: str) -> dict:
     return out
 
 
-def _check_accuracy(out_dir: str, torch_model, samples) -> dict:
-    """LoadGen's logged responses against PyTorch eager's probabilities for those samples."""
+def _check_accuracy(out_dir: str, torch_model, samples, labels=None) -> dict:
+    """LoadGen's logged responses against PyTorch eager's probabilities for those samples;
+    with ``labels``, both scored by ROC AUC."""
     with open(os.path.join(out_dir, "mlperf_log_accuracy.json")) as f:
         logged = json.load(f)
     ids = np.array([r["qsl_idx"] for r in logged])
@@ -187,14 +209,21 @@ def _check_accuracy(out_dir: str, torch_model, samples) -> dict:
     with torch.no_grad():
         want = torch_model.probabilities(torch.from_numpy(dense), torch.from_numpy(lS_o),
                                          [torch.from_numpy(i) for i in lS_i]).numpy()[:, 0]
-    return {"samples": len(ids), "max_abs_diff": float(np.abs(ours - want).max())}
+    out = {"samples": len(ids), "max_abs_diff": float(np.abs(ours - want).max())}
+    if labels is not None and len(np.unique(labels[ids])) == 2:
+        from sklearn.metrics import roc_auc_score
+        out["auc"] = float(roc_auc_score(labels[ids], ours))
+        out["auc_pytorch"] = float(roc_auc_score(labels[ids], want))
+    return out
 
 
 def report(result: dict) -> str:
     if "accuracy" in result:
         a = result["accuracy"]
+        auc = (f", ROC AUC {a['auc']:.6f} (PyTorch {a['auc_pytorch']:.6f})"
+               if "auc" in a else "")
         return (f"LoadGen {result['scenario']} accuracy mode: {a['samples']} samples, max "
-                f"|dlrmc - PyTorch| {a['max_abs_diff']:.3g} (logs in {result['out_dir']})")
+                f"|dlrmc - PyTorch| {a['max_abs_diff']:.3g}{auc} (logs in {result['out_dir']})")
     lines = [f"LoadGen {result['scenario']} (logs in {result['out_dir']}):"]
     lines += [f"  {k}: {v}" for k, v in result.items() if k not in ("scenario", "out_dir")]
     return "\n".join(lines)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from dlrmc.bench import loadgen
+from dlrmc.frontend.arch import Arch
 from dlrmc.runtime.batch import random_batch
 
-from conftest import TINY, run
+from conftest import TINY, run, torch_predict
 
 
 def test_take_samples_picks_each_samples_bags():
@@ -61,3 +62,42 @@ def test_dlrm_bench_loadgen_command(tmp_path):
               "--samples", "64", "--loadgen-out", str(tmp_path / "logs"))
     assert "LoadGen singlestream" in res.stdout and "Result is: VALID" in res.stdout, res.stdout
     assert (tmp_path / "logs" / "mlperf_log_summary.txt").is_file()
+
+
+CRITEO = Arch(4, (7,) * 26, (13, 8, 4), (8, 1))     # Criteo's 26 categorical columns
+
+
+def _processed(path, rows: int, rng, top: int = 7) -> None:
+    """A processed Criteo file (dlrm-data criteo's layout) with categories below ``top``."""
+    np.savez(path, X_int=rng.integers(0, 50, (rows, 13)), X_cat=rng.integers(0, top, (rows, 26)),
+             y=rng.integers(0, 2, rows), counts=np.full(26, 7))
+
+
+def test_criteo_file_as_the_query_sample_library(compiled, tmp_path):
+    """A processed Criteo file's test rows as LoadGen's samples: accuracy mode scores ROC AUC
+    on their labels, as sklearn scores PyTorch's own predictions for those rows."""
+    from sklearn.metrics import roc_auc_score
+
+    from dlrmc.frontend.criteo import kaggle_split
+    c = compiled(CRITEO)
+    rng = np.random.default_rng(5)
+    _processed(tmp_path / "data.npz", 1400, rng)          # test split: 100 rows
+    samples, labels = loadgen.criteo_samples(str(tmp_path / "data.npz"), CRITEO.to_dict(), 64)
+    assert len(labels) == 64 and samples[0].shape == (64, 13)
+    with np.load(tmp_path / "data.npz") as z:
+        assert np.array_equal(labels, z["y"][kaggle_split(1400, "test")][:64])
+    result = loadgen.run(c.runtime, c.model, samples, "offline", str(tmp_path / "logs"),
+                         seconds=0.2, accuracy=True, labels=labels)
+    want = torch_predict(c.model, *samples)[:, 0]
+    acc = result["accuracy"]
+    assert acc["samples"] == 64 and acc["max_abs_diff"] < 1e-5
+    assert acc["auc_pytorch"] == pytest.approx(roc_auc_score(labels, want), abs=1e-12)
+    assert acc["auc"] == pytest.approx(acc["auc_pytorch"], abs=1e-3)
+    assert "ROC AUC" in loadgen.report(result)
+
+
+def test_criteo_file_that_does_not_fit_the_model_is_named(tmp_path):
+    _processed(tmp_path / "big.npz", 1400, np.random.default_rng(6), top=9)
+    with pytest.raises(ValueError, match=r"big.npz does not fit the model .*out of range for "
+                                         r"table \d+ with 7 rows.*--max-ind-range"):
+        loadgen.criteo_samples(str(tmp_path / "big.npz"), CRITEO.to_dict(), 64)

@@ -126,7 +126,8 @@ def serve_models(args) -> int:
         for key, value in (("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1"),
                            ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1"),
                            ("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(args.port)),
-                           ("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(args.port + 1)),  # (exclusive)
+                           # (the range's end is exclusive)
+                           ("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(args.port + 1)),
                            # (a drain period for external load balancers; there are none)
                            ("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")):
             os.environ[key] = value
