@@ -30,7 +30,16 @@ def eager(model, arch: Arch) -> Callable:
 
 
 def torch_compile(model, arch: Arch) -> Callable:
-    return torch.compile(model, dynamic=False)
+    """torch.compile as its users run it for serving: mode "default", static shapes (one
+    graph per batch size, compiled on the first, untimed, call of each)."""
+    return torch.compile(model, dynamic=False, mode="default")
+
+
+def graphs_compiled() -> int:
+    """How many graphs TorchDynamo has compiled in this process (a count that moves while a
+    peer is timed means its time includes compiling, and is not trusted)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
 
 
 def aot_inductor(model, arch: Arch) -> Callable:

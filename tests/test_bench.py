@@ -49,3 +49,20 @@ def test_the_aot_inductor_peer_computes_the_model():
         tb = (torch.from_numpy(d), torch.from_numpy(o), [torch.from_numpy(x) for x in i])
         with torch.no_grad():
             np.testing.assert_allclose(peer(*tb).numpy(), model(*tb).numpy(), atol=1e-6)
+
+
+def test_graphs_compiled_sees_torch_compile_recompile():
+    """The count dlrm-bench uses to mark a peer's time as not trusted moves exactly when
+    TorchDynamo compiles (a new static shape), not on a call it has compiled for."""
+    import torch
+
+    from dlrmc.bench.peers import graphs_compiled
+
+    f = torch.compile(lambda x: x * 2 + 1, dynamic=False, backend="eager")
+    n = graphs_compiled()
+    f(torch.ones(3))
+    assert graphs_compiled() == n + 1
+    f(torch.ones(3))
+    assert graphs_compiled() == n + 1
+    f(torch.ones(5))
+    assert graphs_compiled() == n + 2
