@@ -19,6 +19,8 @@ DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np
           "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
           "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
 _NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+#: the numpy kinds of JSON data each input kind takes (bool, int, uint, float)
+_JSON_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
 MAX_ELEMENTS = 1 << 26      # one request's inputs, all together: 64M values (an int64 is 512 MB)
 
 
@@ -83,14 +85,20 @@ def _tensor(spec, rest: memoryview, pos: int, budget: int) -> tuple[str, np.ndar
     if "data" not in spec:
         raise ProtocolError(f"input {name}: neither data nor parameters.binary_data_size")
     try:
-        array = np.asarray(spec["data"], dtype=DTYPES[kind])
-    except (ValueError, TypeError, OverflowError) as e:
-        raise ProtocolError(f"input {name}: data is not {kind}: {e}") from None
-    if array.size != count:
-        raise ProtocolError(f"input {name}: data holds {array.size} values; shape {shape} "
+        raw = np.asarray(spec["data"])
+    except ValueError as e:
+        raise ProtocolError(f"input {name}: data is not a list of numbers: {e}") from None
+    if raw.size != count:
+        raise ProtocolError(f"input {name}: data holds {raw.size} values; shape {shape} "
                             f"needs {count}")
-    if kind != "BOOL" and array.dtype.kind == "b":
-        raise ProtocolError(f"input {name}: data holds booleans, not {kind}")
+    # JSON's values as they are: an integer input takes integers only (1.5 is refused, not
+    # truncated), within its type's range (300 is refused for UINT8, not wrapped)
+    target = np.dtype(DTYPES[kind])
+    if raw.size and raw.dtype.kind not in _JSON_KINDS[target.kind]:
+        raise ProtocolError(f"input {name}: data is not {kind} (got {raw.dtype} values)")
+    array = raw.astype(target)
+    if target.kind in "iu" and raw.size and not np.array_equal(array, raw):
+        raise ProtocolError(f"input {name}: data holds values out of {kind}'s range")
     return name, array.reshape(shape), 0
 
 
