@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,13 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..frontend.ops import flat_layout
+from ..runtime.serve.cli import free_port
 from ..runtime.serve.protocol import ProtocolError, decode_response, encode_request
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -246,7 +246,12 @@ class CompiledDLRM:
         if isinstance(out, tvm.runtime.Tensor):
             # on the host, the VM's own output buffer, shared (it lives as long as the array)
             out = np.from_dlpack(out) if self._on_host else out.numpy()
-        return out if logits or self._output != "logit" else sigmoid(out)
+        return self.as_requested(out, logits)
+
+    def as_requested(self, raw: np.ndarray, logits: bool = False) -> np.ndarray:
+        """The model's own output as the caller asked for it: logits as they are (with
+        ``logits``), else click probabilities."""
+        return raw if logits or self._output != "logit" else sigmoid(raw)
 
     def time_per_batch(self, dense_x, lS_o, lS_i, repeat: int = 20) -> list[float]:
         """Seconds of each of ``repeat`` runs after a warm-up, validation excluded."""

@@ -36,7 +36,6 @@ from ray.serve.exceptions import BackPressureError
 from ray.util import metrics
 
 from ...artifact import ArtifactError, read_manifest
-from ..model import sigmoid
 from ..plan import merge_batches
 from ..validate import InputError, check_named
 from .protocol import ProtocolError, decode_request, encode_response
@@ -149,7 +148,7 @@ class DLRMModel:
             self._pending -= 1
         self._requests.inc(tags={"status": "200"})
         out, rows = out
-        return {"output": out if logits or self.model.output_kind != "logit" else sigmoid(out),
+        return {"output": self.model.as_requested(out, logits),
                 "batch_rows": rows, "version": self.version}
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.002, batch_size_fn=_rows)

@@ -85,7 +85,8 @@ def swap(url: str, name: str, artifact: str, timeout: float = 600) -> dict:
         raise SystemExit(f"dlrm-serve: cannot reach {url}: {e.reason}") from None
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now."""
     import socket
     with socket.socket() as s:
         s.bind((host, 0))
@@ -109,7 +110,7 @@ def _start_ray(args, cpus: int) -> None:
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
         return
-    metrics_port = _free_port("127.0.0.1")      # this Ray's metrics agent (/metrics reads it)
+    metrics_port = free_port()      # this Ray's metrics agent (/metrics reads it)
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
              object_store_memory=256 << 20, _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 2000})
@@ -122,7 +123,7 @@ def serve_models(args) -> int:
         # on --port itself (its own uvicorn), and Ray's HTTP proxy, a hop that cost about
         # 5 ms of CPU a request here, is left on an internal port. On a cluster
         # (--address) the cluster's own settings apply: requests go through its proxy.
-        proxy_port = _free_port(args.host)
+        proxy_port = free_port(args.host)
         for key, value in (("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1"),
                            ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1"),
                            ("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(args.port)),

@@ -129,59 +129,59 @@ def _binary_wanted(request: dict, name: str) -> bool:
     return bool((request.get("parameters") or {}).get("binary_data_output", False))
 
 
-def encode_response(request: dict, model: str, version: str, outputs: dict[str, np.ndarray],
-                    parameters: dict | None = None) -> tuple[bytes, dict[str, str]]:
-    """The response body and its extra headers (``Inference-Header-Content-Length`` when any
-    output goes as binary data); ``parameters``: the response's own."""
-    header = {"model_name": model, "model_version": version, "outputs": []}
-    if "id" in request:
-        header["id"] = request["id"]
-    if parameters:
-        header["parameters"] = parameters
-    blobs = []
-    for name, array in outputs.items():
-        array = np.ascontiguousarray(array)
-        out = {"name": name, "datatype": datatype(array.dtype), "shape": list(array.shape)}
-        if _binary_wanted(request, name):
-            blob = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-            out["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            out["data"] = array.ravel().tolist()
-        header["outputs"].append(out)
+def _spec(name: str, array: np.ndarray, binary: bool, blobs: list) -> dict:
+    """A tensor's JSON: its values as ``data``, or with ``binary`` their raw little-endian
+    bytes appended to ``blobs`` and counted in ``parameters.binary_data_size``."""
+    array = np.ascontiguousarray(array)
+    spec = {"name": name, "datatype": datatype(array.dtype), "shape": list(array.shape)}
+    if binary:
+        blob = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        spec["parameters"] = {"binary_data_size": len(blob)}
+        blobs.append(blob)
+    else:
+        spec["data"] = array.ravel().tolist()
+    return spec
+
+
+def _message(header: dict, blobs: list) -> tuple[bytes, dict[str, str]]:
+    """The body (the JSON, then the binary data) and ``Inference-Header-Content-Length`` when
+    there is binary data."""
     text = json.dumps(header).encode()
     if not blobs:
         return text, {}
     return text + b"".join(blobs), {"Inference-Header-Content-Length": str(len(text))}
 
 
+def encode_response(request: dict, model: str, version: str, outputs: dict[str, np.ndarray],
+                    parameters: dict | None = None) -> tuple[bytes, dict[str, str]]:
+    """The response body and its extra headers (``Inference-Header-Content-Length`` when any
+    output goes as binary data); ``parameters``: the response's own."""
+    header = {"model_name": model, "model_version": version}
+    if "id" in request:
+        header["id"] = request["id"]
+    if parameters:
+        header["parameters"] = parameters
+    blobs = []
+    header["outputs"] = [_spec(name, array, _binary_wanted(request, name), blobs)
+                         for name, array in outputs.items()]
+    return _message(header, blobs)
+
+
 def encode_request(inputs: dict[str, np.ndarray], binary: bool = True, request_id: str = "",
                    outputs: list[str] | None = None) -> tuple[bytes, dict[str, str]]:
     """A request as a client sends it (``dlrm-bench --serve``'s load generator and the tests):
     the body and its headers."""
-    specs, blobs = [], []
-    for name, array in inputs.items():
-        array = np.ascontiguousarray(array)
-        spec = {"name": name, "datatype": datatype(array.dtype), "shape": list(array.shape)}
-        if binary:
-            blob = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-            spec["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            spec["data"] = array.ravel().tolist()
-        specs.append(spec)
-    request = {"inputs": specs}
+    blobs = []
+    request = {"inputs": [_spec(name, array, binary, blobs) for name, array in inputs.items()]}
     if request_id:
         request["id"] = request_id
     if outputs is not None:
         request["outputs"] = [{"name": n, "parameters": {"binary_data": binary}} for n in outputs]
     elif binary:
         request["parameters"] = {"binary_data_output": True}
-    text = json.dumps(request).encode()
-    headers = {"Content-Type": "application/octet-stream" if binary else "application/json"}
-    if binary:
-        headers["Inference-Header-Content-Length"] = str(len(text))
-    return text + b"".join(blobs), headers
+    body, headers = _message(request, blobs)
+    headers["Content-Type"] = "application/octet-stream" if binary else "application/json"
+    return body, headers
 
 
 def decode_response(body: bytes, header_length=None) -> tuple[dict, dict[str, np.ndarray]]:
