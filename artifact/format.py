@@ -60,11 +60,12 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import mmap
 import os
 import shutil
 from dataclasses import dataclass, field
 from importlib.metadata import version
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import numpy as np
 
@@ -129,29 +130,48 @@ def _sha256(path: str) -> str:
 CHUNK = 1 << 26     # bytes written (and reported to ``progress``) at a time
 
 
-def _write_weights(path: str, weights: Iterable[tuple[str, np.ndarray]],
+class StreamedArray(Protocol):
+    """A weight written a piece at a time, never whole in memory: its ``shape`` and
+    ``dtype``, and ``chunks()``, the C-order pieces whose bytes make it up, in order."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def chunks(self) -> Iterable[np.ndarray]: ...
+
+
+def _write_weights(path: str, weights: Iterable[tuple[str, np.ndarray | StreamedArray]],
                    progress: Callable[[int], object] | None = None) -> tuple[list, str]:
-    """Stream the arrays to ``path``; return their index and the file's sha256.
-    ``progress(n)`` is told each ``n`` bytes written."""
+    """Stream the arrays (or ``StreamedArray``s) to ``path``; return their index and the
+    file's sha256. ``progress(n)`` is told each ``n`` bytes written."""
     index, h, pos = [], hashlib.sha256(), 0
     with open(path, "wb") as f:
         for name, arr in weights:
-            arr = np.ascontiguousarray(arr)
+            pieces = [arr] if isinstance(arr, np.ndarray) else arr.chunks()
+            dtype, shape = np.dtype(arr.dtype), tuple(int(d) for d in arr.shape)
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             pad = (-pos) % ALIGN
             if pad:
                 f.write(b"\0" * pad)
                 h.update(b"\0" * pad)
                 pos += pad
-            data = memoryview(arr.astype(arr.dtype.newbyteorder("<"), copy=False)).cast("B")
-            for start in range(0, len(data), CHUNK):
-                chunk = data[start:start + CHUNK]
-                f.write(chunk)
-                h.update(chunk)
-                if progress:
-                    progress(len(chunk))
-            index.append({"name": name, "dtype": str(arr.dtype), "shape": list(arr.shape),
-                          "offset": pos, "nbytes": arr.nbytes})
-            pos += arr.nbytes
+            written = 0
+            for piece in pieces:
+                piece = np.ascontiguousarray(piece, dtype.newbyteorder("<"))
+                data = memoryview(piece).cast("B")
+                for start in range(0, len(data), CHUNK):
+                    chunk = data[start:start + CHUNK]
+                    f.write(chunk)
+                    h.update(chunk)
+                    if progress:
+                        progress(len(chunk))
+                written += len(data)
+            if written != nbytes:
+                raise ArtifactError(f"weight {name}: {written} bytes were written, its shape "
+                                    f"{list(shape)} and dtype {dtype} make {nbytes}")
+            index.append({"name": name, "dtype": str(dtype), "shape": list(shape),
+                          "offset": pos, "nbytes": nbytes})
+            pos += nbytes
     return index, h.hexdigest()
 
 
@@ -390,15 +410,22 @@ def read_manifest(artifact_dir: str, verify: bool = True, files: bool = True) ->
 
 def read_weights(artifact_dir: str, manifest: Manifest) -> list[np.ndarray]:
     """The weights mapped copy-on-write from the weights file (64-byte aligned), in ``main``'s
-    order; ``manifest`` as ``read_manifest`` returned it (index and size already checked)."""
+    order; ``manifest`` as ``read_manifest`` returned it (index and size already checked).
+
+    The mappings are advised random access (``MADV_RANDOM``): a lookup reads one page of a
+    table from disk, not the kernel's read-around window of 32 pages it would mostly waste."""
     spec = manifest.weights
     path = os.path.join(artifact_dir, spec["file"])
     out = []
     for t in spec["tensors"]:
         dtype = np.dtype(t["dtype"]).newbyteorder("<")
-        out.append(np.memmap(path, dtype=dtype, mode="c", offset=t["offset"],
-                             shape=tuple(t["shape"])) if t["nbytes"] else
-                   np.zeros(t["shape"], dtype))
+        if not t["nbytes"]:
+            out.append(np.zeros(t["shape"], dtype))
+            continue
+        arr = np.memmap(path, dtype=dtype, mode="c", offset=t["offset"], shape=tuple(t["shape"]))
+        if hasattr(mmap, "MADV_RANDOM"):
+            arr._mmap.madvise(mmap.MADV_RANDOM)
+        out.append(arr)
     return out
 
 

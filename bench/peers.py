@@ -184,10 +184,11 @@ def gemm_rate(size: int = 1024) -> float:
     return 2 * size**3 * len(times) / sum(times)
 
 
-def gather_rate(rows: int = 1 << 22, dim: int = 16, count: int = 1 << 18) -> float:
-    """Measured bytes/s of random row gathers from a table larger than the caches."""
-    table = np.random.default_rng(0).random((rows, dim), dtype=np.float32)
+def gather_rate(rows: int = 1 << 22, row_bytes: int = 64, count: int = 1 << 18) -> float:
+    """Measured bytes/s of random gathers of ``row_bytes``-byte rows from a table larger than
+    the caches."""
+    table = np.random.default_rng(0).integers(0, 255, (rows, row_bytes), dtype=np.uint8)
     idx = np.random.default_rng(1).integers(0, rows, count)
     np.take(table, idx[:1000], axis=0)
     (seconds,) = time_calls(lambda: np.take(table, idx, axis=0), warmup=0, repeat=1)
-    return count * dim * 4 / seconds
+    return count * row_bytes / seconds

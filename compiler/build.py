@@ -97,7 +97,8 @@ def prepare(model: torch.nn.Module, arch: Arch, target: tvm.target.Target, bucke
     ``lower``'s precision, mlp_quant and calibration); its module gains ``main_b{B}`` for
     every bucket."""
     ep = _stage(log, "export", progress, export_model, model, arch)
-    lowered = _stage(log, "lower", progress, lower, ep, target, emb_quant=emb_quant, **numerics)
+    lowered = _stage(log, "lower", progress, lower, ep, target, emb_quant=emb_quant,
+                     sources=getattr(model, "table_sources", None), **numerics)
     if buckets:
         lowered.mod = add_buckets(lowered.mod, buckets)
     return lowered

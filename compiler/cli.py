@@ -11,7 +11,8 @@ import torch
 
 from ..artifact import ArtifactError
 from ..frontend.checkpoint import CheckpointError
-from ..frontend.source import add_model_args, model_from_args
+from ..frontend.model import DLRM
+from ..frontend.source import add_model_args, model_from_args, tables_too_big
 from ..targets import TargetError, backend_for, parse_target
 from ..schedules.tuning.log import read_manifest as read_log_manifest
 from ..schedules.embedding_bag import QUANTS
@@ -118,11 +119,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.tuning_log:
             read_log_manifest(args.tuning_log)
         try:
-            model, arch = model_from_args(args)
+            # random tables are drawn as they are written (--mlp-quant calibrates on them)
+            model, arch = model_from_args(args, lazy_tables=not args.mlp_quant)
         except NotADlrm as e:
             if not args.onnx:
                 raise
             return _compile_generic(args, e)
+        too_big = model.table_sources and tables_too_big(arch)
+        if args.check and too_big:
+            raise ValueError(f"--check compares with PyTorch, which would hold the tables: "
+                             f"{too_big}; leave --check out and run the artifact with "
+                             f"dlrm-run --random")
         calibration = None
         if args.mlp_quant:
             from ..frontend.dataset import ProcessedData
@@ -144,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             print(f"[dlrmc] check: loading {args.output} (checking its files' digests) and "
                   f"running a batch of {args.check} through it and PyTorch eager", flush=True)
+            if model.table_sources:      # the compile left them undrawn; PyTorch needs them
+                model = DLRM(arch, seed=args.seed).eval()
             diff = check_artifact(model, args.output, args.check, args.seed)
             # reduced-precision builds are compared with the fp32 model: their error shows
             exact = args.emb_quant is None and args.precision == "fp32" and not args.mlp_quant

@@ -24,6 +24,9 @@ compiled code; ``lower`` returns them, in order, beside the module.
 
 from __future__ import annotations
 
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -358,19 +361,76 @@ CONVERTERS = {
 }
 
 
+STREAM_BYTES = 1 << 25   # float32 bytes of a table drawn (and quantised) at a time
+
+
+@dataclass(frozen=True)
+class StreamedTable:
+    """A table that is drawn as it is written (an ``artifact.format.StreamedArray``):
+    ``source``'s rows (``frontend.model.RandomTable``), row-wise quantised with ``quant``
+    (None: float32), in pieces of ``STREAM_BYTES`` drawn on every core, in order, a few
+    pieces ahead of the writer."""
+
+    source: object
+    quant: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, dim = self.source.shape
+        return (rows, dim) if self.quant is None else (rows, fused_width(dim, self.quant))
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.float32 if self.quant is None else np.uint8)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * self.dtype.itemsize
+
+    def _piece(self, lo: int, hi: int) -> np.ndarray:
+        rows = self.source.draw(lo, hi)
+        return rows if self.quant is None else quantize_rows(rows, self.quant)
+
+    def chunks(self):
+        rows, dim = self.source.shape
+        step = max(1, STREAM_BYTES // (4 * dim))
+        starts = iter(range(0, rows, step))
+        workers = len(os.sched_getaffinity(0))
+        with ThreadPoolExecutor(workers) as pool:
+            ahead: deque = deque()
+            for lo in starts:
+                ahead.append(pool.submit(self._piece, lo, min(lo + step, rows)))
+                if len(ahead) > 2 * workers:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+
+
+class _Importer(ExportedProgramImporter):
+    """TVM's importer, which takes a weight on the meta device (no data yet: a
+    ``StreamedTable`` stands in for it later) as an empty array instead of failing."""
+
+    @staticmethod
+    def _convert_pytorch_tensor_to_tvm(tensor_value: torch.Tensor):
+        if tensor_value.device.type == "meta":
+            return tvm.runtime.empty((0,), "float32")
+        return ExportedProgramImporter._convert_pytorch_tensor_to_tvm(tensor_value)
+
+
 @dataclass
 class Lowered:
     """The Relax module and the weights its ``main`` takes after the user inputs."""
 
     mod: tvm.IRModule
     param_names: list[str]       # state_dict names, in main's order
-    params: list[np.ndarray]     # zero-copy views of the torch weights
+    params: list                 # zero-copy views of the torch weights, or StreamedTables
     num_inputs: int
 
 
 def lower(ep: torch.export.ExportedProgram, target: tvm.target.Target,
           unwrap_single_output: bool = True, emb_quant: str | None = None,
-          precision: str = "fp32", mlp_quant: str | None = None, calibration=None) -> Lowered:
+          precision: str = "fp32", mlp_quant: str | None = None, calibration=None,
+          sources: dict | None = None) -> Lowered:
     """Decompose, rewrite our patterns, import into Relax and detach the parameters.
 
     ``main`` returns its one output bare when ``unwrap_single_output``, else always a tuple.
@@ -378,6 +438,9 @@ def lower(ep: torch.export.ExportedProgram, target: tvm.target.Target,
     (``schedules.embedding_bag.quantize_rows``), read by the embedding kernels as such.
     ``precision``: what the dense layers and interaction multiply in; ``mlp_quant="int8"``:
     int8 dense layers, calibrated on ``calibration`` (batches of exported inputs).
+    ``sources``: the values of weights that are meta tensors in the program (state_dict name
+    -> a ``RandomTable``, ``DLRM(lazy_tables=True)``): they are returned as
+    ``StreamedTable``s, drawn (and quantised) only as the artifact is written.
     """
     if emb_quant is not None and emb_quant not in QUANTS:
         raise LoweringError(f"--emb-quant must be one of {', '.join(QUANTS)}, got {emb_quant!r}")
@@ -388,12 +451,19 @@ def lower(ep: torch.export.ExportedProgram, target: tvm.target.Target,
         raise LoweringError(f"--mlp-quant must be one of {', '.join(MLP_QUANTS)}, got "
                             f"{mlp_quant!r}")
     ep = ep.run_decompositions()
+    lazy = {name for name, t in ep.state_dict.items() if t.device.type == "meta"}
+    if lazy - set(sources or {}):
+        raise LoweringError(f"weights with no values (meta tensors): "
+                            f"{', '.join(sorted(lazy - set(sources or {})))}")
+    if lazy and mlp_quant:
+        raise LoweringError("--mlp-quant calibrates on the model's outputs: it needs the tables "
+                            "in memory, not drawn as they are written")
     batch_embedding_bags(ep)
     fuse_dot_interaction(ep)
     fuse_linear(ep)
     ranges = linear_input_ranges(ep, calibration or []) if mlp_quant else None
     numerics = Numerics(precision, mlp_quant, ranges)
-    importer = ExportedProgramImporter()
+    importer = _Importer()
     stock = importer.create_convert_map()
     quantized: set[str] = set()
     backend = backend_for(target)
@@ -411,8 +481,9 @@ def lower(ep: torch.export.ExportedProgram, target: tvm.target.Target,
     by_arg = {s.arg.name: s.target for s in ep.graph_signature.input_specs
               if s.kind == torch.export.graph_signature.InputKind.PARAMETER}
     names = [by_arg[p.name] for p in main.params[num_inputs:]]
-    params = [np.from_dlpack(t) for t in detached.get("main", [])]
-    if len(names) != len(params):
+    params = [StreamedTable(sources[n]) if n in lazy else np.from_dlpack(t)
+              for n, t in zip(names, detached.get("main", []))]
+    if len(names) != len(detached.get("main", [])):
         raise LoweringError("parameter count of the Relax module does not match the program")
     if quantized:
         mod, params = _quantize_tables(mod, params, num_inputs, quantized, emb_quant)
@@ -440,7 +511,10 @@ def _quantize_tables(mod: tvm.IRModule, params: list, num_inputs: int, tables: s
             v = relax.Var(p.name, relax.TensorType(
                 (p.ty.shape[0], fused_width(int(p.ty.shape[1]), quant)), "uint8"))
             new_vars[p.name] = v
-            values[k - num_inputs] = quantize_rows(params[k - num_inputs], quant)
+            value = params[k - num_inputs]
+            values[k - num_inputs] = (StreamedTable(value.source, quant)
+                                      if isinstance(value, StreamedTable)
+                                      else quantize_rows(value, quant))
             p = v
         new_params.append(p)
     body = _Retype(mod, new_vars).visit_expr(main.body)

@@ -9,6 +9,8 @@ reference one; the compiler recognises the pattern, not our module.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -46,12 +48,47 @@ def _table(n: int, m: int, rng, mode: str) -> nn.EmbeddingBag:
     # tables are 2 GB and a float64 draw would double that. torch's allocator aligns to 64
     # bytes, which lets TVM take the table zero-copy.
     weight = torch.empty((n, m))
-    w = weight.numpy()
-    rng.random(out=w, dtype=np.float32)
-    a = np.float32(np.sqrt(1.0 / n))
-    w *= 2 * a
-    w -= a
+    _uniform_rows(rng, weight.numpy(), n)
     return nn.EmbeddingBag(n, m, mode=mode, sparse=mode != "max", _weight=weight)
+
+
+def _uniform_rows(rng, out: np.ndarray, n: int) -> None:
+    """Fill ``out`` with the next draws of ``rng`` scaled to U(-sqrt(1/n), sqrt(1/n))."""
+    rng.random(out=out, dtype=np.float32)
+    a = np.float32(np.sqrt(1.0 / n))
+    out *= 2 * a
+    out -= a
+
+
+def _stream_at(seed: int, position: int) -> np.random.Generator:
+    """``np.random.default_rng(seed)`` after ``position`` float32 draws (each takes half of
+    one 64-bit output; an odd count leaves the other half buffered, as a real draw does)."""
+    bits = np.random.default_rng(seed).bit_generator
+    bits.advance(position // 2)
+    rng = np.random.Generator(bits)
+    if position % 2:
+        rng.random(1, dtype=np.float32)
+    return rng
+
+
+@dataclass(frozen=True)
+class RandomTable:
+    """One table of ``DLRM(arch, seed)``'s random init, drawn a slice of rows at a time with
+    the same values: ``start`` is the float32 draws the tables before it took."""
+
+    seed: int
+    start: int
+    rows: int
+    dim: int
+
+    shape = property(lambda self: (self.rows, self.dim))
+    dtype = np.dtype(np.float32)
+
+    def draw(self, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi``, float32."""
+        out = np.empty((hi - lo, self.dim), np.float32)
+        _uniform_rows(_stream_at(self.seed, self.start + lo * self.dim), out, self.rows)
+        return out
 
 
 class CrossNet(nn.Module):
@@ -85,15 +122,26 @@ class DLRM(nn.Module):
 
     ``lS_o`` is [T, B] start offsets; ``lS_i`` a list/tuple of T 1-D index tensors or a [T, N]
     tensor. Weights are initialised as the reference does, from ``seed``; with ``init=False``
-    they are left on the meta device for ``load_state_dict(..., assign=True)``.
+    they are left on the meta device for ``load_state_dict(..., assign=True)``. With
+    ``lazy_tables`` the tables stay on the meta device and ``table_sources`` (state_dict name
+    -> ``RandomTable``) draws their values when asked, so a compile can write tables larger
+    than memory; every other weight is the same as without it.
     """
 
-    def __init__(self, arch: Arch, seed: int = 0, init: bool = True):
+    def __init__(self, arch: Arch, seed: int = 0, init: bool = True, lazy_tables: bool = False):
         super().__init__()
         self.arch = arch
         rng = np.random.default_rng(seed) if init else None
         m = arch.sparse_feature_size
-        self.emb_l = nn.ModuleList(_table(n, m, rng, arch.pooling) for n in arch.embedding_sizes)
+        self.table_sources: dict[str, RandomTable] = {}
+        if lazy_tables and init:
+            start = 0
+            for k, n in enumerate(arch.embedding_sizes):
+                self.table_sources[f"emb_l.{k}.weight"] = RandomTable(seed, start, n, m)
+                start += n * m
+            rng = _stream_at(seed, start)
+        self.emb_l = nn.ModuleList(_table(n, m, None if self.table_sources else rng, arch.pooling)
+                                   for n in arch.embedding_sizes)
         if arch.weighted_pooling == "learned":
             self.v_W_l = nn.ParameterList(
                 nn.Parameter(torch.ones(n, device=None if init else "meta"))

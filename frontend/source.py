@@ -6,6 +6,7 @@ Shared by every command that takes a model (dlrm-compile, and later dlrm-tune/-b
 from __future__ import annotations
 
 import argparse
+import os
 
 from .arch import PRESETS, Arch, add_arch_args, arch_from_fields, given_fields
 from .checkpoint import load_model
@@ -25,8 +26,22 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="seed of the random weights when no checkpoint is given")
 
 
-def model_from_args(args: argparse.Namespace, log=print) -> tuple[DLRM, Arch]:
-    """The eval-mode model and its architecture that ``args`` describe."""
+def tables_too_big(arch: Arch) -> str | None:
+    """Why the architecture's float32 tables cannot be held in memory here (more than half
+    of it), or None."""
+    tables = sum(arch.embedding_sizes) * arch.sparse_feature_size * 4
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if tables <= memory / 2:
+        return None
+    return (f"its float32 tables ({tables / 1e9:.1f} GB) are more than half this machine's "
+            f"memory ({memory / 1e9:.1f} GB)")
+
+
+def model_from_args(args: argparse.Namespace, log=print, lazy_tables: bool | str = False
+                    ) -> tuple[DLRM, Arch]:
+    """The eval-mode model and its architecture that ``args`` describe. Random tables are
+    left undrawn (``DLRM(lazy_tables=True)``) with ``lazy_tables``, or with "too-big" only
+    when they cannot be held in memory (``tables_too_big``)."""
     given = given_fields(args)
     if getattr(args, "onnx", None):
         if args.load_model or args.preset or given:
@@ -46,4 +61,6 @@ def model_from_args(args: argparse.Namespace, log=print) -> tuple[DLRM, Arch]:
         log(f"no model given: using --preset {preset} with random weights (seed {args.seed})")
     arch = arch_from_fields(given, PRESETS[preset] if preset else None)
     log(f"model: {arch.describe()}")
-    return DLRM(arch, seed=args.seed).eval(), arch
+    if lazy_tables == "too-big":
+        lazy_tables = tables_too_big(arch) is not None
+    return DLRM(arch, seed=args.seed, lazy_tables=lazy_tables).eval(), arch

@@ -91,5 +91,7 @@ def embedding_bags_flat(weights: list[torch.Tensor], indices: torch.Tensor, offs
 
 @embedding_bags_flat.register_fake
 def _(weights, indices, offsets, row_weights, mode):
+    # On the offsets' device: the tables may be meta tensors (drawn only as they are
+    # written, ``dlrmc.frontend.model.DLRM(lazy_tables=True)``).
     batch = (offsets.shape[0] - 1) // len(weights)
-    return [w.new_empty((batch, w.shape[1])) for w in weights]
+    return [offsets.new_empty((batch, w.shape[1]), dtype=w.dtype) for w in weights]
