@@ -9,7 +9,7 @@ reference one; the compiler recognises the pattern, not our module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -55,6 +55,11 @@ def _table(n: int, m: int, rng, mode: str) -> nn.EmbeddingBag:
 def _uniform_rows(rng, out: np.ndarray, n: int) -> None:
     """Fill ``out`` with the next draws of ``rng`` scaled to U(-sqrt(1/n), sqrt(1/n))."""
     rng.random(out=out, dtype=np.float32)
+    _scale(out, n)
+
+
+def _scale(out: np.ndarray, n: int) -> None:
+    """U(0, 1) draws -> U(-sqrt(1/n), sqrt(1/n)), in place, in float32."""
     a = np.float32(np.sqrt(1.0 / n))
     out *= 2 * a
     out -= a
@@ -88,6 +93,21 @@ class RandomTable:
         """Rows ``lo:hi``, float32."""
         out = np.empty((hi - lo, self.dim), np.float32)
         _uniform_rows(_stream_at(self.seed, self.start + lo * self.dim), out, self.rows)
+        return out
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The rows ``rows`` (ascending, distinct), float32, walking the stream once."""
+        out = np.empty((len(rows), self.dim), np.float32)
+        rng, at = _stream_at(self.seed, self.start), self.start
+        for k, row in enumerate(rows):
+            want = self.start + int(row) * self.dim
+            if want != at:      # jump ahead; an advance drops a buffered half-output
+                rng.bit_generator.advance(want // 2 - (at + 1) // 2)
+                if want % 2:
+                    rng.random(1, dtype=np.float32)
+            rng.random(out=out[k], dtype=np.float32)
+            at = want + self.dim
+        _scale(out, self.rows)
         return out
 
 
@@ -193,6 +213,24 @@ class DLRM(nn.Module):
             right = self.proj_l2(features).reshape(batch_size, d, -1)
             return torch.cat([x, torch.bmm(left, right).reshape(batch_size, -1)], dim=1)
         return torch.cat([x] + ly, dim=1)
+
+    def with_rows(self, lS_i) -> tuple["DLRM", list[np.ndarray]]:
+        """For a model whose tables are undrawn (``lazy_tables``): the same model with each
+        table cut down to the rows ``lS_i[k]`` names, drawn now, and those indices renumbered
+        into it. The pair computes what this model would on a batch with these indices,
+        holding a few rows instead of the tables."""
+        rows = [np.unique(np.asarray(i, np.int64)) for i in lS_i]
+        rows = [r if len(r) else np.zeros(1, np.int64) for r in rows]   # a table needs a row
+        small = DLRM(replace(self.arch, embedding_sizes=tuple(len(r) for r in rows)), init=False)
+        state = {k: v for k, v in self.state_dict().items() if k not in self.table_sources}
+        for k, r in enumerate(rows):
+            source = self.table_sources[f"emb_l.{k}.weight"]
+            state[f"emb_l.{k}.weight"] = torch.from_numpy(source.take(r))
+            if f"v_W_l.{k}" in state:
+                state[f"v_W_l.{k}"] = state[f"v_W_l.{k}"][torch.from_numpy(r)]
+        small.load_state_dict(state, strict=True, assign=True)
+        return small.eval(), [np.searchsorted(r, np.asarray(i, np.int64)) for r, i in
+                              zip(rows, lS_i)]
 
     def forward(self, dense_x, lS_o, lS_i):
         x = self.bot_l(dense_x)

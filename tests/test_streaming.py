@@ -18,7 +18,7 @@ from dlrmc.compiler.build import compile_model
 from dlrmc.compiler.lower import LoweringError, lower
 from dlrmc.frontend.arch import Arch
 from dlrmc.frontend.export import export_model
-from dlrmc.frontend.model import DLRM
+from dlrmc.frontend.model import DLRM, RandomTable
 from dlrmc.runtime import load
 
 from conftest import BARE_MANIFEST, make_batch
@@ -111,12 +111,36 @@ def test_a_stream_that_goes_wrong_leaves_the_old_artifact(tmp_path, stream, erro
     assert os.listdir(tmp_path) == ["art"]
 
 
-def test_check_on_tables_larger_than_memory_is_refused_before_compiling(tmp_path, capsys):
-    """dlrm-v2's float32 tables (104.5 GB) are never drawn, not even for --check."""
-    out = tmp_path / "v2"
-    assert compile_cli.main(["--preset", "dlrm-v2", "--emb-quant", "int4", "--check", "8",
-                             "-o", str(out), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert ("--check compares with PyTorch, which would hold the tables: its float32 tables "
-            "(104.5 GB) are more than half this machine's memory") in err
-    assert not out.exists()
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_a_lazy_model_cut_to_a_batchs_rows_predicts_as_the_whole_model(name):
+    """What --check and dlrm-bench compare with when the tables were never drawn: PyTorch on
+    the rows the batch reads (empty bags and untouched tables included)."""
+    arch = ARCHS[name]
+    eager, lazy = DLRM(arch, seed=4).eval(), DLRM(arch, seed=4, lazy_tables=True).eval()
+    rng = np.random.default_rng(0)
+    for batch in (1, 5, 33):
+        dense, offsets, indices = make_batch(arch, batch, rng, empty=0.5)
+        small, renumbered = lazy.with_rows(indices)
+        assert sum(small.arch.embedding_sizes) <= sum(max(1, len(i)) for i in indices)
+        with torch.no_grad():
+            got, want = (m.probabilities(torch.from_numpy(dense), torch.from_numpy(offsets),
+                                         [torch.from_numpy(i) for i in idx]).numpy()
+                         for m, idx in ((small, renumbered), (eager, indices)))
+        np.testing.assert_array_equal(got, want)
+
+
+def test_check_of_a_40m_row_table_draws_only_the_batchs_rows(tmp_path, monkeypatch):
+    """--check on tables the compile never held (dlrm-v2's are 104.5 GB as float32): PyTorch
+    gets the rows the batch reads, and no table is drawn whole."""
+    arch = Arch(2, (40_000_000, 3), (13, 4, 2), (4, 1), interaction_op="dcn", dcn_layers=1,
+                dcn_low_rank=2, output="logit")
+    model = DLRM(arch, seed=0, lazy_tables=True).eval()
+    compile_model(model, arch, None, str(tmp_path / "v2"), log=lambda _: None, buckets=(),
+                  emb_quant="int4")
+    taken = []
+    monkeypatch.setattr(RandomTable, "draw", None)         # no slice of rows, let alone all
+    real_take = RandomTable.take
+    monkeypatch.setattr(RandomTable, "take", lambda self, rows: taken.append(len(rows)) or
+                        real_take(self, rows))
+    assert compile_cli.check_artifact(model, str(tmp_path / "v2"), 8) < 0.05
+    assert len(taken) == 2 and max(taken) <= 16             # batch 8, bags of 2
