@@ -124,9 +124,9 @@ class _TorchRecCall:
         return self.model(dense, kjt)
 
 
-def torchrec_eager(model, arch: Arch) -> Callable:
-    """TorchRec's DLRM, DLRM_DCN or DLRM_Projection (fbgemm-gpu-cpu kernels) holding the
-    same weights."""
+def _torchrec(model, arch: Arch):
+    """TorchRec's DLRM, DLRM_DCN or DLRM_Projection holding ``model``'s weights, and its
+    feature keys."""
     try:
         from torchrec.models.dlrm import DLRM as TorchRecDLRM, DLRM_DCN, DLRM_Projection
         from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
@@ -156,11 +156,46 @@ def torchrec_eager(model, arch: Arch) -> Callable:
     else:
         peer = TorchRecDLRM(**args)
     peer.load_state_dict(to_torchrec(model.state_dict(), arch), assign=True)
-    return _TorchRecCall(peer.eval(), keys)
+    return peer.eval(), keys
+
+
+def torchrec_eager(model, arch: Arch) -> Callable:
+    """TorchRec's DLRM, DLRM_DCN or DLRM_Projection (fbgemm-gpu-cpu kernels) holding the
+    same weights."""
+    return _TorchRecCall(*_torchrec(model, arch))
+
+
+def torchrec_compile(model, arch: Arch) -> Callable:
+    """The TorchRec model under torch.compile, as ``torch_compile`` runs ours: mode
+    "default", static shapes (compiled on each batch's first, untimed, call)."""
+    peer, keys = _torchrec(model, arch)
+    return _TorchRecCall(torch.compile(peer, dynamic=False, mode="default"), keys)
+
+
+def torchrec_aot_inductor(model, arch: Arch) -> Callable:
+    """The TorchRec model exported non-strict (its KeyedJaggedTensor input with a symbolic
+    batch and value count) and compiled ahead of time by AOTInductor into a .pt2 package."""
+    from torch._inductor import aoti_compile_and_package, aoti_load_package
+
+    peer, keys = _torchrec(model, arch)
+    call = _TorchRecCall(peer, keys)
+    example = call.inputs(*example_batch(arch))
+    batch = torch.export.Dim("batch", min=2)
+    # the KeyedJaggedTensor's leaves: values, weights, lengths, offsets, and two caches
+    kjt = [{0: torch.export.Dim("values", min=2)}, None, {0: arch.num_tables * batch}, None,
+           None, None]
+    path = os.path.join(tempfile.mkdtemp(prefix="dlrmc-aoti-torchrec-"), "model.pt2")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(peer, example, strict=False, dynamic_shapes={
+            "dense_features": {0: batch}, "sparse_features": kjt})
+        aoti_compile_and_package(program, package_path=path)
+    return _TorchRecCall(aoti_load_package(path), keys)
 
 
 PEERS = {"eager": "PyTorch eager", "compile": "torch.compile", "aoti": "AOTInductor",
-         "ort": "ONNX Runtime", "torchrec": "TorchRec eager"}
+         "ort": "ONNX Runtime", "torchrec": "TorchRec eager",
+         "torchrec-compile": "TorchRec, torch.compile", "torchrec-aoti": "TorchRec, AOTInductor"}
 
 
 def build_peer(name: str, model, arch: Arch, bag_size: int, threads: int) -> Callable:
@@ -174,6 +209,10 @@ def build_peer(name: str, model, arch: Arch, bag_size: int, threads: int) -> Cal
         return onnx_runtime(model, arch, bag_size, threads)
     if name == "torchrec":
         return torchrec_eager(model, arch)
+    if name == "torchrec-compile":
+        return torchrec_compile(model, arch)
+    if name == "torchrec-aoti":
+        return torchrec_aot_inductor(model, arch)
     raise ValueError(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
 
 

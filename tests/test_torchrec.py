@@ -188,3 +188,26 @@ def test_the_torchrec_peer_holds_our_weights(dcn, tmp_path):
         got = peer(*peer.inputs(torch.from_numpy(dense), torch.from_numpy(lS_o),
                                 [torch.from_numpy(i) for i in lS_i]))
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("peer_name", ["torchrec-compile", "torchrec-aoti"])
+def test_the_compiled_torchrec_peers_compute_what_torchrec_eager_does(peer_name, tmp_path):
+    """dlrm-bench's torch.compile and AOTInductor builds of TorchRec's DLRM_DCN, on batches
+    of several sizes with variable and empty bags (AOTInductor's is exported once, with a
+    symbolic batch and value count)."""
+    from dlrmc.bench.peers import build_peer, torchrec_eager
+
+    rows = (30, 9, 14, 5)
+    torch.save(_torchrec_model(rows, 8, 4, [8], [16, 1], seed=5, dcn=(2, 3)).state_dict(),
+               tmp_path / "m.pt")
+    ours = load_model(tmp_path / "m.pt")
+    eager = torchrec_eager(ours, ours.arch)
+    peer = build_peer(peer_name, ours, ours.arch, 1, 2)
+    for batch in (1, 3, 17):
+        dense, values, lengths = _kjt_batch(rows, batch, 4, seed=batch)
+        lS_o, lS_i = reference_layout(values, np.concatenate([[0], np.cumsum(lengths)]),
+                                      len(rows))
+        args = peer.inputs(torch.from_numpy(dense), torch.from_numpy(lS_o),
+                           [torch.from_numpy(i) for i in lS_i])
+        with torch.no_grad():
+            torch.testing.assert_close(peer(*args), eager(*args), rtol=1e-5, atol=1e-6)
