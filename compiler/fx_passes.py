@@ -247,3 +247,35 @@ def fuse_linear(ep: torch.export.ExportedProgram) -> int:
         _replace(target, torch.ops.dlrmc.linear.default, (x, wt.args[0], bias, act))
         found += 1
     return _tidy(ep, found)
+
+
+def _other(node: fx.Node, one) -> object | None:
+    """The operand of a binary ``node`` that is not ``one`` (None unless exactly one is)."""
+    a, b = node.args[:2]
+    return b if a is one and b is not one else a if b is one and a is not one else None
+
+
+def fuse_cross(ep: torch.export.ExportedProgram) -> int:
+    """Rewrite each DCN cross layer's ``x0 * linear(h, W, b) + xl`` (after ``fuse_linear``,
+    either operand order) into one ``dlrmc::cross_linear``; return how many."""
+    graph = ep.graph_module.graph
+    found = 0
+    for lin in list(graph.nodes):
+        if lin.target != torch.ops.dlrmc.linear.default or lin.args[3] != "none":
+            continue
+        (mul,) = lin.users if len(lin.users) == 1 else (None,)
+        if mul is None or mul.target != aten.mul.Tensor or len(mul.users) != 1:
+            continue
+        (add,) = mul.users
+        x0 = _other(mul, lin)
+        xl = _other(add, mul) if add.target == aten.add.Tensor and not add.kwargs else None
+        if not (isinstance(x0, fx.Node) and isinstance(xl, fx.Node)):
+            continue
+        shapes = [n.meta.get("val") for n in (lin, x0, xl)]
+        if any(v is None or v.dtype != torch.float32 for v in shapes) or not (
+                shapes[0].shape == shapes[1].shape == shapes[2].shape):
+            continue
+        x, w, b, _ = lin.args
+        _replace(add, torch.ops.dlrmc.cross_linear.default, (x, w, b, x0, xl))
+        found += 1
+    return _tidy(ep, found)

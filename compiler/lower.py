@@ -46,7 +46,8 @@ from ..schedules.kernels import make
 from ..targets import backend_for
 from ..targets.knobs import CpuKnobs, cpu_knobs
 from ..frontend import torch_ops  # noqa: F401  (registers torch.ops.dlrmc)
-from .fx_passes import batch_embedding_bags, embedding_bag_args, fuse_dot_interaction, fuse_linear
+from .fx_passes import (batch_embedding_bags, embedding_bag_args, fuse_cross,
+                        fuse_dot_interaction, fuse_linear)
 from .numerics import MLP_QUANTS, PRECISIONS, activation_qparams, linear_input_ranges
 
 
@@ -286,7 +287,11 @@ def _pack_weights(bb, w, bias, n: int, k: int, nr: int, numerics: Numerics, node
 
 
 def _convert_linear(node, importer, knobs: CpuKnobs, numerics: Numerics) -> relax.Expr:
-    x_node, w_node, b_node, act = node.args
+    """``dlrmc::linear``, and ``dlrmc::cross_linear`` (fp32 only: ``fuse_cross``) as the dense
+    kernel with the cross layer in its epilogue."""
+    x_node, w_node, b_node = node.args[:3]
+    cross = node.target == torch.ops.dlrmc.cross_linear.default
+    act = "cross" if cross else node.args[3]
     env, bb = importer.env, importer.block_builder
     x, w = env[x_node], env[w_node]
     n, k = _static_dims(w, "the Linear weight", node)
@@ -299,13 +304,17 @@ def _convert_linear(node, importer, knobs: CpuKnobs, numerics: Numerics) -> rela
     packed, bias, lowp = _pack_weights(bb, w, bias, n, k, nr, numerics, node)
     args = dict(n=n, k=k, act=act, mr=knobs.mr, nr=nr, parallel_min_macs=knobs.parallel_min_macs,
                 batch=None)
+    if lowp and cross:
+        raise LoweringError(f"{node.name}: the cross-layer epilogue is float32 only")
     if lowp:
         kernel = make("dense_lowp", **args, **lowp, dot=knobs.has_dot(lowp["kind"], nr))
         name = f"dense_{lowp['kind']}_{n}x{k}_{act}"
     else:
         kernel, name = make("dense", **args), f"dense_{n}x{k}_{act}"
     gv = bb.add_func(kernel, name)
-    return bb.emit(relax.call_tir(gv, [x, packed, bias], relax.TensorType((batch, n), "float32")))
+    residual = [env[a] for a in node.args[3:5]] if cross else []
+    return bb.emit(relax.call_tir(gv, [x, packed, bias, *residual],
+                                  relax.TensorType((batch, n), "float32")))
 
 
 def gpu_converters(numerics: Numerics = Numerics()) -> dict:
@@ -349,6 +358,7 @@ def converters(knobs: CpuKnobs, stock: dict, emb_quant: str | None = None,
         "dot_interaction.default": lambda node, imp: _convert_dot_interaction(node, imp, knobs,
                                                                               numerics),
         "linear.default": lambda node, imp: _convert_linear(node, imp, knobs, numerics),
+        "cross_linear.default": lambda node, imp: _convert_linear(node, imp, knobs, numerics),
     }
 
 
@@ -461,6 +471,8 @@ def lower(ep: torch.export.ExportedProgram, target: tvm.target.Target,
     batch_embedding_bags(ep)
     fuse_dot_interaction(ep)
     fuse_linear(ep)
+    if backend_for(target).lowering == "cpu" and precision == "fp32" and not mlp_quant:
+        fuse_cross(ep)      # the cross layer in the dense kernel's epilogue (fp32 CPU kernel)
     ranges = linear_input_ranges(ep, calibration or []) if mlp_quant else None
     numerics = Numerics(precision, mlp_quant, ranges)
     importer = _Importer()

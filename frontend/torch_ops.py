@@ -59,6 +59,18 @@ def _(x, weight, bias, activation):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
+@torch.library.custom_op("dlrmc::cross_linear", mutates_args=())
+def cross_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 x0: torch.Tensor, xl: torch.Tensor) -> torch.Tensor:
+    """A DCN cross layer's second GEMM with the layer around it: x0 * (x W^T + b) + xl."""
+    return x0 * torch.nn.functional.linear(x, weight, bias) + xl
+
+
+@cross_linear.register_fake
+def _(x, weight, bias, x0, xl):
+    return x0.new_empty(x0.shape)
+
+
 @torch.library.custom_op("dlrmc::embedding_bags", mutates_args=())
 def embedding_bags(weights: list[torch.Tensor], indices: list[torch.Tensor], offsets: torch.Tensor,
                    per_sample_weights: list[torch.Tensor], mode: int,

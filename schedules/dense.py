@@ -73,21 +73,31 @@ def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
                  parallel_min_macs: int = 0, batch: int | None = None):
     """The packed dense kernel (x, Wp, b, y) for one layer shape; M symbolic unless ``batch``.
 
+    ``act="cross"``: a DCN cross layer's second GEMM with the layer in its epilogue, kernel
+    (x, Wp, b, x0, xl, y) and y = x0 * (x @ W^T + b) + xl (x0, xl [M, N]).
     With a static M the row-tile loops are serial blocks for the ``dlrmc_work`` schedule.
     """
-    if act not in ACTIVATIONS:
-        raise ValueError(f"activation {act!r} is not one of {ACTIVATIONS}")
+    if act not in ACTIVATIONS + ("cross",):
+        raise ValueError(f"activation {act!r} is not one of {ACTIVATIONS + ('cross',)}")
     N, K, MR, NR = int(n), int(k), int(mr), int(nr)
     NB = (N + NR - 1) // NR
     G = next(g for g in (4, 2, 1) if NB % g == 0)
     ragged = N % NR != 0
+    cross = act == "cross"
     epi = _epilogue(act)
     M, static, parallel, loop, tuned = row_loops(N, K, batch, parallel_min_macs)
     tail_loop = T.serial if static else T.parallel
     tail_tuned = tuned if static and int(batch) % MR > 1 else {}
 
     @T.macro
-    def tail(A, W, Bv, C, M, vt):
+    def store(C, X0, XL, r, c, v):
+        if cross:
+            C[r, c] = X0[r, c] * v + XL[r, c]
+        else:
+            C[r, c] = epi(v)
+
+    @T.macro
+    def tail(A, W, Bv, C, X0, XL, M, vt):
         row = T.sblock_alloc_buffer((G, NR), "float32")
         for g in T.unroll(G):
             for j in T.vectorized(NR):
@@ -100,22 +110,26 @@ def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
         for g in T.unroll(G):
             for j in T.vectorized(NR):
                 if (not ragged) or (vt % (NB // G) * G + g) * NR + j < N:
-                    C[M // MR * MR + vt // (NB // G), (vt % (NB // G) * G + g) * NR + j] = epi(
-                        row[g, j] + Bv[(vt % (NB // G) * G + g) * NR + j])
+                    store(C, X0, XL, M // MR * MR + vt // (NB // G),
+                          (vt % (NB // G) * G + g) * NR + j,
+                          row[g, j] + Bv[(vt % (NB // G) * G + g) * NR + j])
 
-    @T.prim_func(private=True, s_tir=True)
-    def dense(a: T.handle, w: T.handle, bias: T.handle, c: T.handle):
-        A = T.match_buffer(a, (M, K), "float32")
-        W = T.match_buffer(w, (NB, K, NR), "float32")
-        Bv = T.match_buffer(bias, (N,), "float32")
-        C = T.match_buffer(c, (M, N), "float32")
+    @T.macro
+    def access(A, W, Bv, C, X0, XL, M):
+        if cross:
+            T.reads(A[0:M, 0:K], W[0:NB, 0:K, 0:NR], Bv[0:N], X0[0:M, 0:N], XL[0:M, 0:N])
+        else:
+            T.reads(A[0:M, 0:K], W[0:NB, 0:K, 0:NR], Bv[0:N])
+        T.writes(C[0:M, 0:N])
+
+    @T.macro
+    def body(A, W, Bv, C, X0, XL, M):
         if M >= MR:  # an empty parallel loop would still wake the thread pool
             for tile in loop(M // MR * NB):
                 with T.sblock("tile"):
                     vt = T.axis.spatial(M // MR * NB, tile)
                     T.sblock_attr(tuned)
-                    T.reads(A[0:M, 0:K], W[0:NB, 0:K, 0:NR], Bv[0:N])
-                    T.writes(C[0:M, 0:N])
+                    access(A, W, Bv, C, X0, XL, M)
                     acc = T.sblock_alloc_buffer((MR, NR), "float32")
                     for i in T.unroll(MR):
                         for j in T.vectorized(NR):
@@ -127,8 +141,8 @@ def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
                     for i in T.unroll(MR):
                         for j in T.vectorized(NR):
                             if (not ragged) or vt % NB * NR + j < N:
-                                C[vt // NB * MR + i, vt % NB * NR + j] = epi(
-                                    acc[i, j] + Bv[vt % NB * NR + j])
+                                store(C, X0, XL, vt // NB * MR + i, vt % NB * NR + j,
+                                      acc[i, j] + Bv[vt % NB * NR + j])
 
         # The M % MR left-over rows (all of them at batch < MR): one row against G panels at a
         # time, so 2G independent FMA chains hide the FMA latency over the K loop. A single
@@ -138,15 +152,35 @@ def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
                 with T.sblock("tail"):
                     vt = T.axis.spatial(M % MR * (NB // G), tile)
                     T.sblock_attr(tail_tuned)
-                    T.reads(A[0:M, 0:K], W[0:NB, 0:K, 0:NR], Bv[0:N])
-                    T.writes(C[0:M, 0:N])
-                    tail(A, W, Bv, C, M, vt)
+                    access(A, W, Bv, C, X0, XL, M)
+                    tail(A, W, Bv, C, X0, XL, M, vt)
         else:
             for tile in range(M % MR * (NB // G)):
                 with T.sblock("tail_serial"):
                     vt = T.axis.spatial(M % MR * (NB // G), tile)
-                    T.reads(A[0:M, 0:K], W[0:NB, 0:K, 0:NR], Bv[0:N])
-                    T.writes(C[0:M, 0:N])
-                    tail(A, W, Bv, C, M, vt)
+                    access(A, W, Bv, C, X0, XL, M)
+                    tail(A, W, Bv, C, X0, XL, M, vt)
+
+    if cross:
+        @T.prim_func(private=True, s_tir=True)
+        def dense_cross(a: T.handle, w: T.handle, bias: T.handle, x0: T.handle, xl: T.handle,
+                        c: T.handle):
+            A = T.match_buffer(a, (M, K), "float32")
+            W = T.match_buffer(w, (NB, K, NR), "float32")
+            Bv = T.match_buffer(bias, (N,), "float32")
+            X0 = T.match_buffer(x0, (M, N), "float32")
+            XL = T.match_buffer(xl, (M, N), "float32")
+            C = T.match_buffer(c, (M, N), "float32")
+            body(A, W, Bv, C, X0, XL, M)
+
+        return dense_cross
+
+    @T.prim_func(private=True, s_tir=True)
+    def dense(a: T.handle, w: T.handle, bias: T.handle, c: T.handle):
+        A = T.match_buffer(a, (M, K), "float32")
+        W = T.match_buffer(w, (NB, K, NR), "float32")
+        Bv = T.match_buffer(bias, (N,), "float32")
+        C = T.match_buffer(c, (M, N), "float32")
+        body(A, W, Bv, C, None, None, M)
 
     return dense

@@ -188,8 +188,9 @@ def _pack(weight: np.ndarray, nr: int) -> np.ndarray:
 
 @pytest.mark.parametrize("mr,nr", [(6, 32), (6, 16), (4, 8)])      # AVX-512, AVX2/NEON, SSE
 @pytest.mark.parametrize("n,k", [(1, 7), (16, 13), (33, 64), (64, 5), (100, 1)])
-@pytest.mark.parametrize("act", ["none", "relu", "sigmoid"])
+@pytest.mark.parametrize("act", ["none", "relu", "sigmoid", "cross"])
 def test_dense_kernel_and_packing(mr, nr, n, k, act):
+    """"cross": a DCN cross layer in the epilogue, x0 * (x W^T + b) + xl."""
     rng = np.random.default_rng(n * 1000 + k)
     w = rng.standard_normal((n, k)).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)
@@ -202,8 +203,15 @@ def test_dense_kernel_and_packing(mr, nr, n, k, act):
         for m in (1, mr - 1, mr, 2 * mr + 1, 64):
             x = rng.standard_normal((m, k)).astype(np.float32)
             y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
-            fn(tvm.runtime.tensor(x), packed, tvm.runtime.tensor(b), y)
-            np.testing.assert_allclose(y.numpy(), ref.dense(x, w, b, act), rtol=1e-4, atol=1e-4,
+            if act == "cross":
+                x0, xl = rng.standard_normal((2, m, n)).astype(np.float32)
+                fn(tvm.runtime.tensor(x), packed, tvm.runtime.tensor(b), tvm.runtime.tensor(x0),
+                   tvm.runtime.tensor(xl), y)
+                want = x0 * ref.dense(x, w, b, "none") + xl
+            else:
+                fn(tvm.runtime.tensor(x), packed, tvm.runtime.tensor(b), y)
+                want = ref.dense(x, w, b, act)
+            np.testing.assert_allclose(y.numpy(), want, rtol=1e-4, atol=1e-4,
                                        err_msg=f"M={m} parallel={parallel}")
 
 
