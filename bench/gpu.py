@@ -41,13 +41,22 @@ BENCH = {"name": "kaggle-100k", "arch": dict(sparse_feature_size=16,
 CHECK = {"name": "tiny", "arch": dict(sparse_feature_size=8, embedding_sizes=[100, 50, 20, 10],
                                       mlp_bot=[13, 32, 8], mlp_top=[32, 16, 1]),
          "buckets": [4, 64]}
+# TorchRec's interactions (logits): DLRM_DCN's low-rank cross layers, DLRM_Projection's branches
+CHECK_DCN = {"name": "tiny-dcn", "arch": dict(
+    sparse_feature_size=8, embedding_sizes=[100, 50, 20], mlp_bot=[13, 32, 8], mlp_top=[32, 1],
+    interaction_op="dcn", dcn_layers=2, dcn_low_rank=4, output="logit"), "buckets": [4, 64]}
+CHECK_PROJECTION = {"name": "tiny-projection", "arch": dict(
+    sparse_feature_size=8, embedding_sizes=[100, 50, 20], mlp_bot=[13, 32, 8], mlp_top=[32, 1],
+    interaction_op="projection", proj_branch1=[16, 16], proj_branch2=[16, 8], output="logit"),
+    "buckets": [4, 64]}
+CHECKS = (CHECK, CHECK_DCN, CHECK_PROJECTION)
 PACKAGES = ("artifact", "bench", "frontend", "runtime", "schedules")  # what runs there
 KERNELS = "kernels.so"
 BUNDLE = "bundle.json"
 
 
 def prepare(out: str, target: str = "cuda -arch=sm_90", python: str | None = "3.12",
-            models=(CHECK, BENCH)) -> None:
+            models=(*CHECKS, BENCH)) -> None:
     """Write the bundle to ``out``. ``python``: the tvm-ffi wheel for that Python version
     (None: none, the running Python's tvm-ffi serves); ``models``: the artifacts."""
     import tvm
@@ -179,7 +188,7 @@ def check(art: str, runner: str | None = None) -> float:
     for batch in (1, 3, 4, 64, 63, 100, 2048 + 5):
         data = random_batch(ours.arch, batch, bag_size=3, seed=batch, fixed=False)
         with torch.no_grad():
-            want = model(*_torch_batch(data, device)).cpu().numpy()
+            want = model.probabilities(*_torch_batch(data, device)).cpu().numpy()
         got = {"python": ours.predict(*data)}
         if runner:
             got["C++"] = _run_cpp(runner, art, data)

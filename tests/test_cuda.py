@@ -72,6 +72,18 @@ def test_cuda_artifact_carries_device_code_for_its_arch(tmp_path, target, arch):
         "64": "main_b64"}
 
 
+@needs_nvcc
+@pytest.mark.parametrize("check", [gpu.CHECK_DCN, gpu.CHECK_PROJECTION], ids=["dcn", "projection"])
+def test_torchrecs_interactions_compile_for_cuda(tmp_path, check):
+    """DLRM_DCN's cross layers and DLRM_Projection's branches on CUDA: dense layers as Relax ops
+    for dlight, our GPU embedding kernel; device code for the arch, no GPU needed to build (the
+    GPU check bundle runs them against PyTorch there, and rehearses that here on the CPU)."""
+    arch = Arch.from_dict(check["arch"])
+    compile_model(DLRM(arch, seed=1).eval(), arch, "cuda -arch=sm_90", str(tmp_path / "a"),
+                  log=lambda _: None, buckets=(64,))
+    assert fatbin_archs((tmp_path / "a" / "model.so").read_bytes()) == ["sm_90"]
+
+
 def test_cuda_artifact_is_refused_without_a_gpu(tmp_path):
     if tvm.cuda(0).exist or shutil.which("nvcc") is None:
         pytest.skip("needs a machine with nvcc and no GPU")
@@ -130,11 +142,11 @@ def test_gpu_check_bundle_rehearsed_on_the_cpu(tmp_path):
     on the GPU machine: TVM's runtime alone (the bundle's copy, without libtvm_compiler.so),
     dlrmc's code from the bundle, the kernels' library against the oracles, the C++ runner
     built there against the bundle's runtime, and the artifact (weights remade from the seed)
-    run by both runtimes against PyTorch."""
+    run by both runtimes against PyTorch, for each interaction the bundle checks."""
     if shutil.which("cmake") is None:
         pytest.skip("cmake is not installed")
     bundle = tmp_path / "bundle"
-    gpu.prepare(str(bundle), "llvm", python=None, models=(gpu.CHECK,))
+    gpu.prepare(str(bundle), "llvm", python=None, models=gpu.CHECKS)
     assert not list(bundle.rglob("libtvm_compiler.so"))
     assert (bundle / "artifacts" / "tiny" / "weights.bin").stat().st_size == 0
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,8 +157,9 @@ def test_gpu_check_bundle_rehearsed_on_the_cpu(tmp_path):
     assert f"from {bundle / 'site' / 'tvm'}: runtime only" in res.stdout
     assert f"kernels: {len(gpu_kernels.CASES)} cases match the numpy oracles on cpu" in res.stdout
     assert "C++ runner: built" in res.stdout
-    assert ("check tiny: the Python runtime and the C++ runner match PyTorch eager on cpu"
-            in res.stdout)
+    for check in gpu.CHECKS:        # the reference DLRM, and TorchRec's DCN and projection
+        assert (f"check {check['name']}: the Python runtime and the C++ runner match PyTorch "
+                f"eager on cpu") in res.stdout
     assert (tmp_path / "out" / "gpu_check.log").read_text() == res.stdout
 
 
