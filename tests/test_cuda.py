@@ -142,11 +142,12 @@ def test_gpu_check_bundle_rehearsed_on_the_cpu(tmp_path):
     on the GPU machine: TVM's runtime alone (the bundle's copy, without libtvm_compiler.so),
     dlrmc's code from the bundle, the kernels' library against the oracles, the C++ runner
     built there against the bundle's runtime, and the artifact (weights remade from the seed)
-    run by both runtimes against PyTorch, for each interaction the bundle checks."""
+    run by both runtimes against PyTorch, for the reference DLRM and TorchRec's DCN."""
     if shutil.which("cmake") is None:
         pytest.skip("cmake is not installed")
     bundle = tmp_path / "bundle"
-    gpu.prepare(str(bundle), "llvm", python=None, models=gpu.CHECKS)
+    checks = (gpu.CHECK, gpu.CHECK_DCN)   # projection: the same paths (its CUDA build: above)
+    gpu.prepare(str(bundle), "llvm", python=None, models=checks)
     assert not list(bundle.rglob("libtvm_compiler.so"))
     assert (bundle / "artifacts" / "tiny" / "weights.bin").stat().st_size == 0
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,7 +158,7 @@ def test_gpu_check_bundle_rehearsed_on_the_cpu(tmp_path):
     assert f"from {bundle / 'site' / 'tvm'}: runtime only" in res.stdout
     assert f"kernels: {len(gpu_kernels.CASES)} cases match the numpy oracles on cpu" in res.stdout
     assert "C++ runner: built" in res.stdout
-    for check in gpu.CHECKS:        # the reference DLRM, and TorchRec's DCN and projection
+    for check in checks:
         assert (f"check {check['name']}: the Python runtime and the C++ runner match PyTorch "
                 f"eager on cpu") in res.stdout
     assert (tmp_path / "out" / "gpu_check.log").read_text() == res.stdout
