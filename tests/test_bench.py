@@ -23,9 +23,12 @@ def test_bench_reports_ours_and_peers(tmp_path):
     table = md.read_text()
     assert "| dlrmc (this artifact) |" in table and "| PyTorch eager |" in table
     assert "| dlrmc, compiled call only |" in table and "time `predict`" in table
-    assert "lower bound" in table
+    assert "lower bound" in table and "FLOPs at the FMA peak measured here" in table
     layers = data["layers"]
     assert layers["fma_peak_flops"] > 1e9 and layers["batch"] == 8
+    # on this CPU the bound's FLOP rate is the probe's peak, the same measurement
+    assert data["bound_flops_source"] == "fma_peak"
+    assert data["bound_flops"] == layers["fma_peak_flops"]
     assert "| bot 13->32 |" in layers["table"] and "| top 32->1 |" in layers["table"]
     assert "FMA peak (built-in probe" in res.stdout
 
