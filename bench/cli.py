@@ -6,9 +6,9 @@ bound compiled call alone beside it): median and p99 time per batch, samples/s, 
 time over ours, and a lower bound (the MLP's FLOPs at the FMA peak measured on this CPU, or
 at torch.mm's rate for an artifact built for another device, plus the gathered bytes at
 numpy's random-gather rate). With ``--tuning-log`` the artifact is compiled from that log and
-the default-schedule artifact runs beside it; each tuning task's trials, best latency and achieved rate are
-printed, and the tuning curve (sum of the tasks' best latencies against trials) is drawn as
-a PNG. With ``--precision bf16|fp16`` or ``--mlp-quant int8`` the artifact is built so (int8
+the default-schedule artifact runs beside it; each tuning task's trials, best latency and
+achieved rate are printed, and the tuning curve (sum of the tasks' best latencies against
+trials) is drawn as a PNG. With ``--precision bf16|fp16`` or ``--mlp-quant int8`` the artifact is built so (int8
 calibrated on the benchmark's own random batches) and the fp32 artifact runs beside it as
 ``dlrmc-fp32``. Output: a terminal table, and optionally JSON and Markdown.
 """
