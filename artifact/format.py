@@ -217,12 +217,27 @@ def _check_replaceable(out_dir: str) -> None:
                             f"{', '.join(sorted(present - own))}; not overwriting it")
 
 
+SPACE_MARGIN = 1 << 28     # bytes beyond the weights a write wants free (library, objects)
+
+
+def _check_space(directory: str, weight_bytes: int) -> None:
+    """Refuse, before writing anything, a weights file the file system has no room for."""
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    if weight_bytes + SPACE_MARGIN > free:
+        raise ArtifactError(f"the artifact needs {(weight_bytes + SPACE_MARGIN) / 1e9:.3g} GB "
+                            f"for its weights and library, and {os.path.dirname(directory)} has "
+                            f"{free / 1e9:.3g} GB free")
+
+
 def write_artifact(out_dir: str, export_library: Callable[[str, str], None],
                    weights: Iterable[tuple[str, np.ndarray]], manifest: Manifest,
-                   progress: Callable[[int], object] | None = None) -> Manifest:
+                   progress: Callable[[int], object] | None = None,
+                   weight_bytes: int | None = None) -> Manifest:
     """Write the artifact atomically; ``export_library(path, workspace)`` writes the .so,
     keeping its intermediate files under the directory ``workspace``; ``progress(n)`` is told
-    of each ``n`` bytes of weights written. Returns the manifest.
+    of each ``n`` bytes of weights written. Returns the manifest. Given ``weight_bytes`` (the
+    weights' size), a file system without room for them is refused before anything is written.
 
     An existing ``out_dir`` is replaced only if it is empty or an artifact and nothing else.
     """
@@ -230,6 +245,8 @@ def write_artifact(out_dir: str, export_library: Callable[[str, str], None],
     tmp = staging_dir(out_dir)         # puts back an artifact a killed replace had moved
     try:
         _check_replaceable(out_dir)
+        if weight_bytes is not None:
+            _check_space(tmp, weight_bytes)
         workspace = os.path.join(tmp, ".build")
         os.mkdir(workspace)
         # The library's code generation and the weights' write + hash overlap.

@@ -160,4 +160,4 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
               disable=not progress) as bar:
         return _stage(log, "write", False, write_artifact, out_dir,
                       lambda path, workspace: export_library(executable, tgt, path, workspace),
-                      zip(lowered.param_names, lowered.params), manifest, bar.update)
+                      zip(lowered.param_names, lowered.params), manifest, bar.update, total)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import numpy as np
 import pytest
@@ -143,3 +144,25 @@ def test_check_of_a_40m_row_table_draws_only_the_batchs_rows(tmp_path, monkeypat
                         real_take(self, rows))
     assert compile_cli.check_artifact(model, str(tmp_path / "v2"), 8) < 0.05
     assert len(taken) == 2 and max(taken) <= 16             # batch 8, bags of 2
+
+
+def test_a_file_system_without_room_is_refused_before_writing(tmp_path, monkeypatch):
+    """dlrm-v2 in float32 is a 104.5 GB weights file: a disk without room for it is named
+    before a byte is written, and the artifact already there stays."""
+    from dlrmc.artifact import format as fmt
+
+    out = tmp_path / "art"
+    library = lambda path, workspace: open(path, "wb").close()   # noqa: E731
+    write_artifact(str(out), library, [("t", np.zeros((4, 8), np.float32))], BARE_MANIFEST)
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    real = os.statvfs(tmp_path)
+    free = (fmt.SPACE_MARGIN + 100) // real.f_frsize      # room for 100 bytes of weights
+    monkeypatch.setattr(fmt.os, "statvfs", lambda path: os.statvfs_result(
+        (real.f_bsize, real.f_frsize, real.f_blocks, free, free, real.f_files, real.f_ffree,
+         real.f_favail, real.f_flag, real.f_namemax)))
+    with pytest.raises(ArtifactError, match=r"needs 0\.668 GB for its weights and library, and "
+                                            + re.escape(str(tmp_path)) + r" has 0\.268 GB free"):
+        write_artifact(str(out), library, [("t", ShortStream(shape=(10_000, 10_000)))],
+                       BARE_MANIFEST, weight_bytes=10_000 * 10_000 * 4)
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    assert os.listdir(tmp_path) == ["art"]
