@@ -9,8 +9,9 @@ and has D + P columns; otherwise P.
 
 Schedule: samples are split over the cores in chunks (one thread below a batch of
 ``PARALLEL_MIN_BATCH``). Per sample, T is transposed into a [D, F'] scratch (F' = F rounded up
-to the vector width), so row i of T.T^T is D vector FMAs over F' lanes; only its first i
-(i+1) entries are stored, straight into the output row: no Gram matrix, no concat.
+to the vector width), so row i of T.T^T is D vector FMAs over the vectors that hold its first
+i (i+1) columns, and only those entries are stored, straight into the output row: no Gram
+matrix, no concat.
 
 The kernel has one buffer per feature, so it is built with TVM's IR builder rather than
 TVMScript. The contract and the numpy oracle: ``dlrmc.frontend.ops``.
@@ -81,11 +82,14 @@ def dot_interaction_kernel(num_features: int, dim: int, self_interaction: bool =
                         with T.vectorized(D) as d:
                             T.buffer_store(out, feature(0, row, d), [row, d])
                     with T.serial(1 - extra, F) as i:
-                        with T.vectorized(FP) as j:
-                            T.buffer_store(acc, T.float32(0), [j])
-                        with T.serial(D) as d:
-                            with T.vectorized(FP) as j:
-                                T.buffer_store(acc, acc[j] + tt[d, i] * tt[d, j], [j])
+                        # only the vectors that hold the row's triangle: columns j < i + extra
+                        with T.serial((i + extra + lanes - 1) // lanes) as v:
+                            with T.vectorized(lanes) as j:
+                                T.buffer_store(acc, T.float32(0), [v * lanes + j])
+                            with T.serial(D) as d:
+                                with T.vectorized(lanes) as j:
+                                    T.buffer_store(acc, acc[v * lanes + j] + tt[d, i] * tt[
+                                        d, v * lanes + j], [v * lanes + j])
                         with T.serial(i + extra) as j:
                             T.buffer_store(out, acc[j],
                                            [row, lead + i * (i - 1 + 2 * extra) // 2 + j])
