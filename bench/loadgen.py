@@ -2,8 +2,9 @@
 
 The query sample library is ``samples`` synthetic samples (the preset's multi-hot bag sizes:
 MLPerf DLRM-v2's for ``dlrm-v2``), or the first rows of a processed Criteo-format file's test
-split (``criteo_samples``: ``dlrm-data criteo``'s output, one index a bag), held in memory. The system under test answers each query
-with the artifact's click probability for its sample (float32, 4 bytes):
+split (``criteo_samples``: ``dlrm-data criteo``'s output, one index a bag), held in memory.
+The system under test answers each query with the artifact's click probability for its
+sample (float32, 4 bytes):
 
 - SingleStream: one sample a query, answered on LoadGen's thread;
 - Offline: every sample in one query, run in batches of ``max_batch``;

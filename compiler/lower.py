@@ -462,9 +462,10 @@ def lower(ep: torch.export.ExportedProgram, target: tvm.target.Target,
                             f"{mlp_quant!r}")
     ep = ep.run_decompositions()
     lazy = {name for name, t in ep.state_dict.items() if t.device.type == "meta"}
-    if lazy - set(sources or {}):
+    valueless = lazy - set(sources or {})
+    if valueless:
         raise LoweringError(f"weights with no values (meta tensors): "
-                            f"{', '.join(sorted(lazy - set(sources or {})))}")
+                            f"{', '.join(sorted(valueless))}")
     if lazy and mlp_quant:
         raise LoweringError("--mlp-quant calibrates on the model's outputs: it needs the tables "
                             "in memory, not drawn as they are written")

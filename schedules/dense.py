@@ -78,7 +78,7 @@ def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
     With a static M the row-tile loops are serial blocks for the ``dlrmc_work`` schedule.
     """
     if act not in ACTIVATIONS + ("cross",):
-        raise ValueError(f"activation {act!r} is not one of {ACTIVATIONS + ('cross',)}")
+        raise ValueError(f"activation {act!r} is not one of {ACTIVATIONS} or 'cross'")
     N, K, MR, NR = int(n), int(k), int(mr), int(nr)
     NB = (N + NR - 1) // NR
     G = next(g for g in (4, 2, 1) if NB % g == 0)
