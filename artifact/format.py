@@ -37,7 +37,11 @@ checked by the reader, a bad one named in an ``ArtifactError``):
 - ``weights``: ``{"file": "weights.bin", "tensors": [{name, dtype, shape, offset, nbytes}]}``;
 - ``files``: ``{file name: {"sha256": hex digest, "bytes": size}}``: model.so and the weights
   file, each a plain name inside the artifact;
-- ``tuning_log``: the tuning log's digest, or null when built with default schedules.
+- ``tuning_log``: the tuning log's digest, or null when built with default schedules;
+- ``checked_inputs`` (optional, default false): true when the compiled code checks a DLRM's
+  flat ``indices`` and ``offsets`` itself before reading a table row (the CPU kernels,
+  ``dlrmc.schedules.embedding_bag.check_flat_inputs``), so the runtime may call it without
+  checking them first.
 
 What the reader guarantees (``read_manifest``): manifest.json matches manifest.sha256 (always;
 it is small), every field has its type, every file the loader reads is a plain regular file
@@ -103,6 +107,7 @@ class Manifest:
     precision: str = "fp32"
     mlp_quant: str | None = None
     tuning_log: dict | None = None
+    checked_inputs: bool = False
     dlrmc_version: str = field(default_factory=lambda: version("dlrmc"))
     tvm_version: str = field(default_factory=lambda: version("apache-tvm"))
     weights: dict | None = None
@@ -303,6 +308,8 @@ def _check_fields(m: dict) -> None:
                        ("inputs", list), ("buckets", dict), ("target", dict),
                        ("arch", (dict, type(None))), ("weights", dict), ("files", dict)]:
         _field(m, key, types, "")
+    if "checked_inputs" in m:
+        _field(m, "checked_inputs", bool, "")
     target = m["target"]
     _field(_field(target, "resolved", dict, "target."), "kind", str, "target.resolved.")
     requires = _field(target, "requires", dict, "target.")

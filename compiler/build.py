@@ -153,6 +153,7 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
         output={"name": "pred", "dtype": "float32", "shape": ["batch", 1]},
         target=target_record(target, tgt), buckets={str(b): entry_name(b) for b in buckets},
         transform_params=TRANSFORM_PARAMS, emb_quant=emb_quant, precision=precision,
+        checked_inputs=backend.device == "cpu",     # the CPU bag kernel checks its inputs
         mlp_quant=mlp_quant, tuning_log=None if tuning_log is None else {
             "path": str(tuning_log), "tuned": summary["tuned"], "default": summary["default"]})
     total = sum(p.nbytes for p in lowered.params)

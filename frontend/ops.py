@@ -9,7 +9,8 @@ kernel for all tables):
 
 - ``weight`` [V, D] float32 (or row-wise quantised uint8 rows, FBGEMM's fused layout:
   ``dlrmc.schedules.embedding_bag.quantize_rows``); ``indices`` [N] int32 or int64, each in
-  [0, V) (the runtime validates them before native code runs); optional
+  [0, V) (checked before a row is read: by the CPU kernel in the flat layout, else by
+  the runtime); optional
   ``per_sample_weights`` [N] float32 (``Pooling.SUM`` only), scaling each row;
 - ``offsets``: the start of each bag, [B] (bag b ends where b+1 starts, the last at N), or
   [B+1] with ``include_last_offset``; table-batched, one row of a [T, B] start-offset matrix
@@ -22,6 +23,8 @@ kernel for all tables):
   ``offsets[T*B] = N``; a weighted table's pooling weights are then per row, V_t [rows],
   the weight of an index its row's (the reference's ``v_W_l``). ``flat_layout`` and
   ``reference_layout`` convert to and from the reference's (``lS_o`` [T, B], ``lS_i``);
+  the CPU kernel checks a flat batch itself before reading a row and refuses a bad one
+  with a ValueError whose message holds ``BAD_FLAT_INPUT``;
 - entries equal to ``padding_idx`` are skipped and not counted (by ``MEAN`` either);
 - an empty bag (or one of padding only) pools to 0 in every mode: the mean of nothing and the
   max of nothing are 0, as in PyTorch.
@@ -67,6 +70,9 @@ class Pooling(enum.IntEnum):
 
 
 POOLING_MODES = tuple(p.label for p in Pooling)     # ("sum", "mean", "max")
+
+#: what the CPU bag kernel's ValueError says of a flat batch that would read outside a table
+BAD_FLAT_INPUT = "dlrmc: the batch's indices or offsets are out of range"
 
 
 def num_pairs(num_features: int, self_interaction: bool) -> int:

@@ -14,9 +14,11 @@ from tvm.runtime.vm import VirtualMachine
 
 from ..artifact import LIBRARY, ArtifactError, Manifest, read_manifest, read_weights
 from ..frontend.arch import Arch
+from ..frontend.ops import BAD_FLAT_INPUT
 from .devices import artifact_device, is_host
 from .plan import pick, slice_batch
-from .validate import InputError, check_batch, check_jagged, check_kjt
+from .validate import (InputError, check_batch, check_jagged, check_kjt, flat_jagged, flat_kjt,
+                       flat_reference)
 
 
 def to_tvm(arrays: list[np.ndarray]) -> list[tvm.runtime.Tensor]:
@@ -36,6 +38,49 @@ def to_tvm(arrays: list[np.ndarray]) -> list[tvm.runtime.Tensor]:
         out.append(tvm.runtime.from_dlpack(view))
         pos += n
     return out
+
+
+class BucketInputs:
+    """One thread's input tensors for one batch bucket, written in place by each call: a
+    call at a bucket allocates nothing and hands nothing over through DLPack. A batch of
+    fewer rows is padded as ``plan`` pads (zero features, empty bags); the indices live in
+    a buffer that grows to the largest batch seen, passed as a view of the batch's length."""
+
+    MAX_VIEWS = 64     # index-count views kept (each a few hundred bytes)
+
+    def __init__(self, size: int, features: int, tables: int):
+        self.size, self.tables = size, tables
+        self.dense = tvm.runtime.empty((size, features), "float32")
+        self.offsets = tvm.runtime.empty((tables * size + 1,), "int64")
+        self._dense, self._offsets = np.from_dlpack(self.dense), np.from_dlpack(self.offsets)
+        self._grow(64 * tables * size)
+
+    def _grow(self, count: int) -> None:
+        self.indices = tvm.runtime.empty((count,), "int64")
+        self._indices, self._views = np.from_dlpack(self.indices), {}
+
+    def fill(self, dense: np.ndarray, indices: np.ndarray, offsets: np.ndarray) -> list:
+        """The entry's inputs holding this flat batch (any integer types; values unchecked:
+        the compiled code checks them)."""
+        rows, count, size = dense.shape[0], len(indices), self.size
+        self._dense[:rows] = dense
+        if rows == size:
+            self._offsets[:] = offsets
+        else:
+            self._dense[rows:] = 0
+            bags = self._offsets[:-1].reshape(self.tables, size)
+            bags[:, :rows] = offsets[:-1].reshape(self.tables, rows)
+            bags[:, rows:] = offsets[rows::rows, None]      # each table's end: empty bags
+            self._offsets[-1] = offsets[-1]
+        if count > len(self._indices):
+            self._grow(max(count, 2 * len(self._indices)))
+        self._indices[:count] = indices
+        view = self._views.get(count)
+        if view is None:
+            if len(self._views) >= self.MAX_VIEWS:
+                self._views.clear()
+            view = self._views[count] = self.indices._create_view((count,))
+        return [self.dense, view, self.offsets]
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -133,11 +178,14 @@ class CompiledDLRM:
         self.device = artifact_device(self.path, self.manifest)
         self._library = load_library(self.path)
         self._bucket_sizes = [int(b) for b in self.manifest.buckets]
+        self._plans: dict[int, list] = {}
         self._local = threading.local()
         vm = self._vm()
         # mmap: TVM reads the file's pages in place (fast load, memory shared between
         # processes, first touches fault pages in); else the weights are copied in at load.
         self._on_host = is_host(self.device)
+        # the compiled code checks indices and offsets: predict leaves them to it
+        self._checked = bool(self.manifest.checked_inputs) and self._on_host
         weights = [tvm.runtime.from_dlpack(w) if mmap and self._on_host
                    else tvm.runtime.tensor(w, self.device)
                    for w in read_weights(self.path, self.manifest)]
@@ -153,6 +201,7 @@ class CompiledDLRM:
             self._local.main = vm_function(vm, self.manifest.entry, "entry")
             self._local.buckets = {int(b): vm_function(vm, name, f"buckets.{b}")
                                    for b, name in self.manifest.buckets.items()}
+            self._local.inputs = {}
             self._local.vm = vm
         return vm
 
@@ -183,7 +232,7 @@ class CompiledDLRM:
     def _bind(self, dense, indices, offsets) -> Callable[[], object]:
         """``bind`` for a batch already validated, in the artifact's flat layout."""
         batch = dense.shape[0]
-        plan = pick(batch, self._bucket_sizes)
+        plan = self._plan(batch)
         if len(plan) == 1 and plan[0][1] in (0, batch):
             size = plan[0][1]
             args = self._to_device([dense, indices, offsets])
@@ -205,7 +254,8 @@ class CompiledDLRM:
         """Validate the batch (reference layout: ``lS_o`` [T, B] bag starts, ``lS_i`` T index
         arrays) and run it; returns float32 [B, 1] click probabilities, or with ``logits`` the
         model's logits (a model that ends in logits, as TorchRec's DLRM does)."""
-        return self._run(self.bind(dense_x, lS_o, lS_i), logits)
+        return self._predict(lambda: flat_reference(self.arch, dense_x, lS_o, lS_i),
+                             lambda: check_batch(self.arch, dense_x, lS_o, lS_i), logits)
 
     def bind_jagged(self, dense_x, indices, offsets) -> Callable[[], object]:
         """``bind`` for the flat layout, as ``predict_jagged`` takes it."""
@@ -214,19 +264,72 @@ class CompiledDLRM:
     def predict_jagged(self, dense_x, indices, offsets, logits: bool = False) -> np.ndarray:
         """``predict`` for FBGEMM's table-batched layout, the artifact's own: ``indices`` [N]
         (every table's, table-major), ``offsets`` [T*B+1]
-        (``dlrmc.runtime.validate.check_jagged``); int64 arrays go in without a conversion."""
-        return self._run(self.bind_jagged(dense_x, indices, offsets), logits)
+        (``dlrmc.runtime.validate.check_jagged``)."""
+        return self._predict(lambda: flat_jagged(self.arch, dense_x, indices, offsets),
+                             lambda: check_jagged(self.arch, dense_x, indices, offsets), logits)
 
     def predict_kjt(self, dense_x, values, lengths, logits: bool = False) -> np.ndarray:
         """``predict`` for TorchRec's KeyedJaggedTensor layout: ``values`` [N] key-major,
         ``lengths`` [T*B] bag sizes (``dlrmc.runtime.validate.check_kjt``)."""
-        return self._run(self._bind(*check_kjt(self.arch, dense_x, values, lengths)), logits)
+        return self._predict(lambda: flat_kjt(self.arch, dense_x, values, lengths),
+                             lambda: check_kjt(self.arch, dense_x, values, lengths), logits)
 
     def predict_batch(self, batch, logits: bool = False) -> np.ndarray:
         """``predict`` for a batch ``dlrmc.runtime.validate`` already checked, in the flat
         layout its checks return (what ``dlrm-serve`` runs, its requests merged by
         ``plan.merge_batches``)."""
-        return self._run(self._bind(*batch), logits)
+        return self._predict(lambda: batch, lambda: batch, logits)
+
+    def _plan(self, batch: int) -> list[tuple[int, int]]:
+        """``plan.pick`` for this artifact's buckets, remembered per batch size."""
+        plan = self._plans.get(batch)
+        if plan is None:
+            plan = pick(batch, self._bucket_sizes)
+            if len(self._plans) < 4096:
+                self._plans[batch] = plan
+        return plan
+
+    def _predict(self, cheap: Callable[[], tuple | None], full: Callable[[], tuple],
+                 logits: bool) -> np.ndarray:
+        """Run a batch given by its checks (``dlrmc.runtime.validate``): ``full`` checks it
+        and returns it in the flat layout; ``cheap`` checks only what the compiled code
+        does not (or returns None where it cannot tell cheaply). With an artifact that
+        checks its inputs and a batch one entry runs, ``cheap`` is enough and the batch
+        goes into this thread's ``BucketInputs``; if the compiled code refuses it, ``full``
+        says why."""
+        self.check_logits(logits)
+        batch = None
+        if self._checked:
+            try:
+                batch = cheap()
+            except InputError:
+                raise
+            except Exception:   # noqa: BLE001 - an odd input: the full checks name it
+                batch = None
+        plan = self._plan(batch[0].shape[0]) if batch is not None else []
+        if len(plan) != 1:
+            return self._run(self._bind(*full()), logits)
+        dense, indices, offsets = batch
+        size = plan[0][1]
+        entry = self._entry(size)
+        if size:
+            inputs = self._local.inputs.get(size)
+            if inputs is None:
+                inputs = self._local.inputs[size] = BucketInputs(
+                    size, dense.shape[1], self.num_tables)
+            args = inputs.fill(dense, indices, offsets)
+        else:
+            args = to_tvm([dense, indices.astype(np.int64, copy=False),
+                           offsets.astype(np.int64, copy=False)])
+        try:
+            out = entry(*args, *self._weights)
+        except ValueError as e:
+            if BAD_FLAT_INPUT not in str(e):
+                raise
+            full()      # raises the InputError that names the table and position
+            raise InputError(f"the compiled model refused the batch ({BAD_FLAT_INPUT}), "
+                             "though the runtime's checks pass it") from None
+        return self.as_requested(np.from_dlpack(out)[:dense.shape[0]], logits)
 
     def check_logits(self, logits: bool) -> None:
         """Refuse ``logits=True`` for a model that ends in a sigmoid."""

@@ -19,6 +19,8 @@ confident prediction, so the batch is refused instead of answered wrongly.)
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 
@@ -189,6 +191,70 @@ def _check_flat(arch: dict, dense: np.ndarray, idx: np.ndarray, off: np.ndarray,
         raise InputError(f"{idx_name}[{p}] = {idx[p]} (table {k}, position {p - starts[k]}) is "
                          f"out of range for table {k} with {rows[k]} rows")
     return dense, np.ascontiguousarray(idx), np.ascontiguousarray(off)
+
+
+# The cheap half, for an artifact whose compiled code checks its flat indices and offsets
+# itself (``checked_inputs``): the dense features checked as above, the sparse inputs only
+# their kinds and shapes, and the batch brought to the flat layout as it is. Each returns
+# None where it cannot tell cheaply (then the full checks above run); the values of indices
+# and offsets are left to the compiled code, and when it refuses a batch the full checks
+# name what is wrong.
+
+def _integers(*arrays) -> bool:
+    return all(a.dtype.kind in "iu" for a in arrays)
+
+
+def flat_jagged(arch: dict, dense_x, indices, offsets) -> Batch | None:
+    """``check_jagged``'s cheap half."""
+    dense = check_dense(arch, dense_x)
+    idx, off = np.asarray(indices), np.asarray(offsets)
+    rows = len(arch["embedding_sizes"]) * dense.shape[0] + 1
+    if not _integers(idx, off) or idx.ndim != 1 or off.shape != (rows,):
+        return None
+    return dense, idx, off
+
+
+def flat_kjt(arch: dict, dense_x, values, lengths) -> Batch | None:
+    """``check_kjt``'s cheap half."""
+    dense = check_dense(arch, dense_x)
+    vals, lens = np.asarray(values), np.asarray(lengths)
+    bags = len(arch["embedding_sizes"]) * dense.shape[0]
+    if not _integers(vals, lens) or vals.ndim != 1 or lens.shape != (bags,):
+        return None
+    off = np.empty(bags + 1, np.int64)
+    off[0] = 0
+    np.cumsum(lens.astype(np.int64, copy=False), out=off[1:])
+    return dense, vals, off
+
+
+def flat_reference(arch: dict, dense_x, lS_o, lS_i) -> Batch | None:
+    """``check_batch``'s cheap half (the first bag of each table must start at 0; the rest
+    of the offsets are checked as the flat layout's). Python's own sums, not numpy's: at
+    batch 1 numpy's fixed cost per call is most of this function's."""
+    dense = check_dense(arch, dense_x)
+    tables, batch = len(arch["embedding_sizes"]), dense.shape[0]
+    starts = np.asarray(lS_o)
+    if not _integers(starts) or starts.shape != (tables, batch) or np.count_nonzero(
+            starts[:, 0]):
+        return None
+    if isinstance(lS_i, np.ndarray):
+        if lS_i.ndim != 2:
+            return None
+        lengths, idx = [lS_i.shape[1]] * len(lS_i), lS_i.ravel()
+    else:    # (a list of anything but arrays raises here, and the full checks run)
+        if not {i.dtype.kind for i in lS_i} <= {"i", "u"}:   # bools would concatenate as ints
+            return None
+        lengths, idx = [len(i) for i in lS_i], np.concatenate(lS_i)
+    if len(lengths) != tables or not _integers(idx) or idx.ndim != 1:
+        return None
+    first = list(itertools.accumulate(lengths, initial=0))   # where each table's begin
+    if batch == 1:          # every bag starts at 0: the offsets are where the tables begin
+        return dense, idx, np.array(first, np.int64)
+    off = np.empty(tables * batch + 1, np.int64)
+    np.add(starts.astype(np.int64, copy=False), np.array(first[:-1], np.int64)[:, None],
+           out=off[:-1].reshape(tables, batch))
+    off[-1] = first[-1]
+    return dense, idx, off
 
 
 #: the sparse inputs of each named layout a server or file may carry beside ``dense_x``

@@ -127,6 +127,29 @@ def test_flat_embedding_bags_kernel(case):
     back = ref.flat_layout(lS_o, lS_i)
     np.testing.assert_array_equal(back[0], indices)
     np.testing.assert_array_equal(back[1], offsets)
+    # The kernel checks the flat batch itself: each way a batch can point outside a table is
+    # refused before anything is written.
+    bad = []
+    if len(indices):
+        p = int(rng.integers(len(indices)))
+        for value in (case["rows"][table_of[p]], -1):     # its own table's end, negative
+            idx = indices.copy()
+            idx[p] = value
+            bad.append((idx, offsets))
+    # first bag not at 0, last offset not the index count, an offset above the next
+    changes = [(0, 1), (-1, offsets[-1] + 1), (-1, offsets[-1] - 1)]
+    if T * B > 1:
+        k = int(rng.integers(1, T * B))
+        changes.append((k, offsets[k + 1] + 1))
+    for at, value in changes:
+        off = offsets.copy()
+        off[at] = value
+        bad.append((indices, off))
+    for idx, off in bad:
+        outs = [tvm.runtime.tensor(np.full((B, D), np.nan, np.float32)) for _ in range(T)]
+        with pytest.raises(ValueError, match=ref.BAD_FLAT_INPUT):
+            fn(*[tvm.runtime.tensor(a) for a in [*stored, idx, off, *(rw or [])]], *outs)
+        assert all(np.isnan(o.numpy()).all() for o in outs)
 
 
 @pytest.mark.parametrize("features", [1, 2, 5, 27])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -340,6 +341,61 @@ def test_bad_flat_and_kjt_input_names_the_table_and_position(compiled):
         c.runtime.predict_kjt(dense, values[:-1], lengths)
     with pytest.raises(InputError, match=r"lengths must have shape \[12\]"):
         c.runtime.predict_kjt(dense, values, lengths[:-1])
+
+
+def test_the_compiled_code_checks_its_flat_inputs(compiled, tmp_path):
+    """A CPU artifact's entries refuse, themselves, a flat batch that points outside a table
+    (``checked_inputs``), so ``predict`` gives them the batch after its cheap checks only.
+    An artifact whose manifest does not say so (written by an earlier dlrmc) is checked in
+    full before the call, and answers and refuses the same."""
+    from dlrmc.frontend.ops import BAD_FLAT_INPUT
+    from dlrmc.runtime.model import to_tvm
+
+    c = compiled(TINY)
+    assert c.runtime.manifest.checked_inputs
+    dense, offsets, indices = make_batch(TINY, 4, np.random.default_rng(3), max_bag=2,
+                                         empty=0.0)
+    values, flat, _ = _flat(offsets, indices)
+    bad = values.copy()
+    bad[-1] = 5                                        # table 2 has 5 rows
+    for size in (4, 0):                                # a bucket's entry, and main
+        with pytest.raises(ValueError, match=BAD_FLAT_INPUT):
+            c.runtime._entry(size)(*to_tvm([dense, bad, flat]), *c.runtime._weights)
+    art = _copy(c, tmp_path)
+    m = json.loads((art / "manifest.json").read_text())
+    del m["checked_inputs"]
+    data = json.dumps(m).encode()
+    (art / "manifest.json").write_bytes(data)
+    (art / "manifest.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  manifest.json\n")
+    old = load(str(art))
+    assert not old.manifest.checked_inputs
+    for batch in (1, 3, 4, 13, 37):
+        d, o, i = make_batch(TINY, batch, np.random.default_rng(batch), max_bag=3)
+        np.testing.assert_array_equal(old.predict(d, o, i), c.runtime.predict(d, o, i))
+    for model in (old, c.runtime):
+        with pytest.raises(InputError, match=rf"indices\[{len(bad) - 1}\] = 5 \(table 2"):
+            model.predict_jagged(dense, bad, flat)
+
+
+def test_bucket_inputs_are_rewritten_for_every_call(compiled):
+    """Calls at one bucket reuse one thread's input tensors: a batch with many more indices
+    than the last (the index buffer grows), a padded one after a full one, and the same
+    batch in each layout, every answer PyTorch's."""
+    c = compiled(TINY)
+    rng = np.random.default_rng(12)
+    for batch, max_bag in [(1, 2), (1, 400), (4, 1), (3, 2), (16, 60), (13, 0), (1, 0), (4, 9)]:
+        dense, offsets, indices = make_batch(TINY, batch, rng, max_bag=max_bag, empty=0.1)
+        want = torch_predict(c.model, dense, offsets, indices)
+        values, flat, lengths = _flat(offsets, indices)
+        for got in (c.runtime.predict(dense, offsets, indices),
+                    c.runtime.predict_jagged(dense, values, flat),
+                    c.runtime.predict_kjt(dense, values.astype(np.int32), lengths)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+    same = [rng.integers(0, 5, 7) for _ in TINY.embedding_sizes]     # [T, N] as one array
+    dense = rng.standard_normal((1, TINY.num_dense)).astype(np.float32)
+    offsets = np.zeros((3, 1), np.int64)
+    np.testing.assert_allclose(c.runtime.predict(dense, offsets, np.stack(same)),
+                               torch_predict(c.model, dense, offsets, same), rtol=1e-5, atol=2e-6)
 
 
 def test_dlrm_run_takes_the_flat_and_kjt_layouts(compiled, tmp_path):
