@@ -9,9 +9,10 @@ and has D + P columns; otherwise P.
 
 Schedule: samples are split over the cores in chunks (one thread below a batch of
 ``PARALLEL_MIN_BATCH``). Per sample, T is transposed into a [D, F'] scratch (F' = F rounded up
-to the vector width), so row i of T.T^T is D vector FMAs over the vectors that hold its first
-i (i+1) columns, and only those entries are stored, straight into the output row: no Gram
-matrix, no concat.
+to the vector width), so row i of T.T^T is D vector FMAs, accumulated in registers, over the
+vectors that hold its first i (i+1) columns, and those vectors are stored straight into the
+output row: no Gram matrix, no concat. The rows are unrolled (F is static), so every
+accumulator and output place is a constant.
 
 The kernel has one buffer per feature, so it is built with TVM's IR builder rather than
 TVMScript. The contract and the numpy oracle: ``dlrmc.frontend.ops``.
@@ -29,6 +30,23 @@ from .dense_lowp import round_to
 from .work_rule import split_work
 
 CHUNK = 16          # samples per work item
+GROUP = 4           # triangle rows computed together, at most
+STACK_BYTES = 1024  # TVM puts a scratch buffer below this size on the stack, else the heap
+
+
+def row_groups(num_features: int, extra: int, lanes: int) -> list[list[int]]:
+    """The triangle's rows in groups computed together: up to ``GROUP`` consecutive rows
+    whose accumulators (each row as many vectors as its last member needs) fit on the stack,
+    so LLVM keeps them in registers."""
+    groups: list[list[int]] = []
+    for i in range(1 - extra, num_features):
+        vectors = -(-(i + extra) // lanes)
+        if groups and len(groups[-1]) < GROUP and (
+                (len(groups[-1]) + 1) * vectors * lanes * 4 < STACK_BYTES):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 PARALLEL_MIN_BATCH = 64
 
 
@@ -50,6 +68,7 @@ def dot_interaction_kernel(num_features: int, dim: int, self_interaction: bool =
     extra = 1 if self_interaction else 0
     lead = D if prepend_dense else 0
     width = output_width(F, D, self_interaction, prepend_dense)
+    pairs = width - lead
     with IRBuilder() as ib:
         with T.prim_func(private=True, s_tir=True):
             T.func_name("dot_interaction")
@@ -70,7 +89,11 @@ def dot_interaction_kernel(num_features: int, dim: int, self_interaction: bool =
                 T.reads(*[b[tuple(slice(0, s) for s in b.shape)] for b in inputs])
                 T.writes(out[0:B, 0:width])
                 tt = T.sblock_alloc_buffer((D, FP), "float32", scope="global")
-                acc = T.sblock_alloc_buffer((FP,), "float32", scope="global")
+                groups = row_groups(F, extra, lanes)
+                # one accumulator array per group: small stack arrays, each read and written
+                # at constant places only, which LLVM turns into registers
+                accs = [T.sblock_alloc_buffer((len(g) * -(-(g[-1] + extra) // lanes) * lanes,),
+                                              "float32") for g in groups]
                 with T.grid(FP - F, D) as (f, d):
                     T.buffer_store(tt, T.float32(0), [d, F + f])
                 with T.serial(T.min(CHUNK, B - vc * CHUNK)) as s:
@@ -81,18 +104,39 @@ def dot_interaction_kernel(num_features: int, dim: int, self_interaction: bool =
                     if prepend_dense:
                         with T.vectorized(D) as d:
                             T.buffer_store(out, feature(0, row, d), [row, d])
-                    with T.serial(1 - extra, F) as i:
-                        # only the vectors that hold the row's triangle: columns j < i + extra
-                        with T.serial((i + extra + lanes - 1) // lanes) as v:
+                    for group, acc in zip(groups, accs):
+                        gram_rows(tt, acc, row, group)
+
+            def gram_rows(tt, acc, row, group):
+                """Rows ``group`` of the triangle, row i's columns j < i + extra: the vectors
+                holding them accumulated over d, the rows side by side (independent FMA
+                chains sharing each load of tt), then stored. A row whose whole vectors end
+                inside the sample's pairs is stored as whole vectors (what spills past its
+                end is rewritten by the rows after it); the last rows store their exact
+                width."""
+                vectors = -(-(group[-1] + extra) // lanes)
+                width_r = vectors * lanes     # row r's accumulators: acc[r * width_r ...]
+                for r in range(len(group)):
+                    for v in range(vectors):
+                        with T.vectorized(lanes) as j:
+                            T.buffer_store(acc, T.float32(0), [r * width_r + v * lanes + j])
+                with T.serial(D) as d:
+                    for r, i in enumerate(group):
+                        for v in range(vectors):
                             with T.vectorized(lanes) as j:
-                                T.buffer_store(acc, T.float32(0), [v * lanes + j])
-                            with T.serial(D) as d:
-                                with T.vectorized(lanes) as j:
-                                    T.buffer_store(acc, acc[v * lanes + j] + tt[d, i] * tt[
-                                        d, v * lanes + j], [v * lanes + j])
-                        with T.serial(i + extra) as j:
-                            T.buffer_store(out, acc[j],
-                                           [row, lead + i * (i - 1 + 2 * extra) // 2 + j])
+                                T.buffer_store(acc, acc[r * width_r + v * lanes + j] + tt[d, i] * tt[
+                                    d, v * lanes + j], [r * width_r + v * lanes + j])
+                for r, i in enumerate(group):
+                    count, first = i + extra, i * (i - 1 + 2 * extra) // 2
+                    whole = -(-count // lanes)
+                    if first + whole * lanes > pairs:
+                        whole = count // lanes
+                    for v in range(whole):
+                        with T.vectorized(lanes) as j:
+                            T.buffer_store(out, acc[r * width_r + v * lanes + j],
+                                           [row, lead + first + v * lanes + j])
+                    for j in range(whole * lanes, count):
+                        T.buffer_store(out, acc[r * width_r + j], [row, lead + first + j])
 
             split_work(chunks, B >= PARALLEL_MIN_BATCH, "chunk", samples)
     return ib.get()
