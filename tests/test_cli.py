@@ -138,6 +138,7 @@ def test_compile_for_a_cpu_we_are_not_on_builds_and_says_the_check_is_skipped(tm
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow   # (~45 s; DCN and projection stay covered by the TorchRec and training tests)
 def test_dcn_and_projection_from_flags_compile_and_match_pytorch(tmp_path):
     """TorchRec's DLRM_DCN and DLRM_Projection interactions spelled with flags, random
     weights (no checkpoint)."""

@@ -141,6 +141,7 @@ def test_metrics_agree_with_an_independent_computation(seed):
     assert m["accuracy"] == pytest.approx(np.mean((p > 0.5) == (y == 1)))
 
 
+@pytest.mark.slow   # (~40 s; each variant's accuracy is checked by the reduced-precision test)
 def test_eval_compare_variants(trained):
     d, _ = trained
     # bf16 and fp16 are checked by the variant test below, int8 tables in test_tuning
