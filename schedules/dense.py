@@ -21,6 +21,9 @@ import functools
 import tvm
 from tvm.script import tirx as T
 
+from tvm.script.ir_builder import IRBuilder
+from tvm.tirx.script.builder import ir as B
+
 from .work_rule import RULE
 
 ACTIVATIONS = ("none", "relu", "sigmoid")
@@ -76,6 +79,9 @@ def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
     ``act="cross"``: a DCN cross layer's second GEMM with the layer in its epilogue, kernel
     (x, Wp, b, x0, xl, y) and y = x0 * (x @ W^T + b) + xl (x0, xl [M, N]).
     With a static M the row-tile loops are serial blocks for the ``dlrmc_work`` schedule.
+
+    Built with TVM's IR builder: TVMScript's parser spent about 0.1 s a kernel in Python's
+    ``inspect`` (its macros look up their caller's frames), seconds of every compile.
     """
     if act not in ACTIVATIONS + ("cross",):
         raise ValueError(f"activation {act!r} is not one of {ACTIVATIONS} or 'cross'")
@@ -86,101 +92,109 @@ def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
     cross = act == "cross"
     epi = _epilogue(act)
     M, static, parallel, loop, tuned = row_loops(N, K, batch, parallel_min_macs)
-    tail_loop = T.serial if static else T.parallel
+    tail_loop = B.serial if static else B.parallel
     tail_tuned = tuned if static and int(batch) % MR > 1 else {}
 
-    @T.macro
-    def store(C, X0, XL, r, c, v):
-        if cross:
-            C[r, c] = X0[r, c] * v + XL[r, c]
-        else:
-            C[r, c] = epi(v)
+    with IRBuilder() as ib:
+        with B.prim_func(private=True, s_tir=True):
+            B.func_name("dense_cross" if cross else "dense")
+            names = ("a", "w", "bias", "x0", "xl", "c") if cross else ("a", "w", "bias", "c")
+            h = {name: B.arg(name, B.handle()) for name in names}
+            A = B.match_buffer(h["a"], (M, K), "float32")
+            W = B.match_buffer(h["w"], (NB, K, NR), "float32")
+            Bv = B.match_buffer(h["bias"], (N,), "float32")
+            X0 = B.match_buffer(h["x0"], (M, N), "float32") if cross else None
+            XL = B.match_buffer(h["xl"], (M, N), "float32") if cross else None
+            C = B.match_buffer(h["c"], (M, N), "float32")
 
-    @T.macro
-    def tail(A, W, Bv, C, X0, XL, M, vt):
-        row = T.sblock_alloc_buffer((G, NR), "float32")
-        for g in T.unroll(G):
-            for j in T.vectorized(NR):
-                row[g, j] = T.float32(0)
-        for kk in range(K):
-            for g in T.unroll(G):
-                for j in T.vectorized(NR):
-                    row[g, j] = row[g, j] + A[M // MR * MR + vt // (NB // G), kk] * W[
-                        vt % (NB // G) * G + g, kk, j]
-        for g in T.unroll(G):
-            for j in T.vectorized(NR):
-                if (not ragged) or (vt % (NB // G) * G + g) * NR + j < N:
-                    store(C, X0, XL, M // MR * MR + vt // (NB // G),
-                          (vt % (NB // G) * G + g) * NR + j,
-                          row[g, j] + Bv[(vt % (NB // G) * G + g) * NR + j])
+            def when(cond, body):
+                """``body()`` under ``cond``: a Python bool decides now, an expression at run
+                time."""
+                if isinstance(cond, bool):
+                    if cond:
+                        body()
+                    return
+                with B.If(cond):
+                    with B.Then():
+                        body()
 
-    @T.macro
-    def access(A, W, Bv, C, X0, XL, M):
-        if cross:
-            T.reads(A[0:M, 0:K], W[0:NB, 0:K, 0:NR], Bv[0:N], X0[0:M, 0:N], XL[0:M, 0:N])
-        else:
-            T.reads(A[0:M, 0:K], W[0:NB, 0:K, 0:NR], Bv[0:N])
-        T.writes(C[0:M, 0:N])
+            def store(r, c_, v):
+                B.buffer_store(C, X0[r, c_] * v + XL[r, c_] if cross else epi(v), [r, c_])
 
-    @T.macro
-    def body(A, W, Bv, C, X0, XL, M):
-        if M >= MR:  # an empty parallel loop would still wake the thread pool
-            for tile in loop(M // MR * NB):
-                with T.sblock("tile"):
-                    vt = T.axis.spatial(M // MR * NB, tile)
-                    T.sblock_attr(tuned)
-                    access(A, W, Bv, C, X0, XL, M)
-                    acc = T.sblock_alloc_buffer((MR, NR), "float32")
-                    for i in T.unroll(MR):
-                        for j in T.vectorized(NR):
-                            acc[i, j] = T.float32(0)
-                    for kk in range(K):
-                        for i in T.unroll(MR):
-                            for j in T.vectorized(NR):
-                                acc[i, j] = acc[i, j] + A[vt // NB * MR + i, kk] * W[vt % NB, kk, j]
-                    for i in T.unroll(MR):
-                        for j in T.vectorized(NR):
-                            if (not ragged) or vt % NB * NR + j < N:
-                                store(C, X0, XL, vt // NB * MR + i, vt % NB * NR + j,
-                                      acc[i, j] + Bv[vt % NB * NR + j])
+            def access():
+                if cross:
+                    B.reads(A[0:M, 0:K], W[0:NB, 0:K, 0:NR], Bv[0:N], X0[0:M, 0:N],
+                            XL[0:M, 0:N])
+                else:
+                    B.reads(A[0:M, 0:K], W[0:NB, 0:K, 0:NR], Bv[0:N])
+                B.writes(C[0:M, 0:N])
 
-        # The M % MR left-over rows (all of them at batch < MR): one row against G panels at a
-        # time, so 2G independent FMA chains hide the FMA latency over the K loop. A single
-        # row is not worth waking the thread pool for.
-        if parallel and M % MR > 1:
-            for tile in tail_loop(M % MR * (NB // G)):
-                with T.sblock("tail"):
-                    vt = T.axis.spatial(M % MR * (NB // G), tile)
-                    T.sblock_attr(tail_tuned)
-                    access(A, W, Bv, C, X0, XL, M)
-                    tail(A, W, Bv, C, X0, XL, M, vt)
-        else:
-            for tile in range(M % MR * (NB // G)):
-                with T.sblock("tail_serial"):
-                    vt = T.axis.spatial(M % MR * (NB // G), tile)
-                    access(A, W, Bv, C, X0, XL, M)
-                    tail(A, W, Bv, C, X0, XL, M, vt)
+            def tiles():
+                with loop(M // MR * NB) as tile:
+                    with B.sblock("tile"):
+                        vt = B.axis.spatial(M // MR * NB, tile)
+                        B.sblock_attr(tuned)
+                        access()
+                        acc = B.sblock_alloc_buffer((MR, NR), "float32")
+                        with B.unroll(MR) as i:
+                            with B.vectorized(NR) as j:
+                                B.buffer_store(acc, B.float32(0), [i, j])
+                        with B.serial(K) as kk:
+                            with B.unroll(MR) as i:
+                                with B.vectorized(NR) as j:
+                                    B.buffer_store(acc, acc[i, j] + A[vt // NB * MR + i, kk]
+                                                   * W[vt % NB, kk, j], [i, j])
+                        with B.unroll(MR) as i:
+                            with B.vectorized(NR) as j:
+                                when((not ragged) or vt % NB * NR + j < N, lambda: store(
+                                    vt // NB * MR + i, vt % NB * NR + j,
+                                    acc[i, j] + Bv[vt % NB * NR + j]))
 
-    if cross:
-        @T.prim_func(private=True, s_tir=True)
-        def dense_cross(a: T.handle, w: T.handle, bias: T.handle, x0: T.handle, xl: T.handle,
-                        c: T.handle):
-            A = T.match_buffer(a, (M, K), "float32")
-            W = T.match_buffer(w, (NB, K, NR), "float32")
-            Bv = T.match_buffer(bias, (N,), "float32")
-            X0 = T.match_buffer(x0, (M, N), "float32")
-            XL = T.match_buffer(xl, (M, N), "float32")
-            C = T.match_buffer(c, (M, N), "float32")
-            body(A, W, Bv, C, X0, XL, M)
+            def tail(vt):
+                # one row against G panels at a time: 2G independent FMA chains
+                row = B.sblock_alloc_buffer((G, NR), "float32")
+                panel = lambda g: vt % (NB // G) * G + g  # noqa: E731
+                r = M // MR * MR + vt // (NB // G)
+                with B.unroll(G) as g:
+                    with B.vectorized(NR) as j:
+                        B.buffer_store(row, B.float32(0), [g, j])
+                with B.serial(K) as kk:
+                    with B.unroll(G) as g:
+                        with B.vectorized(NR) as j:
+                            B.buffer_store(row, row[g, j] + A[r, kk] * W[panel(g), kk, j],
+                                           [g, j])
+                with B.unroll(G) as g:
+                    with B.vectorized(NR) as j:
+                        when((not ragged) or panel(g) * NR + j < N, lambda: store(
+                            r, panel(g) * NR + j, row[g, j] + Bv[panel(g) * NR + j]))
 
-        return dense_cross
+            def tails(kind, name, attrs):
+                with kind(M % MR * (NB // G)) as tile:
+                    with B.sblock(name):
+                        vt = B.axis.spatial(M % MR * (NB // G), tile)
+                        if attrs is not None:
+                            B.sblock_attr(attrs)
+                        access()
+                        tail(vt)
 
-    @T.prim_func(private=True, s_tir=True)
-    def dense(a: T.handle, w: T.handle, bias: T.handle, c: T.handle):
-        A = T.match_buffer(a, (M, K), "float32")
-        W = T.match_buffer(w, (NB, K, NR), "float32")
-        Bv = T.match_buffer(bias, (N,), "float32")
-        C = T.match_buffer(c, (M, N), "float32")
-        body(A, W, Bv, C, None, None, M)
-
-    return dense
+            # an empty parallel loop would still wake the thread pool
+            when(M >= MR, tiles)
+            # The M % MR left-over rows (all of them at batch < MR): one row against G panels
+            # at a time, so 2G independent FMA chains hide the FMA latency over the K loop.
+            # A single row is not worth waking the thread pool for.
+            if parallel:
+                cond = M % MR > 1
+                if isinstance(cond, bool):
+                    if cond:
+                        tails(tail_loop, "tail", tail_tuned)
+                    else:
+                        tails(B.serial, "tail_serial", None)
+                else:
+                    with B.If(cond):
+                        with B.Then():
+                            tails(tail_loop, "tail", tail_tuned)
+                        with B.Else():
+                            tails(B.serial, "tail_serial", None)
+            else:
+                tails(B.serial, "tail_serial", None)
+    return ib.get()
