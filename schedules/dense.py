@@ -129,44 +129,38 @@ def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
                     B.reads(A[0:M, 0:K], W[0:NB, 0:K, 0:NR], Bv[0:N])
                 B.writes(C[0:M, 0:N])
 
+            def micro_tile(count, row_of, panel_of):
+                """``count`` x NR accumulators in registers, the x-th x's A row
+                ``row_of(x)`` against W panel ``panel_of(x)`` over all of K; then bias,
+                epilogue and one store."""
+                acc = B.sblock_alloc_buffer((count, NR), "float32")
+                with B.unroll(count) as x:
+                    with B.vectorized(NR) as j:
+                        B.buffer_store(acc, B.float32(0), [x, j])
+                with B.serial(K) as kk:
+                    with B.unroll(count) as x:
+                        with B.vectorized(NR) as j:
+                            B.buffer_store(acc, acc[x, j] + A[row_of(x), kk]
+                                           * W[panel_of(x), kk, j], [x, j])
+                with B.unroll(count) as x:
+                    with B.vectorized(NR) as j:
+                        col = panel_of(x) * NR + j
+                        when((not ragged) or col < N, lambda: store(
+                            row_of(x), col, acc[x, j] + Bv[col]))
+
             def tiles():
                 with loop(M // MR * NB) as tile:
                     with B.sblock("tile"):
                         vt = B.axis.spatial(M // MR * NB, tile)
                         B.sblock_attr(tuned)
                         access()
-                        acc = B.sblock_alloc_buffer((MR, NR), "float32")
-                        with B.unroll(MR) as i:
-                            with B.vectorized(NR) as j:
-                                B.buffer_store(acc, B.float32(0), [i, j])
-                        with B.serial(K) as kk:
-                            with B.unroll(MR) as i:
-                                with B.vectorized(NR) as j:
-                                    B.buffer_store(acc, acc[i, j] + A[vt // NB * MR + i, kk]
-                                                   * W[vt % NB, kk, j], [i, j])
-                        with B.unroll(MR) as i:
-                            with B.vectorized(NR) as j:
-                                when((not ragged) or vt % NB * NR + j < N, lambda: store(
-                                    vt // NB * MR + i, vt % NB * NR + j,
-                                    acc[i, j] + Bv[vt % NB * NR + j]))
+                        # MR rows against one panel
+                        micro_tile(MR, lambda i: vt // NB * MR + i, lambda i: vt % NB)
 
             def tail(vt):
                 # one row against G panels at a time: 2G independent FMA chains
-                row = B.sblock_alloc_buffer((G, NR), "float32")
-                panel = lambda g: vt % (NB // G) * G + g  # noqa: E731
-                r = M // MR * MR + vt // (NB // G)
-                with B.unroll(G) as g:
-                    with B.vectorized(NR) as j:
-                        B.buffer_store(row, B.float32(0), [g, j])
-                with B.serial(K) as kk:
-                    with B.unroll(G) as g:
-                        with B.vectorized(NR) as j:
-                            B.buffer_store(row, row[g, j] + A[r, kk] * W[panel(g), kk, j],
-                                           [g, j])
-                with B.unroll(G) as g:
-                    with B.vectorized(NR) as j:
-                        when((not ragged) or panel(g) * NR + j < N, lambda: store(
-                            r, panel(g) * NR + j, row[g, j] + Bv[panel(g) * NR + j]))
+                micro_tile(G, lambda g: M // MR * MR + vt // (NB // G),
+                           lambda g: vt % (NB // G) * G + g)
 
             def tails(kind, name, attrs):
                 with kind(M % MR * (NB // G)) as tile:
