@@ -53,7 +53,7 @@ class BucketInputs:
         self.dense = tvm.runtime.empty((size, features), "float32")
         self.offsets = tvm.runtime.empty((tables * size + 1,), "int64")
         self._dense, self._offsets = np.from_dlpack(self.dense), np.from_dlpack(self.offsets)
-        self._grow(64 * tables * size)
+        self._grow(max(tables * size, 64))          # one index a bag, to start
 
     def _grow(self, count: int) -> None:
         self.indices = tvm.runtime.empty((count,), "int64")

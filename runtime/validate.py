@@ -247,7 +247,7 @@ def flat_reference(arch: dict, dense_x, lS_o, lS_i) -> Batch | None:
         lengths, idx = [len(i) for i in lS_i], np.concatenate(lS_i)
     if len(lengths) != tables or not _integers(idx) or idx.ndim != 1:
         return None
-    first = list(itertools.accumulate(lengths, initial=0))   # where each table's begin
+    first = list(itertools.accumulate(lengths, initial=0))   # where each table begins
     if batch == 1:          # every bag starts at 0: the offsets are where the tables begin
         return dense, idx, np.array(first, np.int64)
     off = np.empty(tables * batch + 1, np.int64)
