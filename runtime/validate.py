@@ -1,4 +1,10 @@
-"""Input checks that run before any native code: the compiled gathers trust their indices.
+"""Input checks: every batch is checked before a table row is read.
+
+The full checks below run before native code for a CUDA artifact, an artifact written
+before ``checked_inputs``, and a batch split over several entries; for the rest (CPU
+artifacts, whose bag kernel checks the flat indices and offsets itself) ``predict`` runs the
+cheap half at the end of this module, and the full checks only to name what the kernel
+refused.
 
 Each layout a caller may use (the reference's ``lS_o``/``lS_i``, FBGEMM's flat
 ``indices``/``offsets``, TorchRec's ``values``/``lengths``) is checked and returned as the
