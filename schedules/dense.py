@@ -30,6 +30,18 @@ ACTIVATIONS = ("none", "relu", "sigmoid")
 SYMBOLIC_ROWS = 16   # the rows a call of the any-batch entry is assumed to have
 
 
+def when(cond, body) -> None:
+    """Emit ``body()`` under ``cond`` (IR builder): a Python bool decides now, an expression
+    becomes a run-time test."""
+    if isinstance(cond, bool):
+        if cond:
+            body()
+        return
+    with B.If(cond):
+        with B.Then():
+            body()
+
+
 def _epilogue(act: str):
     if act == "relu":
         return lambda v: T.max(v, T.float32(0))
@@ -106,17 +118,6 @@ def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
             X0 = B.match_buffer(h["x0"], (M, N), "float32") if cross else None
             XL = B.match_buffer(h["xl"], (M, N), "float32") if cross else None
             C = B.match_buffer(h["c"], (M, N), "float32")
-
-            def when(cond, body):
-                """``body()`` under ``cond``: a Python bool decides now, an expression at run
-                time."""
-                if isinstance(cond, bool):
-                    if cond:
-                        body()
-                    return
-                with B.If(cond):
-                    with B.Then():
-                        body()
 
             def store(r, c_, v):
                 B.buffer_store(C, X0[r, c_] * v + XL[r, c_] if cross else epi(v), [r, c_])
