@@ -20,7 +20,6 @@ import functools
 
 import tvm
 from tvm.script import tirx as T
-
 from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as B
 
@@ -30,16 +29,21 @@ ACTIVATIONS = ("none", "relu", "sigmoid")
 SYMBOLIC_ROWS = 16   # the rows a call of the any-batch entry is assumed to have
 
 
-def when(cond, body) -> None:
-    """Emit ``body()`` under ``cond`` (IR builder): a Python bool decides now, an expression
-    becomes a run-time test."""
+def when(cond, body, otherwise=None) -> None:
+    """Emit ``body()`` under ``cond``, else ``otherwise()`` if given (IR builder): a Python
+    bool decides now, an expression becomes a run-time test."""
     if isinstance(cond, bool):
         if cond:
             body()
+        elif otherwise is not None:
+            otherwise()
         return
     with B.If(cond):
         with B.Then():
             body()
+        if otherwise is not None:
+            with B.Else():
+                otherwise()
 
 
 def _epilogue(act: str):
@@ -158,38 +162,22 @@ def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
                         # MR rows against one panel
                         micro_tile(MR, lambda i: vt // NB * MR + i, lambda i: vt % NB)
 
-            def tail(vt):
-                # one row against G panels at a time: 2G independent FMA chains
-                micro_tile(G, lambda g: M // MR * MR + vt // (NB // G),
-                           lambda g: vt % (NB // G) * G + g)
-
             def tails(kind, name, attrs):
+                # one row against G panels at a time: 2G independent FMA chains
                 with kind(M % MR * (NB // G)) as tile:
                     with B.sblock(name):
                         vt = B.axis.spatial(M % MR * (NB // G), tile)
                         if attrs is not None:
                             B.sblock_attr(attrs)
                         access()
-                        tail(vt)
+                        micro_tile(G, lambda g: M // MR * MR + vt // (NB // G),
+                                   lambda g: vt % (NB // G) * G + g)
 
             # an empty parallel loop would still wake the thread pool
             when(M >= MR, tiles)
             # The M % MR left-over rows (all of them at batch < MR): one row against G panels
             # at a time, so 2G independent FMA chains hide the FMA latency over the K loop.
             # A single row is not worth waking the thread pool for.
-            if parallel:
-                cond = M % MR > 1
-                if isinstance(cond, bool):
-                    if cond:
-                        tails(tail_loop, "tail", tail_tuned)
-                    else:
-                        tails(B.serial, "tail_serial", None)
-                else:
-                    with B.If(cond):
-                        with B.Then():
-                            tails(tail_loop, "tail", tail_tuned)
-                        with B.Else():
-                            tails(B.serial, "tail_serial", None)
-            else:
-                tails(B.serial, "tail_serial", None)
+            when(parallel and M % MR > 1, lambda: tails(tail_loop, "tail", tail_tuned),
+                 lambda: tails(B.serial, "tail_serial", None))
     return ib.get()

@@ -30,8 +30,14 @@ from .dense_lowp import round_to
 from .work_rule import split_work
 
 CHUNK = 16          # samples per work item
+PARALLEL_MIN_BATCH = 64
 GROUP = 4           # triangle rows computed together, at most
 STACK_BYTES = 1024  # TVM puts a scratch buffer below this size on the stack, else the heap
+
+
+def row_vectors(i: int, extra: int, lanes: int) -> int:
+    """The vectors holding row i's triangle entries, columns j < i + extra."""
+    return -(-(i + extra) // lanes)
 
 
 def row_groups(num_features: int, extra: int, lanes: int) -> list[list[int]]:
@@ -40,14 +46,12 @@ def row_groups(num_features: int, extra: int, lanes: int) -> list[list[int]]:
     so LLVM keeps them in registers."""
     groups: list[list[int]] = []
     for i in range(1 - extra, num_features):
-        vectors = -(-(i + extra) // lanes)
         if groups and len(groups[-1]) < GROUP and (
-                (len(groups[-1]) + 1) * vectors * lanes * 4 < STACK_BYTES):
+                (len(groups[-1]) + 1) * row_vectors(i, extra, lanes) * lanes * 4 < STACK_BYTES):
             groups[-1].append(i)
         else:
             groups.append([i])
     return groups
-PARALLEL_MIN_BATCH = 64
 
 
 def output_width(num_features: int, dim: int, self_interaction: bool, prepend_dense: bool) -> int:
@@ -92,8 +96,8 @@ def dot_interaction_kernel(num_features: int, dim: int, self_interaction: bool =
                 groups = row_groups(F, extra, lanes)
                 # one accumulator array per group: small stack arrays, each read and written
                 # at constant places only, which LLVM turns into registers
-                accs = [T.sblock_alloc_buffer((len(g) * -(-(g[-1] + extra) // lanes) * lanes,),
-                                              "float32") for g in groups]
+                accs = [T.sblock_alloc_buffer(
+                    (len(g), row_vectors(g[-1], extra, lanes) * lanes), "float32") for g in groups]
                 with T.grid(FP - F, D) as (f, d):
                     T.buffer_store(tt, T.float32(0), [d, F + f])
                 with T.serial(T.min(CHUNK, B - vc * CHUNK)) as s:
@@ -114,29 +118,28 @@ def dot_interaction_kernel(num_features: int, dim: int, self_interaction: bool =
                 inside the sample's pairs is stored as whole vectors (what spills past its
                 end is rewritten by the rows after it); the last rows store their exact
                 width."""
-                vectors = -(-(group[-1] + extra) // lanes)
-                width_r = vectors * lanes     # row r's accumulators: acc[r * width_r ...]
+                vectors = row_vectors(group[-1], extra, lanes)
                 for r in range(len(group)):
                     for v in range(vectors):
                         with T.vectorized(lanes) as j:
-                            T.buffer_store(acc, T.float32(0), [r * width_r + v * lanes + j])
+                            T.buffer_store(acc, T.float32(0), [r, v * lanes + j])
                 with T.serial(D) as d:
                     for r, i in enumerate(group):
                         for v in range(vectors):
                             with T.vectorized(lanes) as j:
-                                T.buffer_store(acc, acc[r * width_r + v * lanes + j] + tt[d, i] * tt[
-                                    d, v * lanes + j], [r * width_r + v * lanes + j])
+                                T.buffer_store(acc, acc[r, v * lanes + j] + tt[d, i] * tt[
+                                    d, v * lanes + j], [r, v * lanes + j])
                 for r, i in enumerate(group):
                     count, first = i + extra, i * (i - 1 + 2 * extra) // 2
-                    whole = -(-count // lanes)
+                    whole = row_vectors(i, extra, lanes)
                     if first + whole * lanes > pairs:
                         whole = count // lanes
                     for v in range(whole):
                         with T.vectorized(lanes) as j:
-                            T.buffer_store(out, acc[r * width_r + v * lanes + j],
+                            T.buffer_store(out, acc[r, v * lanes + j],
                                            [row, lead + first + v * lanes + j])
                     for j in range(whole * lanes, count):
-                        T.buffer_store(out, acc[r * width_r + j], [row, lead + first + j])
+                        T.buffer_store(out, acc[r, j], [row, lead + first + j])
 
             split_work(chunks, B >= PARALLEL_MIN_BATCH, "chunk", samples)
     return ib.get()
