@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 
 import numpy as np
@@ -16,6 +18,17 @@ from dlrmc.runtime import load
 
 torch.set_num_threads(2)
 BUCKETS = (4, 16)
+
+
+def rewrite_manifest(art, edit) -> None:
+    """Edit an artifact's manifest as a deliberate tamperer would (or an older dlrmc wrote
+    it): ``edit(manifest dict)``, then the digest file rewritten to match, so the reader's
+    own field checks are what is tested."""
+    m = json.loads((art / "manifest.json").read_text())
+    edit(m)
+    data = json.dumps(m).encode()
+    (art / "manifest.json").write_bytes(data)
+    (art / "manifest.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  manifest.json\n")
 
 
 # A manifest with no model in it, for tests of the artifact writer alone.

@@ -19,7 +19,7 @@ from dlrmc.artifact import ArtifactError, Manifest, read_manifest, write_artifac
 from dlrmc.artifact.staging import recover, staging_dir
 from dlrmc.runtime import load
 
-from conftest import BARE_MANIFEST, TINY, run
+from conftest import BARE_MANIFEST, TINY, rewrite_manifest, run
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -28,16 +28,6 @@ def _copy(c, tmp_path, name="copy"):
     dst = tmp_path / name
     shutil.copytree(c.path, dst)
     return dst
-
-
-def _rewrite(art, edit) -> None:
-    """Edit the manifest as a deliberate tamperer would: its digest file rewritten to match,
-    so the reader's own field checks are what is tested."""
-    m = json.loads((art / "manifest.json").read_text())
-    edit(m)
-    data = json.dumps(m).encode()
-    (art / "manifest.json").write_bytes(data)
-    (art / "manifest.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  manifest.json\n")
 
 
 def _swap_first_tables(m):
@@ -100,7 +90,7 @@ CLI_CASES = {"files deleted", "version as bool", "table rows raised"}   # also t
 def test_a_tampered_manifest_is_refused_naming_the_field(compiled, tmp_path, case):
     edit, message = TAMPERING[case]
     art = _copy(compiled(TINY), tmp_path)
-    _rewrite(art, edit)
+    rewrite_manifest(art, edit)
     for verify in (True, False):
         with pytest.raises(ArtifactError) as err:
             load(str(art), verify=verify)

@@ -146,20 +146,10 @@ def test_native_runner_rejects_bad_input_and_artifacts(native, model, tmp_path):
     assert res.returncode == 2 and "cannot read" in res.stderr
 
 
-def _rewrite(art, edit) -> None:
-    """Edit the manifest and rewrite its digest file to match (a deliberate tamperer)."""
-    import hashlib
-    m = json.loads((art / "manifest.json").read_text())
-    edit(m)
-    data = json.dumps(m).encode()
-    (art / "manifest.json").write_bytes(data)
-    (art / "manifest.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  manifest.json\n")
-
-
 def test_native_runner_checks_what_the_python_runtime_checks(native, model, tmp_path):
     """The manifest's digest, sizes and file digests, the weights against arch, plain file
     names, the format version's type, and CPU features: each refused with its reason."""
-    from conftest import foreign_target
+    from conftest import foreign_target, rewrite_manifest
     art = tmp_path / "x86"
     compile_model(model, ARCH, None, str(art), log=lambda _: None, buckets=(4,))
     write_raw_batch(tmp_path / "b", random_batch(ARCH.to_dict(), 3, bag_size=2, seed=1))
@@ -168,17 +158,19 @@ def test_native_runner_checks_what_the_python_runtime_checks(native, model, tmp_
         "manifest edited": (lambda a: (a / "manifest.json").write_text(
             (a / "manifest.json").read_text().replace('"entry": "main"', '"entry":  "main"')),
             "manifest.json does not match manifest.sha256"),
-        "rows raised": (lambda a: _rewrite(a, lambda m: m["arch"]["embedding_sizes"].__setitem__(
-            0, 10 ** 6)), "weight emb_l.0.weight does not have the dtype and shape arch says"),
-        "outside": (lambda a: _rewrite(a, lambda m: m["weights"].update(file="../w.bin")),
+        "rows raised": (lambda a: rewrite_manifest(
+            a, lambda m: m["arch"]["embedding_sizes"].__setitem__(0, 10 ** 6)),
+            "weight emb_l.0.weight does not have the dtype and shape arch says"),
+        "outside": (lambda a: rewrite_manifest(a, lambda m: m["weights"].update(file="../w.bin")),
                     "weights.file '../w.bin' is not a plain file name"),
-        "version bool": (lambda a: _rewrite(a, lambda m: m.update(format_version=True)),
+        "version bool": (lambda a: rewrite_manifest(a, lambda m: m.update(format_version=True)),
                          "has format version true; this runner reads version 3"),
         "truncated": (lambda a: os.truncate(a / "model.so", 1000), "model.so is 1000 bytes"),
         "nested deep": (lambda a: (a / "manifest.json").write_text("[" * 300000 + "]" * 300000),
                         "nested 300000 levels deep"),
-        "entry renamed": (lambda a: _rewrite(a, lambda m: m["buckets"].update({"4": "nope"})),
-                          'buckets.4 "nope" is not a function of model.so'),
+        "entry renamed": (lambda a: rewrite_manifest(
+            a, lambda m: m["buckets"].update({"4": "nope"})),
+            'buckets.4 "nope" is not a function of model.so'),
         "flipped byte": (lambda a: (a / "weights.bin").write_bytes(
             bytes([(a / "weights.bin").read_bytes()[0] ^ 1]) + (a / "weights.bin").read_bytes()[1:]),
             "weights.bin is corrupt (sha256 mismatch)"),

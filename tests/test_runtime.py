@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,7 +15,7 @@ import pytest
 from dlrmc.artifact import FORMAT_VERSION, ArtifactError
 from dlrmc.runtime import InputError, load
 
-from conftest import TINY, make_batch, run, torch_predict
+from conftest import TINY, make_batch, rewrite_manifest, run, torch_predict
 
 
 def test_runs_without_torch_and_without_the_compiler(compiled, tmp_path):
@@ -362,11 +361,7 @@ def test_the_compiled_code_checks_its_flat_inputs(compiled, tmp_path):
         with pytest.raises(ValueError, match=BAD_FLAT_INPUT):
             c.runtime._entry(size)(*to_tvm([dense, bad, flat]), *c.runtime._weights)
     art = _copy(c, tmp_path)
-    m = json.loads((art / "manifest.json").read_text())
-    del m["checked_inputs"]
-    data = json.dumps(m).encode()
-    (art / "manifest.json").write_bytes(data)
-    (art / "manifest.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  manifest.json\n")
+    rewrite_manifest(art, lambda m: m.pop("checked_inputs"))
     old = load(str(art))
     assert not old.manifest.checked_inputs
     for batch in (1, 3, 4, 13, 37):
