@@ -182,13 +182,15 @@ class CompiledDLRM:
         self._local = threading.local()
         vm = self._vm()
         # mmap: TVM reads the file's pages in place (fast load, memory shared between
-        # processes, first touches fault pages in); else the weights are copied in at load.
+        # processes, first touches fault pages in); else the weights are read into private
+        # memory at load. Either way in huge pages where the kernel gives them (read_weights).
         self._on_host = is_host(self.device)
         # the compiled code checks indices and offsets: predict leaves them to it
         self._checked = bool(self.manifest.checked_inputs) and self._on_host
-        weights = [tvm.runtime.from_dlpack(w) if mmap and self._on_host
+        weights = [tvm.runtime.from_dlpack(w) if self._on_host
                    else tvm.runtime.tensor(w, self.device)
-                   for w in read_weights(self.path, self.manifest)]
+                   for w in read_weights(self.path, self.manifest,
+                                         copy=self._on_host and not mmap)]
         self._weights = list(vm_function(vm, self.manifest.transform_params,
                                          "transform_params")(weights))
 

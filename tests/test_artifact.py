@@ -259,3 +259,39 @@ def test_staging_dirs_are_private_to_their_writer(tmp_path):
     a = staging_dir(str(tmp_path / "x"))
     b = staging_dir(str(tmp_path / "x"))   # the same live writer's own stay
     assert a != b and os.path.isdir(a) and os.path.isdir(b)
+
+
+def _vm_flags(address: int) -> set[str]:
+    """The kernel's VmFlags of this process's mapping holding ``address``."""
+    found = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                found = lo <= address < hi
+            elif found and head == "VmFlags:":
+                return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["mapped", "copied"])
+def test_weights_read_back_as_written_copy_on_write_and_advised(compiled, tmp_path, copy):
+    from dlrmc.artifact import read_weights
+
+    c = compiled(TINY)
+    art = _copy(c, tmp_path)
+    m = read_manifest(str(art))
+    weights = read_weights(str(art), m, copy=copy)
+    state = c.model.state_dict()
+    for t, w in zip(m.weights["tensors"], weights):
+        np.testing.assert_array_equal(w, state[t["name"]].numpy())
+        assert w.ctypes.data % 64 == 0 and w.flags.writeable
+    if os.path.exists("/proc/self/smaps"):     # copied: huge pages; mapped: random reads
+        assert ("hg" if copy else "rr") in _vm_flags(weights[0].ctypes.data)
+    weights[0][...] += 1          # copy-on-write: writing a weight never writes the file
+    read_manifest(str(art))       # (its sha256 still matches)
+    if copy:                      # and a copy no longer reads the file
+        wfile = art / m.weights["file"]
+        wfile.write_bytes(b"\0" * os.path.getsize(wfile))
+        np.testing.assert_array_equal(weights[1], state[m.weights["tensors"][1]["name"]].numpy())
