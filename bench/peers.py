@@ -223,11 +223,10 @@ def gemm_rate(size: int = 1024) -> float:
     return 2 * size**3 * len(times) / sum(times)
 
 
-def gather_rate(rows: int = 1 << 22, row_bytes: int = 64, count: int = 1 << 18) -> float:
-    """Measured bytes/s of random gathers of ``row_bytes``-byte rows from a table larger than
-    the caches."""
-    table = np.random.default_rng(0).integers(0, 255, (rows, row_bytes), dtype=np.uint8)
-    idx = np.random.default_rng(1).integers(0, rows, count)
-    np.take(table, idx[:1000], axis=0)
-    (seconds,) = time_calls(lambda: np.take(table, idx, axis=0), warmup=0, repeat=1)
-    return count * row_bytes / seconds
+def read_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Measured bytes/s of a sequential read of ``nbytes`` (larger than the caches) summed by
+    torch on its threads: an upper bound on any table gather's rate from memory (a random
+    row read moves whole cache lines and cannot beat the prefetched stream)."""
+    data = torch.ones(nbytes // 4)
+    times = time_calls(lambda: data.sum(), warmup=1, repeat=5)
+    return nbytes / min(times)

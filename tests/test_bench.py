@@ -20,6 +20,8 @@ def test_bench_reports_ours_and_peers(tmp_path):
         for s in r["systems"].values():
             assert s["median_us"] > 0 and s["p99_us"] >= s["median_us"]
         assert r["bound_us"] > 0 and r["max_abs_diff_vs_eager"] < 1e-5
+        # a lower bound: no system beats it
+        assert r["bound_us"] < min(s["median_us"] for s in r["systems"].values())
     table = md.read_text()
     assert "| dlrmc (this artifact) |" in table and "| PyTorch eager |" in table
     assert "| dlrmc, compiled call only |" in table and "time `predict`" in table
