@@ -6,7 +6,9 @@ the kernel checks its indices and offsets before reading a row (``check_flat_inp
 per-table layouts trust theirs, which the runtime validates before native code runs.
 
 Table-batched (as FBGEMM's TBE): one kernel pools every table and writes one [B, D] output
-per table, so a batch costs one launch, not one per table. Work items are (table, chunk of
+per table, or all of them as one [T, B, D] tensor (``one_output``: one allocation and one
+argument instead of T, for a consumer that reads the tables in place, as the dot interaction
+does), so a batch costs one launch, not one per table. Work items are (table, chunk of
 bags); they are split over the cores when there are enough bags to pay for waking the thread
 pool. Each bag accumulates in a vector of D lanes.
 
@@ -62,17 +64,20 @@ class BagArgs:
       offsets [T*B+1], [V_0..,] out_0..), bag b of table j spanning
       ``indices[offsets[j*B + b]:offsets[j*B + b + 1]]``; a weighted bag's weights are the
       per-row vectors V_j [rows of table j] read at each index (the reference's ``v_W_l``).
+
+    With ``one_output`` the outputs out_0.. are one tensor ``out`` [T, B, D].
     """
 
     def __init__(self, tables: int, dim: int, weighted: bool, index_dtype: str,
                  offset_rows: tuple[int, ...] | None, include_last_offset: bool,
                  batch: int | None, weight_cols: int, weight_dtype: str = "float32",
-                 flat: bool = False):
+                 flat: bool = False, one_output: bool = False):
         h_w = [T.arg(f"w{j}", T.handle()) for j in range(tables)]
         h_i = [T.arg(f"i{j}", T.handle()) for j in range(1 if flat else tables)]
         h_o = T.arg("offsets", T.handle())
         h_s = [T.arg(f"s{j}", T.handle()) for j in range(tables)] if weighted else []
-        h_r = [T.arg(f"out{j}", T.handle()) for j in range(tables)]
+        h_r = ([T.arg("out", T.handle())] if one_output
+               else [T.arg(f"out{j}", T.handle()) for j in range(tables)])
         self.B = B = T.int64() if batch is None else T.int64(batch)
         self.flat = flat
         self.ns = [T.int64()] * tables if flat else [T.int64() for _ in range(tables)]
@@ -89,7 +94,16 @@ class BagArgs:
             self.O = T.match_buffer(h_o, (B + (1 if include_last_offset else 0),), index_dtype)
         self.S = [T.match_buffer(h, (T.int64() if flat else n,), "float32")
                   for h, n in zip(h_s, self.ns)]
-        self.R = [T.match_buffer(h, (B, dim), "float32") for h in h_r]
+        self.R = ([T.match_buffer(h_r[0], (tables, B, dim), "float32")] if one_output
+                  else [T.match_buffer(h, (B, dim), "float32") for h in h_r])
+        self.one_output = one_output
+
+    def store(self, j, b, d, value) -> None:
+        """Write ``value`` as element ``d`` of table ``j``'s bag ``b``."""
+        if self.one_output:
+            T.buffer_store(self.R[0], value, [j, b, d])
+        else:
+            T.buffer_store(self.R[j], value, [b, d])
 
     def offset(self, j, b):
         if self.flat:
@@ -194,6 +208,7 @@ def embedding_bags_kernel(
     prefetch: int = 0,
     quant: str | None = None,
     flat_tables: int | None = None,
+    one_output: bool = False,
 ):
     """A PrimFunc pooling several tables at once, its arguments as ``BagArgs`` says.
 
@@ -203,7 +218,8 @@ def embedding_bags_kernel(
     ``prefetch`` > 0: while pooling index p, prefetch the row of index p + ``prefetch``
     (a tuning knob; 0 leaves it to the hardware). ``quant="int8"`` / ``"int4"``: the tables
     are row-wise quantised in FBGEMM's fused layout (``quantize_rows``), uint8
-    [V, ``fused_width``], dequantised here as code * scale + bias.
+    [V, ``fused_width``], dequantised here as code * scale + bias. ``one_output``: the
+    tables' results as one [T, B, D] tensor (``BagArgs``).
     """
     check_bag_config(mode, weighted, offset_rows, include_last_offset, flat_tables)
     D = int(dim)
@@ -216,7 +232,8 @@ def embedding_bags_kernel(
             C = code_bytes(D, quant) if quant is not None else 0
             args = BagArgs(tables, D, weighted, index_dtype, offset_rows, include_last_offset,
                            batch, D if quant is None else C + FUSED_EXTRA,
-                           "float32" if quant is None else "uint8", flat_tables is not None)
+                           "float32" if quant is None else "uint8", flat_tables is not None,
+                           one_output)
             B, ns, W, I, O, S, R = args.B, args.ns, args.W, args.I, args.O, args.S, args.R
 
             def fused_float(table, row, at):
@@ -273,12 +290,12 @@ def embedding_bags_kernel(
 
                         unless_padding(row, pad, accumulate)
                     with T.vectorized(D) as d:
-                        T.buffer_store(R[j], bag_result(mode, acc[d], cnt[0]), [b, d])
+                        args.store(j, b, d, bag_result(mode, acc[d], cnt[0]))
 
             def work(v):
                 T.reads(*[w[0:w.shape[0], 0:D] for w in W], *[i[0:i.shape[0]] for i in I],
                         *[s[0:s.shape[0]] for s in S], O[tuple(slice(0, x) for x in O.shape)])
-                T.writes(*[r[0:B, 0:D] for r in R])
+                T.writes(*[r[tuple(slice(0, n) for n in r.shape)] for r in R])
                 # Scratch once per work item: inside a parallel loop TVM heap-allocates it.
                 acc = T.sblock_alloc_buffer((D,), "float32", scope="global")
                 cnt = T.sblock_alloc_buffer((1,), "int64", scope="global")

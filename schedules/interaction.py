@@ -1,7 +1,8 @@
 """The fused dot interaction: DLRM's T.T^T, its lower triangle, and the concat with x.
 
 Contract: T = [x, e_1, .., e_{F-1}] per sample, given either as F tensors [B, D] (what the
-model concatenates; reading them in place saves the concat) or as one [B, F, D] tensor.
+model concatenates; reading them in place saves the concat), as one [B, F, D] tensor, or
+(``tables``) as x [B, D] and the embedding kernel's one output [F-1, B, D].
 The output lists the dot products of the pairs (i, j) with j < i (j <= i with
 ``self_interaction``) in row-major order: (1,0), (2,0), (2,1), ... When ``prepend_dense``
 is set the row starts with x = T[:, 0, :], so it is the reference's ``R = cat([x, Zflat])``
@@ -61,8 +62,10 @@ def output_width(num_features: int, dim: int, self_interaction: bool, prepend_de
 @functools.lru_cache(maxsize=None)
 def dot_interaction_kernel(num_features: int, dim: int, self_interaction: bool = False,
                            prepend_dense: bool = True, lanes: int = 16, stacked: bool = False,
-                           batch: int | None = None, precision: str = "fp32"):
-    """A TIR PrimFunc (f_0, .., f_{F-1}, out), or (features [B, F, D], out) when ``stacked``.
+                           batch: int | None = None, precision: str = "fp32",
+                           tables: bool = False):
+    """A TIR PrimFunc (f_0, .., f_{F-1}, out), or (features [B, F, D], out) when ``stacked``,
+    or (x [B, D], embeddings [F-1, B, D], out) with ``tables``.
 
     B is symbolic unless ``batch`` is given. ``precision`` bf16/fp16: the features are
     rounded to that type before the fp32 dot products (their products are exact in fp32).
@@ -76,13 +79,19 @@ def dot_interaction_kernel(num_features: int, dim: int, self_interaction: bool =
     with IRBuilder() as ib:
         with T.prim_func(private=True, s_tir=True):
             T.func_name("dot_interaction")
-            handles = [T.arg(f"f{k}", T.handle()) for k in range(1 if stacked else F)]
+            handles = [T.arg(f"f{k}", T.handle())
+                       for k in range(1 if stacked else 2 if tables else F)]
             result = T.arg("out", T.handle())
             B = T.int64() if batch is None else T.int64(batch)
             if stacked:
                 (buf,) = [T.match_buffer(handles[0], (B, F, D), "float32")]
                 inputs = [buf]
                 feature = lambda k, row, d: buf[row, k, d]  # noqa: E731
+            elif tables:
+                inputs = [T.match_buffer(handles[0], (B, D), "float32"),
+                          T.match_buffer(handles[1], (F - 1, B, D), "float32")]
+                feature = lambda k, row, d: (  # noqa: E731
+                    inputs[0][row, d] if k == 0 else inputs[1][k - 1, row, d])
             else:
                 inputs = [T.match_buffer(h, (B, D), "float32") for h in handles]
                 feature = lambda k, row, d: inputs[k][row, d]  # noqa: E731

@@ -277,3 +277,40 @@ def test_the_artifact_program_takes_the_flat_layout(arch):
         with torch.no_grad():
             torch.testing.assert_close(ep.module()(*example_inputs(arch, batch, seed=batch)),
                                        model(d, o, i))
+
+
+@pytest.mark.parametrize("arch, one", [
+    (Arch(5, (9, 4, 7), (3, 5), (4, 1)), True),
+    (Arch(4, (9, 4, 7, 3), (3, 4), (6, 1), interaction_itself=True, pooling="max"), True),
+    (Arch(3, (11, 5), (2, 3), (4, 1), interaction_op="cat"), False),
+], ids=["dot", "dot-itself-max", "cat"])
+def test_bags_feeding_the_dot_interaction_are_one_tensor_it_reads_in_place(arch, one):
+    """CPU: when every table goes to the dot interaction, the table-batched kernel writes them
+    as one [T, B, D] tensor and the interaction takes it with the dense features (two
+    arguments, not T + 1); any other consumer gets one [B, D] per table. Either way the
+    model computes what eager does."""
+    from tvm import relax
+
+    model = DLRM(arch, seed=3).eval()
+    target = tvm.target.Target({"kind": "llvm"})
+    lowered = lower(export_model(model, arch), target)
+    calls = {}
+    for block in lowered.mod["main"].body.blocks:
+        for b in block.bindings:
+            v = b.value
+            if isinstance(v, relax.Call) and isinstance(v.args[0], tvm.ir.GlobalVar):
+                calls[v.args[0].name_hint.rstrip("0123456789_")] = v
+    bags = calls["embedding_bags"]
+    if one:
+        assert len(bags.ty.shape) == 3 and int(bags.ty.shape[0]) == arch.num_tables
+        assert len(calls["dot_interaction"].args[1].fields) == 2
+    else:
+        assert isinstance(bags.ty, relax.TupleType) and len(bags.ty.fields) == arch.num_tables
+    vm = relax.VirtualMachine(build(lowered, target)[0], tvm.cpu())
+    params = vm[TRANSFORM_PARAMS]([tvm.runtime.tensor(p) for p in lowered.params])
+    for b in (1, 6, 70):
+        got = vm["main"](*[tvm.runtime.tensor(a.numpy()) for a in example_inputs(arch, b, seed=b)],
+                         *params).numpy()
+        with torch.no_grad():
+            np.testing.assert_allclose(got, model(*example_batch(arch, b, seed=b)).numpy(),
+                                       rtol=1e-5, atol=1e-5)

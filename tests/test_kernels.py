@@ -91,7 +91,7 @@ def flat_cases(draw):
                 quant=draw(st.sampled_from([None, None, "int8", "int4"])),
                 dtype=draw(st.sampled_from(["int32", "int64"])),
                 static=draw(st.booleans()), prefetch=draw(st.sampled_from([0, 4])),
-                seed=draw(st.integers(0, 2**31)))
+                one_output=draw(st.booleans()), seed=draw(st.integers(0, 2**31)))
 
 
 @settings(max_examples=40, deadline=None)
@@ -109,13 +109,21 @@ def test_flat_embedding_bags_kernel(case):
         if case["weighted"] else None
     stored = [quantize_rows(w, quant) for w in weights] if quant else weights
     seen = [dequantize_rows(w, D, quant) for w in stored] if quant else weights
+    one = case["one_output"]           # the tables as one [T, B, D] output, or T [B, D]
+
+    def fresh_outputs():
+        if one:
+            return [tvm.runtime.tensor(np.full((T, B, D), np.nan, np.float32))]
+        return [tvm.runtime.tensor(np.full((B, D), np.nan, np.float32)) for _ in range(T)]
+
     fn = _build(embedding_bags_kernel, D, case["mode"], case["weighted"], case["dtype"], False,
-                None, None, B if case["static"] else None, case["prefetch"], quant, T)
-    outs = [tvm.runtime.tensor(np.full((B, D), np.nan, np.float32)) for _ in range(T)]
+                None, None, B if case["static"] else None, case["prefetch"], quant, T, one)
+    outs = fresh_outputs()
     fn(*[tvm.runtime.tensor(a) for a in [*stored, indices, offsets, *(rw or [])]], *outs)
     expected = ref.embedding_bags_flat(seen, indices, offsets, case["mode"], rw)
-    for got, want in zip(outs, expected):
-        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+    got = outs[0].numpy() if one else [o.numpy() for o in outs]
+    for t, want in enumerate(expected):
+        np.testing.assert_allclose(got[t], want, rtol=1e-5, atol=1e-5)
     lS_o, lS_i = ref.reference_layout(indices, offsets, T)
     for t, want in enumerate(ref.embedding_bags_flat(weights, indices, offsets, case["mode"], rw)):
         bag = torch.nn.EmbeddingBag.from_pretrained(torch.from_numpy(weights[t]),
@@ -146,7 +154,7 @@ def test_flat_embedding_bags_kernel(case):
         off[at] = value
         bad.append((indices, off))
     for idx, off in bad:
-        outs = [tvm.runtime.tensor(np.full((B, D), np.nan, np.float32)) for _ in range(T)]
+        outs = fresh_outputs()
         with pytest.raises(ValueError, match=ref.BAD_FLAT_INPUT):
             fn(*[tvm.runtime.tensor(a) for a in [*stored, idx, off, *(rw or [])]], *outs)
         assert all(np.isnan(o.numpy()).all() for o in outs)
@@ -173,10 +181,16 @@ def test_dot_interaction_kernel_and_oracle(features, dim, itself, prepend):
         want = torch.cat([tt[:, 0, :], want], dim=1)
     np.testing.assert_allclose(expected, want.numpy(), rtol=1e-5, atol=1e-5)
     lanes = 8 if dim % 2 else 16               # AVX2's vectors and AVX-512's
-    for stacked in (False, True):
+    layouts = {"features": [np.ascontiguousarray(t[:, k]) for k in range(features)],
+               "stacked": [t],     # [B, F, D]; and x with the embedding kernel's [F-1, B, D]:
+               "tables": [np.ascontiguousarray(t[:, 0]),
+                          np.ascontiguousarray(t[:, 1:].transpose(1, 0, 2))]}
+    for layout, inputs in layouts.items():
+        if layout == "tables" and features == 1:
+            continue
         out = tvm.runtime.tensor(np.full(expected.shape, np.nan, np.float32))
-        inputs = [t] if stacked else [np.ascontiguousarray(t[:, k]) for k in range(features)]
-        fn = _build(dot_interaction_kernel, features, dim, itself, prepend, lanes, stacked)
+        fn = _build(dot_interaction_kernel, features, dim, itself, prepend, lanes,
+                    layout == "stacked", None, "fp32", layout == "tables")
         fn(*[tvm.runtime.tensor(a) for a in inputs], out)
         np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
 

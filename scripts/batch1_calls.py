@@ -1,0 +1,49 @@
+"""Per-call time of artifacts' entry points at one batch size, the calls alternated in one
+process (so the host's noise hits them alike): the bare compiled call (``bind``), ``predict``
+(reference layout), ``predict_jagged`` (flat) and ``predict_kjt``; medians after the first
+tenth. Two artifacts of one model (say, before and after a change) compare side by side.
+
+    python scripts/batch1_calls.py A.dlrmc [B.dlrmc ...] [--batch 1] [--calls 3000] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from dlrmc.frontend.ops import flat_layout
+from dlrmc.runtime import load
+from dlrmc.runtime.batch import random_batch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("artifacts", nargs="+")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--calls", type=int, default=3000)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    models = [load(a, mmap=True, threads=args.threads) for a in args.artifacts]
+    dense, lS_o, lS_i = random_batch(models[0].arch, args.batch, seed=3)
+    indices, offsets = flat_layout(lS_o, lS_i)
+    lengths = np.diff(offsets)
+    calls = {}
+    for path, m in zip(args.artifacts, models):
+        calls[f"{path} bare call"] = m.bind(dense, lS_o, lS_i)
+        calls[f"{path} predict"] = lambda m=m: m.predict(dense, lS_o, lS_i)
+        calls[f"{path} predict_jagged"] = lambda m=m: m.predict_jagged(dense, indices, offsets)
+        calls[f"{path} predict_kjt"] = lambda m=m: m.predict_kjt(dense, indices, lengths)
+    times = {name: [] for name in calls}
+    for _ in range(args.calls):
+        for name, call in calls.items():
+            start = time.perf_counter_ns()
+            call()
+            times[name].append(time.perf_counter_ns() - start)
+    for name, t in times.items():
+        print(f"B={args.batch} {name}: {np.median(t[args.calls // 10:]) / 1e3:,.1f} us")
+
+
+if __name__ == "__main__":
+    main()
