@@ -88,12 +88,17 @@ def apply(sch: s_tir.Schedule, block, grain) -> None:
     sch.unannotate(block, "schedule_rule")
 
 
-def apply_default(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
-    """``func`` with every annotated block scheduled one work item per task."""
-    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+def schedule_default(sch: s_tir.Schedule) -> s_tir.Schedule:
+    """``sch`` with every annotated block scheduled one work item per task (traced: the
+    tuner records it as the kernel's default)."""
     for block in annotated_blocks(sch):
         apply(sch, block, 1)
-    return sch.mod["main"]
+    return sch
+
+
+def apply_default(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+    """``func`` with every annotated block scheduled one work item per task."""
+    return schedule_default(s_tir.Schedule(tvm.IRModule({"main": func}))).mod["main"]
 
 
 def sample(sch: s_tir.Schedule, block) -> list:

@@ -169,6 +169,41 @@ def test_tune_writes_a_log_with_every_task(tuned_log):
         assert name in res.stdout                          # the per-task summary
 
 
+def test_every_kernel_default_is_measured_and_the_replay_never_picks_slower(tuned_log):
+    """Each kernel's default schedule is in the log as a record that replays to exactly what
+    the build does without a log, measured in the same run as the candidates; so the kernel's
+    best record, what the replay takes, is at most the default's time, and the table prints
+    the default and the gain."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from dlrmc.schedules.tuning.log import is_default, records
+    from dlrmc.schedules.tuning.tasks import extract_tasks
+    from dlrmc.compiler.build import prepare
+    from dlrmc.frontend.model import DLRM
+
+    log, res = tuned_log
+    manifest = json.loads((log / "dlrmc_tuning.json").read_text())
+    defaults = {t["name"]: t for t in manifest["tasks"] if "[" not in t["name"]}
+    assert defaults and all(t["default_s"] for t in defaults.values())
+    for name, t in defaults.items():
+        variants = [v["best_s"] for v in manifest["tasks"] if v["name"].split("[")[0] == name]
+        assert min(variants) <= t["best_s"] <= t["default_s"]
+        row = next(line for line in res.stdout.splitlines() if line.startswith(name + " "))
+        gain = t["default_s"] / min(variants)
+        assert row.endswith(f"{t['default_s'] * 1e6:.1f} us  {gain:.2f}x"), row
+    db = ms.database.JSONDatabase(work_dir=str(log), allow_missing=False)
+    from dlrmc.targets import parse_target
+
+    host = parse_target("host")      # what dlrm-tune tuned for
+    tasks = extract_tasks(prepare(DLRM(TINY, seed=0).eval(), TINY, host, (64, 512)).mod, host, 1)
+    for task in (t for t in tasks if t.name in defaults):
+        found = [r for r in records(db, task) if is_default(r)]
+        assert len(found) == 1, task.name
+        sch = s_tir.Schedule(task.mod)
+        found[0].trace.apply_to_schedule(sch, remove_postproc=True)
+        tvm.ir.assert_structural_equal(sch.mod["main"], work_rule.apply_default(task.mod["main"]))
+
+
 @pytest.mark.slow
 def test_tune_resumes_without_remeasuring(tuned_log, tmp_path):
     log, _ = tuned_log

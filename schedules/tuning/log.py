@@ -43,17 +43,38 @@ def best_seconds(records) -> float | None:
     return min(secs) if secs else None
 
 
+def is_default(record) -> bool:
+    """Whether a record is a kernel's default schedule (``tune.measure_defaults``): the only
+    traces that sample no decision."""
+    return not any(inst.kind.name == "SampleCategorical" for inst in record.trace.insts)
+
+
+def default_seconds(records) -> float | None:
+    return best_seconds([r for r in records if is_default(r)])
+
+
 def task_table(manifest: dict) -> str:
-    """Each task's trials, best latency and achieved rate, as a terminal table."""
-    lines = [f"{'task':<34} {'trials':>6} {'best':>11}  rate"]
+    """Each task's trials, best latency and achieved rate, as a terminal table; on a kernel's
+    default-variant row, its default schedule's latency and the gain of the kernel's best
+    over all its variants (what the replay runs) against it."""
+    kernel_best: dict[str, float] = {}
+    for t in manifest["tasks"]:
+        kernel = t["name"].split("[")[0]
+        if t["best_s"] is not None:
+            kernel_best[kernel] = min(t["best_s"], kernel_best.get(kernel, t["best_s"]))
+    lines = [f"{'task':<34} {'trials':>6} {'best':>11}  {'rate':<15} {'default':>11}  gain"]
     for t in manifest["tasks"]:
         best = t["best_s"]
         if best is None:
             lines.append(f"{t['name']:<34} {t['trials']:>6} {'-':>11}  -")
             continue
         unit = "GFLOP/s" if t["unit"] == "FLOP" else "GB/s"
-        lines.append(f"{t['name']:<34} {t['trials']:>6} {best * 1e6:>8.1f} us  "
-                     f"{t['work'] / best / 1e9:.1f} {unit}")
+        rate = f"{t['work'] / best / 1e9:.1f} {unit}"
+        line = f"{t['name']:<34} {t['trials']:>6} {best * 1e6:>8.1f} us  {rate:<15}"
+        default = t.get("default_s")
+        if default:
+            line += f" {default * 1e6:>8.1f} us  {default / kernel_best[t['name']]:.2f}x"
+        lines.append(line.rstrip())
     return "\n".join(lines)
 
 

@@ -1,8 +1,11 @@
 """Tuning our static-batch kernels with MetaSchedule into a tuning log (``tuning_log``).
 
-``tune`` runs MetaSchedule's task scheduler (round robin, ReplayTrace: the spaces are small)
-over ``tasks.extract_tasks``'s tasks, measuring with ``measure``'s runners, and resumes what
-a log directory already holds.
+``tune`` first measures every kernel's default schedule (the kernel as lowered, one work item
+per parallel task) and records it in the log, so the replay, which takes each kernel's
+fastest record, is never slower than the default as measured on that machine; then it runs
+MetaSchedule's task scheduler (round robin, ReplayTrace: the spaces are small) over
+``tasks.extract_tasks``'s tasks, measuring with ``measure``'s runners. It resumes what a log
+directory already holds.
 """
 
 from __future__ import annotations
@@ -11,16 +14,19 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from typing import Callable
 
 import numpy as np
 import tvm
+from tvm import s_tir
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from .log import (LOG_FORMAT, LOG_MANIFEST, TuningLogError, best_seconds,
+from .. import work_rule
+from .log import (LOG_FORMAT, LOG_MANIFEST, TuningLogError, best_seconds, default_seconds,
                   read_manifest, records)
 from .measure import build_kernel, make_runner, skip_tensor_intrinsics
 from .tasks import Task
@@ -47,6 +53,34 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
             for i, rec in enumerate(task_scheduler.tasks_):
                 if not rec.is_terminated:
                     task_scheduler.terminate_task(i)
+
+
+def measure_defaults(tasks: list[Task], target: tvm.target.Target, db, runner,
+                     deadline: float | None, report: Callable[[Task], None]) -> None:
+    """Measure and record the default schedule of every default-variant task that has none
+    in ``db`` yet, until ``deadline``; ``report(task)`` after each."""
+    builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=60, f_build=build_kernel)
+    for task in tasks:
+        if task.override or default_seconds(records(db, task)) is not None:
+            continue
+        sch = work_rule.schedule_default(s_tir.Schedule(task.mod))
+        (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
+        if built.error_msg:
+            raise TuningLogError(f"the default schedule of {task.name} does not build: "
+                                 f"{built.error_msg.splitlines()[-1]}")
+        args = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
+        device = "cuda" if target.kind.name == "cuda" else "cpu"
+        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args)])
+        result = future.result()
+        shutil.rmtree(os.path.dirname(built.artifact_path), ignore_errors=True)
+        if result.error_msg:
+            raise TuningLogError(f"the default schedule of {task.name} failed to run: "
+                                 f"{result.error_msg.splitlines()[-1]}")
+        db.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, db.commit_workload(task.mod), result.run_secs, target, args))
+        report(task)
+        if deadline is not None and time.time() > deadline:
+            return      # at least one measured each run, so a budget run always progresses
 
 
 def trial_plan(trials: int, num_tasks: int) -> tuple[int, int]:
@@ -77,6 +111,16 @@ def tune(tasks: list[Task], target: tvm.target.Target, log_dir: str, trials: int
                                      "directory")
     db = ms.database.JSONDatabase(work_dir=log_dir)
     per_task, total = trial_plan(trials, len(tasks))
+    deadline = time.time() + time_budget_s if time_budget_s else None
+    runner = runner or make_runner()
+    skip_tensor_intrinsics()
+
+    def default_measured(task):
+        if progress:
+            progress(task.name, sum(min(len(records(db, t)), per_task) for t in tasks), total,
+                     best_seconds(records(db, task)))
+
+    measure_defaults(tasks, target, db, runner, deadline, default_measured)
     done = {t.name: min(len(records(db, t)), per_task) for t in tasks}
     # Least-measured first: a time budget cut short last time resumes where it stopped.
     todo = sorted((t for t in tasks if done[t.name] < per_task), key=lambda t: done[t.name])
@@ -90,9 +134,7 @@ def tune(tasks: list[Task], target: tvm.target.Target, log_dir: str, trials: int
         if progress:
             progress(task.name, state["done"], total, state["best"].get(task.name))
 
-    if todo:
-        skip_tensor_intrinsics()
-        deadline = time.time() + time_budget_s if time_budget_s else None
+    if todo and (deadline is None or time.time() < deadline):
         contexts = [ms.TuneContext(
             mod=t.mod, target=target,
             space_generator=ms.space_generator.PostOrderApply(
@@ -108,7 +150,7 @@ def tune(tasks: list[Task], target: tvm.target.Target, log_dir: str, trials: int
                 max_trials_per_task=max(per_task - done[t.name] for t in todo),
                 num_trials_per_iter=min(8, max(per_task - done[t.name] for t in todo)), builder=ms.builder.LocalBuilder(
                     max_workers=1, timeout_sec=60, f_build=build_kernel),
-                runner=runner or make_runner(), database=db, cost_model="random",
+                runner=runner, database=db, cost_model="random",
                 measure_callbacks=[ms.measure_callback.AddToDatabase(),
                                    ms.measure_callback.RemoveBuildArtifact(),
                                    _Progress(report, deadline)],
@@ -122,6 +164,7 @@ def tune(tasks: list[Task], target: tvm.target.Target, log_dir: str, trials: int
         result["tasks"].append({"name": t.name, "kind": t.kind, "batch": t.batch,
                                 "work": t.work, "unit": t.unit, "trials": len(measured),
                                 "best_s": best_seconds(measured),
+                                "default_s": default_seconds(measured),
                                 "workload": str(db.commit_workload(t.mod).as_json()[0])})
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
