@@ -37,7 +37,7 @@ from tvm.script import tirx as T
 from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as B
 
-from .dense import ACTIVATIONS, _epilogue, row_loops, when
+from .dense import ACTIVATIONS, _epilogue, register_rows, row_loops, when
 
 KINDS = ("bf16", "fp16", "int8")
 PER_WORD = {"bf16": 2, "fp16": 1, "int8": 4}   # k values per packed panel element
@@ -234,57 +234,57 @@ def dense_lowp_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 
             C = B.match_buffer(h["c"], (M, N), "float32")
             AW = B.alloc_buffer((M, KWP), word_dtype)
 
-            def dot_step(acc, i, a_word, vb, kk):
-                """acc[i, :] += (the row's word a_word) . (panel words W[vb, kk, :])"""
+            def dot_step(acc, a_word, vb, kk):
+                """acc[:] += (the row's word a_word) . (panel words W[vb, kk, :])"""
                 if dot:
                     with B.unroll(NR // 16) as jv:
                         lanes = B.ramp(jv * 16, 1, 16)
                         if kind == "bf16":
                             step = B.call_pure_extern(
-                                "float32x16", "dlrmc_dpbf16", acc[i, lanes],
+                                "float32x16", "dlrmc_dpbf16", acc[lanes],
                                 B.Broadcast(a_word, 16), W[vb, kk, lanes])
                         else:
                             step = B.call_llvm_pure_intrin(
-                                "int32x16", "llvm.x86.avx512.vpdpbusd.512", acc[i, lanes],
+                                "int32x16", "llvm.x86.avx512.vpdpbusd.512", acc[lanes],
                                 B.reinterpret("int8x64", B.Broadcast(a_word, 16)),
                                 B.reinterpret("int8x64", W[vb, kk, lanes]))
-                        B.buffer_store(acc, step, [i, lanes])
+                        B.buffer_store(acc, step, [lanes])
                 elif kind == "int8":
                     with B.unroll(4) as p:
                         with B.vectorized(NR) as j:
-                            B.buffer_store(acc, acc[i, j] + ((a_word >> (8 * p)) & 255) * (
-                                (W[vb, kk, j] << (24 - 8 * p)) >> 24), [i, j])
+                            B.buffer_store(acc, acc[j] + ((a_word >> (8 * p)) & 255) * (
+                                (W[vb, kk, j] << (24 - 8 * p)) >> 24), [j])
                 else:
                     with B.vectorized(NR) as j:
                         if kind == "fp16":
-                            value = acc[i, j] + a_word * B.Cast("float32", W[vb, kk, j])
+                            value = acc[j] + a_word * B.Cast("float32", W[vb, kk, j])
                         else:   # a word's two bf16 values, low then high, as float32
-                            value = (acc[i, j] + B.reinterpret("float32", a_word << 16)
+                            value = (acc[j] + B.reinterpret("float32", a_word << 16)
                                      * B.reinterpret("float32", W[vb, kk, j] << 16)
                                      + B.reinterpret("float32", a_word & -65536)
                                      * B.reinterpret("float32", W[vb, kk, j] & -65536))
-                        B.buffer_store(acc, value, [i, j])
+                        B.buffer_store(acc, value, [j])
 
-            def zero(rows, acc):
-                with B.unroll(rows) as i:
+            def zero(accs):
+                for acc in accs:
                     with B.vectorized(NR) as j:
-                        B.buffer_store(acc, B.Cast(acc_dtype, 0), [i, j])
+                        B.buffer_store(acc, B.Cast(acc_dtype, 0), [j])
 
             def tile(rows, row0, vb):
-                acc = B.sblock_alloc_buffer((rows, NR), acc_dtype)
+                accs = register_rows(rows, NR, acc_dtype)
                 if use_pragma:
                     with B.attr(B.int32(0), "pragma_import_llvm", pragma):
-                        zero(rows, acc)
+                        zero(accs)
                 else:
-                    zero(rows, acc)
+                    zero(accs)
                 with B.serial(KW) as kk:
-                    with B.unroll(rows) as i:
-                        dot_step(acc, i, AW[row0 + i, kk], vb, kk)
-                with B.unroll(rows) as i:
+                    for i, acc in enumerate(accs):
+                        dot_step(acc, AW[row0 + i, kk], vb, kk)
+                for i, acc in enumerate(accs):
                     with B.vectorized(NR) as j:
                         col = vb * NR + j
                         when((not ragged) or col < N, lambda: B.buffer_store(
-                            C, finish(acc[i, j], Bv, B.min(col, N - 1)), [row0 + i, col]))
+                            C, finish(acc[j], Bv, B.min(col, N - 1)), [row0 + i, col]))
 
             def tiles(name, count, attrs, rows, row0, vb):
                 with loop(count) as t:

@@ -76,14 +76,14 @@ def test_activation_qparams_cover_the_range_and_zero(lo, hi):
 
 @pytest.mark.parametrize("kind", ["bf16", "fp16", "int8"])
 @pytest.mark.parametrize("n,k", [(1, 7), (16, 13), (33, 64), (40, 367)])
-def test_lowp_dense_kernels_match_oracle(kind, n, k):
+@pytest.mark.parametrize("mr,nr", [(6, 16), (12, 32)])    # the AVX2 tile; AVX-512's tallest
+def test_lowp_dense_kernels_match_oracle(kind, n, k, mr, nr):
     rng = np.random.default_rng(n * 1000 + k)
     w = (rng.standard_normal((n, k)) * 0.2).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)
-    nr = 16
     for dot, target in _dots(kind):
         for act in ("relu", "sigmoid"):
-            xs = [rng.standard_normal((m, k)).astype(np.float32) for m in (1, 5, 6, 13, 64)]
+            xs = [rng.standard_normal((m, k)).astype(np.float32) for m in (1, 5, 6, 13, 25, 64)]
             if kind == "int8":
                 x_scale, x_zero = activation_qparams(min(x.min() for x in xs),
                                                      max(x.max() for x in xs))
@@ -91,7 +91,7 @@ def test_lowp_dense_kernels_match_oracle(kind, n, k):
                 terms = _t(np.zeros((2, n), np.float32))
                 _compile(quantize_pack_kernel(n, k, nr, x_scale, x_zero), target)(
                     _t(w), _t(b), packed, terms)
-                fn = _compile(dense_lowp_kernel(n, k, act, 6, nr, True, None, kind, dot, x_scale,
+                fn = _compile(dense_lowp_kernel(n, k, act, mr, nr, True, None, kind, dot, x_scale,
                                                 x_zero), target)
                 args, want = (packed, terms), lambda x: ref.dense_int8(x, w, b, act, x_scale,
                                                                       x_zero)
@@ -100,7 +100,7 @@ def test_lowp_dense_kernels_match_oracle(kind, n, k):
                 dtype = np.int32 if kind == "bf16" else np.float16
                 packed = _t(np.zeros((-(-n // nr), -(-k // per), nr), dtype))
                 _compile(pack_lowp_kernel(n, k, nr, kind), target)(_t(w), packed)
-                fn = _compile(dense_lowp_kernel(n, k, act, 6, nr, True, None, kind, dot), target)
+                fn = _compile(dense_lowp_kernel(n, k, act, mr, nr, True, None, kind, dot), target)
                 args, want = (packed, _t(b)), lambda x: ref.dense(
                     ref.round_to(x, kind), ref.round_to(w, kind), b, act)
             for x in xs:
