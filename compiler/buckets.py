@@ -40,9 +40,9 @@ def parse_buckets(text: str) -> tuple[int, ...]:
 class _RebuildKernels(PyExprMutator):
     """Point every call_tir of one of our kernels at its static-batch version."""
 
-    def __init__(self, mod: tvm.IRModule, batch: int):
+    def __init__(self, mod: tvm.IRModule, batch: int, knobs):
         super().__init__(mod)
-        self.mod, self.batch, self.done = mod, batch, {}
+        self.mod, self.batch, self.knobs, self.done = mod, batch, knobs, {}
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -51,22 +51,23 @@ class _RebuildKernels(PyExprMutator):
             return call
         gv = call.args[0]
         if gv.name_hint not in self.done:
-            static = at_batch(self.mod[gv], self.batch)
+            static = at_batch(self.mod[gv], self.batch, self.knobs)
             self.done[gv.name_hint] = gv if static is None else self.builder_.add_func(
                 static, f"{gv.name_hint}_b{self.batch}")
         new_gv = self.done[gv.name_hint]
         return relax.Call(call.op, [new_gv, *call.args[1:]], call.attrs, call.ty_args)
 
 
-def add_buckets(mod: tvm.IRModule, buckets) -> tvm.IRModule:
-    """``mod`` plus ``main_b{B}`` for every bucket B."""
+def add_buckets(mod: tvm.IRModule, buckets, knobs=None) -> tvm.IRModule:
+    """``mod`` plus ``main_b{B}`` for every bucket B (``knobs``: a CPU target's, for the
+    kernels' static-batch choices)."""
     main = mod["main"]
     batch = main.params[0].ty.shape[0]
     if not isinstance(batch, tvm.tirx.Var):
         raise ValueError("the model's batch dimension is not symbolic; nothing to bucket")
     for b in buckets:
         bound = relax.transform.BindSymbolicVars({batch: int(b)}, "main")(mod)
-        rebuilder = _RebuildKernels(bound, int(b))
+        rebuilder = _RebuildKernels(bound, int(b), knobs)
         func = rebuilder.visit_expr(bound["main"])
         mod = rebuilder.builder_.get()
         mod["main"] = main

@@ -26,6 +26,7 @@ from ..frontend.export import export_model
 from ..schedules.tuning.tune import model_hash
 from ..schedules.tuning.log import read_manifest as read_log_manifest
 from ..targets import backend_for, parse_target, resolved
+from ..targets.knobs import cpu_knobs
 from .buckets import DEFAULT_BUCKETS, add_buckets, entry_name
 from .lower import Lowered, lower
 
@@ -100,7 +101,8 @@ def prepare(model: torch.nn.Module, arch: Arch, target: tvm.target.Target, bucke
     lowered = _stage(log, "lower", progress, lower, ep, target, emb_quant=emb_quant,
                      sources=getattr(model, "table_sources", None), **numerics)
     if buckets:
-        lowered.mod = add_buckets(lowered.mod, buckets)
+        knobs = cpu_knobs(target) if backend_for(target).lowering == "cpu" else None
+        lowered.mod = add_buckets(lowered.mod, buckets, knobs)
     return lowered
 
 

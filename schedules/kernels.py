@@ -70,10 +70,14 @@ def with_args(r: dict, override: dict) -> tvm.tirx.PrimFunc:
     return make(r["kernel"], **{**r["args"], **override})
 
 
-def at_batch(func: tvm.tirx.PrimFunc, batch: int) -> tvm.tirx.PrimFunc | None:
+def at_batch(func: tvm.tirx.PrimFunc, batch: int, knobs=None) -> tvm.tirx.PrimFunc | None:
     """The same kernel rebuilt for a static ``batch``; None when ``func`` is not ours or
-    does not depend on the batch."""
+    does not depend on the batch. With the CPU target's ``knobs`` an fp32 dense kernel
+    takes the micro-tile height that suits the batch (``CpuKnobs.mr_for_batch``)."""
     r = recipe(func)
     if r is None or "batch" not in r["args"]:
         return None
-    return make(r["kernel"], **{**r["args"], "batch": int(batch)})
+    args = {**r["args"], "batch": int(batch)}
+    if knobs is not None and r["kernel"] == "dense":
+        args["mr"] = knobs.mr_for_batch(args["nr"], int(batch), args["mr"])
+    return make(r["kernel"], **args)

@@ -36,6 +36,14 @@ class CpuKnobs:
         vecs = max(nr // self.lanes, 1)
         return [m for m in (4, 6, 8, 12) if m * vecs + vecs + 1 <= self.registers]
 
+    def mr_for_batch(self, nr: int, batch: int, mr: int) -> int:
+        """A static batch's micro-tile height: ``mr``, unless it leaves rows over and a taller
+        tile the registers hold divides the batch (then the shortest such). Left-over rows
+        run one at a time; a taller tile loads each weight panel for more rows. On AVX-512
+        the buckets 64, 512 and 2048 get MR=8 for the default 6."""
+        taller = [m for m in self.mr_choices(nr) if m > mr and batch % m == 0]
+        return taller[0] if batch % mr and taller else mr
+
     @property
     def name(self) -> str:
         return {16: "avx512", 8: "avx2"}.get(self.lanes, "neon" if self.nr == 4 * self.lanes

@@ -363,6 +363,33 @@ def test_variants_fit_the_target_registers():
     assert variants({"kernel": "concat_rows", "args": {}}, avx2) == [{}]
 
 
+def test_bucket_dense_kernels_take_a_tile_height_that_divides_the_batch():
+    """Where the default MR leaves rows over and a taller tile the registers hold divides the
+    bucket, the bucket's fp32 dense kernels take it (AVX-512: 8 for 64, 512 and 2048); the
+    any-batch entry and AVX2 (no taller tile fits 16 registers) keep the default."""
+    from dlrmc.compiler.build import prepare
+    from dlrmc.frontend.model import DLRM
+    from dlrmc.schedules.kernels import recipe
+    from dlrmc.targets import parse_target
+    from dlrmc.targets.knobs import cpu_knobs
+
+    avx512 = cpu_knobs(parse_target("llvm -mcpu=skylake-avx512"))
+    avx2 = cpu_knobs(parse_target("llvm -mcpu=haswell"))
+    batches = (1, 4, 16, 24, 36, 48, 64, 100, 512, 2048)
+    assert [avx512.mr_for_batch(32, b, 6) for b in batches] == [6, 6, 8, 6, 6, 6, 8, 6, 8, 8]
+    assert [avx512.mr_for_batch(16, b, 6) for b in (64, 36)] == [8, 6]
+    assert avx512.mr_for_batch(32, 6, 4) == 6       # a shorter default: the next that divides
+    assert {avx2.mr_for_batch(16, b, 6) for b in batches} == {6}
+    lowered = prepare(DLRM(TINY, seed=0).eval(), TINY, parse_target("llvm -mcpu=skylake-avx512"),
+                      (48, 64), log=lambda _: None)
+    heights = {}
+    for _, func in lowered.mod.functions.items():
+        r = recipe(func)
+        if r and r["kernel"] == "dense":
+            heights.setdefault(r["args"]["batch"], set()).add(r["args"]["mr"])
+    assert heights == {None: {6}, 48: {6}, 64: {8}}
+
+
 @pytest.mark.slow
 def test_time_budget_stops_tuning_and_resumes_the_least_measured(tmp_path):
     log = tmp_path / "budget"
