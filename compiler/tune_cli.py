@@ -20,7 +20,7 @@ from ..schedules.tuning.measure import make_runner
 from ..schedules.tuning.tasks import extract_tasks
 from ..schedules.tuning.tune import trial_plan, tune
 from ..schedules.tuning.log import task_table
-from ..targets import parse_target, target_text
+from ..targets import backend_for, parse_target, target_text
 from .build import prepare, tuning_identity
 from .buckets import DEFAULT_BUCKETS, parse_buckets
 from .cli import USER_ERRORS
@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         lowered = prepare(model, arch, tgt, buckets)
         del model
         tasks = extract_tasks(lowered.mod, tgt, args.indices_per_bag)
+        if not tasks:
+            raise ValueError(
+                f"nothing to tune for {target_text(tgt)} at buckets {args.buckets}: no kernel "
+                "has work enough to split over the cores" if backend_for(tgt).lowering == "cpu"
+                else f"dlrm-tune tunes CPU targets; {target_text(tgt)}'s kernels have fixed "
+                "GPU schedules (ours and dlight's)")
         trials = args.trials or TRIALS_PER_TASK_WITH_BUDGET * len(tasks)
         manifest = {**tuning_identity(arch, tgt), "target_string": args.target,
                     "arch": arch.to_dict(), "buckets": list(buckets),

@@ -278,9 +278,13 @@ def test_mismatched_logs_get_clear_messages(tuned_log, tmp_path):
 def test_tune_rejects_bad_flags(tmp_path):
     for args, message in [([], "give --trials"), (["--trials", "0"], "must be positive"),
                           (["--trials", "2", "--rpc-tracker", "h:1"], "go together"),
-                          (["--trials", "2", "--buckets", "0"], "must be positive")]:
+                          (["--trials", "2", "--buckets", "0"], "must be positive"),
+                          (["--trials", "2", "--buckets", "1"], "nothing to tune"),
+                          (["--trials", "2", "--target", "cuda -arch=sm_90"],
+                           "dlrm-tune tunes CPU targets")]:
         res = run("dlrm-tune", *TUNE_MODEL, *args, "-o", str(tmp_path / "x"), check=False)
         assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
+        assert "Traceback" not in res.stderr and not (tmp_path / "x").exists()
 
 
 # --- RPC ------------------------------------------------------------------------------------
