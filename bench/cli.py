@@ -107,6 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--markdown", help="write the Markdown table here")
     args = p.parse_args(argv)
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        p.error(f"--batches wants batch sizes separated by commas, got {args.batches!r}")
+    if min(batches) < 1:
+        p.error(f"--batches must be positive, got {min(batches)}")
+    peers = [n for n in args.peers.split(",") if n and n != "none"]
+    unknown = sorted(set(peers) - set(PEERS))
+    if unknown:
+        p.error(f"unknown peer {', '.join(unknown)}; the peers are {', '.join(PEERS)} (or none)")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     torch.set_num_threads(args.threads)
     set_threads(args.threads)
@@ -115,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     model, arch = model_from_args(args, lazy_tables="too-big")
     unheld = model.table_sources and tables_too_big(arch)
     if unheld and (args.accuracy or args.mlp_quant or
-                   any(n not in ("", "none") for n in args.peers.split(","))):
+                   peers):
         raise SystemExit(f"dlrm-bench: error: {unheld}: the peers, --accuracy and --mlp-quant "
                          f"cannot hold them; use --peers none")
     tmp = tempfile.TemporaryDirectory(prefix="dlrmc-bench-")
@@ -174,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tuning curve: {args.curve}")
         tuning = {"log": args.tuning_log, "tasks": log_manifest["tasks"],
                   "curve": {"trials": xs, "sum_best_s": ys}}
-    for name in [n for n in args.peers.split(",") if n and n != "none"]:
+    for name in peers:
         t0 = time.perf_counter()
         try:
             if name == "ort" and not args.fixed_bags:
@@ -197,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{rate_flops / 1e9:.0f} GFLOP/s, sequential read {rate_bytes / 1e9:.1f} GB/s",
           flush=True)
     results = []
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in batches:
         dense, offsets, indices = batch_from_args(ours.arch, batch, args, seed=batch)
         tb = (torch.from_numpy(dense), torch.from_numpy(offsets),
               [torch.from_numpy(i) for i in indices])
@@ -247,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + table)
     layers = None
     if args.layers and host:
-        top = max(int(b) for b in args.batches.split(","))
+        top = max(batches)
         layers = {"fma_peak_flops": peak, "batch": top,
                   "table": probe.layer_table(arch, tgt, top, peak)}
         print(f"\nFMA peak (built-in probe: independent vector FMA chains, {args.threads} "

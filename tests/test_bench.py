@@ -71,3 +71,14 @@ def test_graphs_compiled_sees_torch_compile_recompile():
     assert graphs_compiled() == n + 1
     f(torch.ones(5))
     assert graphs_compiled() == n + 2
+
+
+def test_bench_rejects_bad_flags_before_any_work(tmp_path):
+    for args, message in [(["--batches", "0"], "must be positive"),
+                          (["--batches", "4,x"], "separated by commas"),
+                          (["--peers", "eager,foo"], "unknown peer foo")]:
+        res = subprocess.run(["dlrm-bench", "--preset", "tiny", *args, "--json",
+                              str(tmp_path / "b.json")], capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
+        assert "Traceback" not in res.stderr and not (tmp_path / "b.json").exists()
