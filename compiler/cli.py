@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="no progress lines on stderr while the stages run")
     add_model_args(p)
     args = p.parse_args(argv)
+    if args.check < 0:
+        p.error(f"--check wants a batch size (0: no check), got {args.check}")
     if args.mlp_quant and not args.calibration_data:
         p.error("--mlp-quant int8 needs --calibration-data NPZ (a sample of the training data)")
     # torch.export's own pytree deprecation notice, not the user's concern.

@@ -67,6 +67,7 @@ def test_compile_checkpoint_then_run(tmp_path):
     (["--preset", "tiny", "--arch-sparse-feature-size", "5"],
      "does not match the last dim of the bottom MLP"),
     (["--load-model", "/nonexistent.pt"], "does not exist"),
+    (["--preset", "tiny", "--check", "-1"], "--check wants a batch size"),
 ])
 def test_compile_errors_are_clear_and_write_nothing(tmp_path, args, message):
     out = tmp_path / "out"
