@@ -5,10 +5,11 @@ through its public call (ours: ``predict``, validation and input copies included
 bound compiled call alone beside it): median and p99 time per batch, samples/s, each peer's
 time over ours, and a lower bound (the larger of two: the MLP's FLOPs at the FMA peak
 measured on this CPU, or at torch.mm's rate for an artifact built for another device, and
-the gathered table bytes at this machine's sequential read bandwidth). With ``--tuning-log`` the artifact is compiled from that log and
-the default-schedule artifact runs beside it; each tuning task's trials, best latency and
-achieved rate are printed, and the tuning curve (sum of the tasks' best latencies against
-trials) is drawn as a PNG. With ``--precision bf16|fp16`` or ``--mlp-quant int8`` the
+the gathered table bytes at this machine's sequential read bandwidth). With
+``--tuning-log`` the artifact is compiled from that log and the default-schedule artifact
+runs beside it; each tuning task's trials, best latency and achieved rate, and each
+kernel's default latency and gain, are printed, and the tuning curve (sum of the tasks' best
+latencies against trials) is drawn as a PNG. With ``--precision bf16|fp16`` or ``--mlp-quant int8`` the
 artifact is built so (int8 calibrated on the benchmark's own random batches) and the fp32
 artifact runs beside it as ``dlrmc-fp32``. Tables too large to hold in memory (full-size
 DLRM-v2) are drawn only as the artifact is written; then only ``--peers none`` runs, and each
@@ -124,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     # can hold them; PyTorch checks each batch on the rows it reads (DLRM.with_rows)
     model, arch = model_from_args(args, lazy_tables="too-big")
     unheld = model.table_sources and tables_too_big(arch)
-    if unheld and (args.accuracy or args.mlp_quant or
-                   peers):
+    if unheld and (args.accuracy or args.mlp_quant or peers):
         raise SystemExit(f"dlrm-bench: error: {unheld}: the peers, --accuracy and --mlp-quant "
                          f"cannot hold them; use --peers none")
     tmp = tempfile.TemporaryDirectory(prefix="dlrmc-bench-")
