@@ -9,9 +9,9 @@ the gathered table bytes at this machine's sequential read bandwidth). With
 ``--tuning-log`` the artifact is compiled from that log and the default-schedule artifact
 runs beside it; each tuning task's trials, best latency and achieved rate, and each
 kernel's default latency and gain, are printed, and the tuning curve (sum of the tasks' best
-latencies against trials) is drawn as a PNG. With ``--precision bf16|fp16`` or ``--mlp-quant int8`` the
-artifact is built so (int8 calibrated on the benchmark's own random batches) and the fp32
-artifact runs beside it as ``dlrmc-fp32``. Tables too large to hold in memory (full-size
+latencies against trials) is drawn as a PNG. With ``--precision bf16|fp16`` or
+``--mlp-quant int8`` the artifact is built so (int8 calibrated on the benchmark's own random
+batches) and the fp32 artifact runs beside it as ``dlrmc-fp32``. Tables too large to hold in memory (full-size
 DLRM-v2) are drawn only as the artifact is written; then only ``--peers none`` runs, and each
 batch is checked against PyTorch on the rows it reads. Output: a terminal table, and
 optionally JSON and Markdown.

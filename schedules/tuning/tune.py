@@ -55,11 +55,11 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
                     task_scheduler.terminate_task(i)
 
 
-def measure_defaults(tasks: list[Task], target: tvm.target.Target, db, runner,
+def measure_defaults(tasks: list[Task], target: tvm.target.Target, db, builder, runner,
                      deadline: float | None, report: Callable[[Task], None]) -> None:
     """Measure and record the default schedule of every default-variant task that has none
-    in ``db`` yet, until ``deadline``; ``report(task)`` after each."""
-    builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=60, f_build=build_kernel)
+    in ``db`` yet, until ``deadline``, with the search's ``builder`` and ``runner``;
+    ``report(task)`` after each."""
     for task in tasks:
         if task.override or default_seconds(records(db, task)) is not None:
             continue
@@ -113,15 +113,16 @@ def tune(tasks: list[Task], target: tvm.target.Target, log_dir: str, trials: int
     per_task, total = trial_plan(trials, len(tasks))
     deadline = time.time() + time_budget_s if time_budget_s else None
     runner = runner or make_runner()
+    builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=60, f_build=build_kernel)
     skip_tensor_intrinsics()
+    done = {t.name: min(len(records(db, t)), per_task) for t in tasks}
 
     def default_measured(task):
+        done[task.name] = min(done[task.name] + 1, per_task)
         if progress:
-            progress(task.name, sum(min(len(records(db, t)), per_task) for t in tasks), total,
-                     best_seconds(records(db, task)))
+            progress(task.name, sum(done.values()), total, best_seconds(records(db, task)))
 
-    measure_defaults(tasks, target, db, runner, deadline, default_measured)
-    done = {t.name: min(len(records(db, t)), per_task) for t in tasks}
+    measure_defaults(tasks, target, db, builder, runner, deadline, default_measured)
     # Least-measured first: a time budget cut short last time resumes where it stopped.
     todo = sorted((t for t in tasks if done[t.name] < per_task), key=lambda t: done[t.name])
     state = {"done": sum(done.values()), "best": {}}
@@ -148,9 +149,8 @@ def tune(tasks: list[Task], target: tvm.target.Target, log_dir: str, trials: int
                 # MetaSchedule counts this run's trials only: cap each task at what it lacks
                 max_trials_global=sum(per_task - done[t.name] for t in todo),
                 max_trials_per_task=max(per_task - done[t.name] for t in todo),
-                num_trials_per_iter=min(8, max(per_task - done[t.name] for t in todo)), builder=ms.builder.LocalBuilder(
-                    max_workers=1, timeout_sec=60, f_build=build_kernel),
-                runner=runner, database=db, cost_model="random",
+                num_trials_per_iter=min(8, max(per_task - done[t.name] for t in todo)),
+                builder=builder, runner=runner, database=db, cost_model="random",
                 measure_callbacks=[ms.measure_callback.AddToDatabase(),
                                    ms.measure_callback.RemoveBuildArtifact(),
                                    _Progress(report, deadline)],
