@@ -64,7 +64,8 @@ def layer_rate(target: tvm.target.Target, n: int, k: int, batch: int) -> float:
     knobs = cpu_knobs(target)
     nr = knobs.nr if n > knobs.lanes else knobs.lanes
     func = work_rule.apply_default(dense_kernel(n, k, "relu", knobs.mr, nr,
-                                                knobs.parallel_min_macs, batch))
+                                                knobs.parallel_min_macs, batch,
+                                                knobs.parallel_min_bytes))
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
     pack = tvm.compile(tvm.IRModule({"main": pack_kernel(n, k, nr).with_attr(
         "global_symbol", "main")}), target)

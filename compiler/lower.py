@@ -343,7 +343,7 @@ def _convert_linear(node, importer, knobs: CpuKnobs, numerics: Numerics) -> rela
     bias = env[b_node] if b_node is not None else relax.const(np.zeros(n, np.float32))
     packed, bias, lowp = _pack_weights(bb, w, bias, n, k, nr, numerics, node)
     args = dict(n=n, k=k, act=act, mr=knobs.mr, nr=nr, parallel_min_macs=knobs.parallel_min_macs,
-                batch=None)
+                parallel_min_bytes=knobs.parallel_min_bytes, batch=None)
     if lowp and cross:
         raise LoweringError(f"{node.name}: the cross-layer epilogue is float32 only")
     if lowp:

@@ -81,23 +81,34 @@ def pack_kernel(n: int, k: int, nr: int):
     return pack
 
 
-def row_loops(n: int, k: int, batch: int | None, parallel_min_macs: int):
-    """How a dense kernel's work loops run: (M, static, parallel, loop, block annotations).
+def row_loops(n: int, k: int, batch: int | None, mr: int, parallel_min_macs: int,
+              weight_bytes: int = 0, parallel_min_bytes: int = 0):
+    """How a dense kernel's work loops run: (M, static, parallel, loop, block annotations of
+    the micro-tiles, block annotations of the left-over rows).
 
     Parallel when the call's multiply-adds, M*N*K, reach ``parallel_min_macs`` (the target's
     knob, ``dlrmc.targets.knobs``), M being ``SYMBOLIC_ROWS`` for the any-batch entry. With a
     static M the loops are serial blocks that the ``dlrmc_work`` schedule splits and
-    parallelises (or tunes)."""
+    parallelises (or tunes). The left-over rows (M % MR) go parallel when there are two or
+    more, and, at a static batch under one micro-tile, when the weights (``weight_bytes``)
+    reach ``parallel_min_bytes``: such a call streams the whole weight for each row, so its
+    time is the weight's bytes, not its FMAs, and split over the cores each core streams
+    (and keeps in its L2 from call to call) its share."""
     static = batch is not None
     M = tvm.tirx.Var("M", "int64") if batch is None else int(batch)
     parallel = (int(batch) if static else SYMBOLIC_ROWS) * n * k >= parallel_min_macs
     loop = T.serial if static or not parallel else T.parallel
-    return M, static, parallel, loop, {"schedule_rule": RULE} if static and parallel else {}
+    tuned = {"schedule_rule": RULE} if static and parallel else {}
+    streaming = static and M < mr and 0 < parallel_min_bytes <= weight_bytes
+    tail_tuned = {"schedule_rule": RULE} if static and (
+        streaming or parallel and M % mr > 1) else {}
+    return M, static, parallel, loop, tuned, tail_tuned
 
 
 @functools.lru_cache(maxsize=None)
 def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
-                 parallel_min_macs: int = 0, batch: int | None = None):
+                 parallel_min_macs: int = 0, batch: int | None = None,
+                 parallel_min_bytes: int = 0):
     """The packed dense kernel (x, Wp, b, y) for one layer shape; M symbolic unless ``batch``.
 
     ``act="cross"``: a DCN cross layer's second GEMM with the layer in its epilogue, kernel
@@ -115,9 +126,9 @@ def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
     ragged = N % NR != 0
     cross = act == "cross"
     epi = _epilogue(act)
-    M, static, parallel, loop, tuned = row_loops(N, K, batch, parallel_min_macs)
+    M, static, parallel, loop, tuned, tail_tuned = row_loops(
+        N, K, batch, MR, parallel_min_macs, NB * K * NR * 4, parallel_min_bytes)
     tail_loop = B.serial if static else B.parallel
-    tail_tuned = tuned if static and int(batch) % MR > 1 else {}
 
     with IRBuilder() as ib:
         with B.prim_func(private=True, s_tir=True):
@@ -185,7 +196,9 @@ def dense_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
             when(M >= MR, tiles)
             # The M % MR left-over rows (all of them at batch < MR): one row against G panels
             # at a time, so 2G independent FMA chains hide the FMA latency over the K loop.
-            # A single row is not worth waking the thread pool for.
-            when(parallel and M % MR > 1, lambda: tails(tail_loop, "tail", tail_tuned),
+            # A single row is not worth waking the thread pool for, unless its weights are
+            # large (``row_loops``).
+            when(bool(tail_tuned) if static else parallel and M % MR > 1,
+                 lambda: tails(tail_loop, "tail", tail_tuned),
                  lambda: tails(B.serial, "tail_serial", None))
     return ib.get()

@@ -177,7 +177,8 @@ def quantize_pack_kernel(n: int, k: int, nr: int, x_scale: float, x_zero: int):
 @functools.lru_cache(maxsize=None)
 def dense_lowp_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 32,
                       parallel_min_macs: int = 0, batch: int | None = None, kind: str = "bf16",
-                      dot: bool = False, x_scale: float = 1.0, x_zero: int = 0):
+                      dot: bool = False, x_scale: float = 1.0, x_zero: int = 0,
+                      parallel_min_bytes: int = 0):
     """The dense kernel (x, panels, b, y); for int8 b is the [2, N] terms (scale, bias').
 
     ``dot``: use the target's dot-product instruction (``CpuKnobs.has_dot``; NR a multiple of 16).
@@ -195,7 +196,8 @@ def dense_lowp_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 
     KWP = -(-KW // 16) * 16              # the activation words' row, padded to whole vectors
     ragged = N % NR != 0
     epi = _epilogue(act)
-    M, static, parallel, loop, tuned = row_loops(N, K, batch, parallel_min_macs)
+    M, static, parallel, loop, tuned, tail_tuned = row_loops(
+        N, K, batch, MR, parallel_min_macs, NB * KW * NR * 4, parallel_min_bytes)
     acc_dtype = "int32" if kind == "int8" else "float32"
     word_dtype = "float32" if kind == "fp16" else "int32"
     inv = 1.0 / float(x_scale)
@@ -204,7 +206,6 @@ def dense_lowp_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 
     pragma = _DPBF16
     bias_shape = (2, N) if quant else (N,)      # int8: rows scale, bias'
     bias_region = (slice(0, 2), slice(0, N)) if quant else slice(0, N)
-    tail_tuned = tuned if static and int(batch) % MR > 1 else {}
 
     def x_value(A, row, kk):
         def at(p):

@@ -24,6 +24,9 @@ class CpuKnobs:
     registers: int = 16  # vector registers (what bounds a micro-tile: MR*NR/lanes accumulators)
     parallel_min_macs: int = 1 << 20   # a call's multiply-adds below which it runs on one
     #                                    thread (~5 us on a core: not worth waking the pool)
+    parallel_min_bytes: int = 1 << 18  # a dense layer's weight size from which a batch under
+    #                                    one micro-tile runs on every core (it streams the
+    #                                    weights; Kaggle at B=1: 29.5 -> 23.3 us on 2 cores)
     features: frozenset = frozenset()  # the target's CPU features (LLVM's names)
 
     def has_dot(self, kind: str, nr: int) -> bool:

@@ -111,9 +111,10 @@ def test_lowp_dense_kernels_match_oracle(kind, n, k, mr, nr):
 
 
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
-@pytest.mark.parametrize("batch", [1, 7, 64])
-def test_lowp_dense_static_batch(kind, batch):
-    """The bucket form: static batch, work loops under the dlrmc_work schedule."""
+@pytest.mark.parametrize("batch,min_bytes", [(1, 0), (3, 1), (1, 1), (7, 0), (64, 0)])
+def test_lowp_dense_static_batch(kind, batch, min_bytes):
+    """The bucket form: static batch, work loops under the dlrmc_work schedule; with
+    ``min_bytes`` a batch under one micro-tile with its rows' panels split over the cores."""
     rng = np.random.default_rng(batch)
     n, k, nr = 64, 256, 32
     w = (rng.standard_normal((n, k)) * 0.1).astype(np.float32)
@@ -131,7 +132,8 @@ def test_lowp_dense_static_batch(kind, batch):
             packed, bias = _t(np.zeros((2, k // 2, nr), np.int32)), _t(b)
             _compile(pack_lowp_kernel(n, k, nr, kind), target)(_t(w), packed)
             want = ref.dense(ref.round_to(x, kind), ref.round_to(w, kind), b, "relu")
-        func = dense_lowp_kernel(n, k, "relu", 6, nr, True, batch, kind, dot, scale, zero)
+        func = dense_lowp_kernel(n, k, "relu", 6, nr, True, batch, kind, dot, scale, zero,
+                                 min_bytes)
         fn = _compile(work_rule.apply_default(func), target)
         y = _t(np.full((batch, n), np.nan, np.float32))
         fn(_t(x), packed, bias, y)

@@ -129,6 +129,33 @@ def test_static_interaction_and_dense_every_grain(batch):
                                        err_msg=f"MR {mr}, grain {grain}")
 
 
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_static_dense_under_one_tile_splits_large_weights_over_the_cores(batch):
+    """A bucket smaller than one micro-tile streams the whole weight for each row: with the
+    weights at ``parallel_min_bytes`` or more its rows' panels become the rule's work items
+    (right at every grain); below it, and without the knob, they run serially, as they did."""
+    rng = np.random.default_rng(batch)
+    n, k, mr = 70, 45, 6
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    x = rng.standard_normal((batch, k)).astype(np.float32)
+    packed = np.zeros((-(-n // 32) * 32, k), np.float32)
+    packed[:n] = w
+    packed = np.ascontiguousarray(packed.reshape(-1, 32, k).transpose(0, 2, 1))
+    weight_bytes = packed.nbytes
+    args = dict(n=n, k=k, act="relu", mr=mr, nr=32, parallel_min_macs=1 << 40, batch=batch)
+    for min_bytes in (0, weight_bytes + 1):
+        func = make("dense", **args, parallel_min_bytes=min_bytes)
+        sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+        assert not work_rule.annotated_blocks(sch), min_bytes
+    func = make("dense", **args, parallel_min_bytes=weight_bytes)
+    for grain, scheduled in _each_grain(func):
+        out = np.full((batch, n), np.nan, np.float32)
+        got = _run_kernel(scheduled, [x, packed, b, out])[-1]
+        np.testing.assert_allclose(got, ref.dense(x, w, b, "relu"), rtol=1e-4, atol=1e-4,
+                                   err_msg=f"grain {grain}")
+
+
 # --- dlrm-tune, logs and replay -----------------------------------------------------------
 
 TUNE_MODEL = ["--arch-sparse-feature-size", "4", "--arch-embedding-size", "100-50-20-10",
