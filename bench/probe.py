@@ -8,7 +8,7 @@ import tvm
 from tvm.script import tirx as T
 
 from ..schedules import work_rule
-from ..schedules.dense import dense_kernel, pack_kernel
+from ..schedules.dense import dense_kernel, dense_narrow_kernel, narrow, pack_kernel
 from ..targets.knobs import cpu_knobs
 
 CHAINS = 12          # independent accumulators: enough to hide the FMA latency on x86 and Arm
@@ -60,23 +60,28 @@ def dense_layers(arch) -> list[tuple[str, int, int]]:
 
 
 def layer_rate(target: tvm.target.Target, n: int, k: int, batch: int) -> float:
-    """FLOP/s of our dense kernel for one [batch, k] x [k, n] layer, scheduled by default."""
+    """FLOP/s of our dense kernel for one [batch, k] x [k, n] layer, scheduled by default
+    (the narrow kernel for a layer the model runs on it, ``dlrmc.schedules.dense.narrow``)."""
     knobs = cpu_knobs(target)
-    nr = knobs.nr if n > knobs.lanes else knobs.lanes
-    func = work_rule.apply_default(dense_kernel(n, k, "relu", knobs.mr, nr,
-                                                knobs.parallel_min_macs, batch,
-                                                knobs.parallel_min_bytes))
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
-    pack = tvm.compile(tvm.IRModule({"main": pack_kernel(n, k, nr).with_attr(
-        "global_symbol", "main")}), target)
     rng = np.random.default_rng(0)
     w = tvm.runtime.tensor(rng.standard_normal((n, k)).astype(np.float32))
-    packed = tvm.runtime.empty((-(-n // nr), k, nr), "float32")
-    pack["main"](w, packed)
+    if narrow(n, knobs.lanes):
+        func = dense_narrow_kernel(n, k, "relu", knobs.lanes, knobs.parallel_min_macs, batch)
+    else:
+        nr = knobs.nr if n > knobs.lanes else knobs.lanes
+        func = dense_kernel(n, k, "relu", knobs.mr, nr, knobs.parallel_min_macs, batch,
+                            knobs.parallel_min_bytes)
+        pack = tvm.compile(tvm.IRModule({"main": pack_kernel(n, k, nr).with_attr(
+            "global_symbol", "main")}), target)
+        packed = tvm.runtime.empty((-(-n // nr), k, nr), "float32")
+        pack["main"](w, packed)
+        w = packed
+    func = work_rule.apply_default(func).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target)
     x = tvm.runtime.tensor(rng.standard_normal((batch, k)).astype(np.float32))
     bias = tvm.runtime.tensor(np.zeros(n, np.float32))
     y = tvm.runtime.empty((batch, n), "float32")
-    seconds = lib.mod.time_evaluator("main", tvm.cpu(), number=5, repeat=5)(x, packed, bias, y).results
+    seconds = lib.mod.time_evaluator("main", tvm.cpu(), number=5, repeat=5)(x, w, bias, y).results
     return 2 * batch * n * k / min(seconds)
 
 

@@ -42,7 +42,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
 from ..frontend.ops import Pooling
-from ..schedules.dense import pack_kernel
+from ..schedules.dense import narrow, pack_kernel
 from ..schedules.dense_lowp import pack_lowp_kernel, quantize_pack_kernel, words
 from ..schedules.embedding_bag import QUANTS, fused_width, quantize_rows
 from ..schedules.interaction import output_width
@@ -341,6 +341,12 @@ def _convert_linear(node, importer, knobs: CpuKnobs, numerics: Numerics) -> rela
     n, k = int(n), int(k)
     nr = knobs.nr if n > knobs.lanes else knobs.lanes
     bias = env[b_node] if b_node is not None else relax.const(np.zeros(n, np.float32))
+    if not cross and narrow(n, knobs.lanes) and numerics.precision == "fp32" \
+            and numerics.mlp_quant is None:       # W as it is, dot products over K
+        kernel = make("dense_narrow", n=n, k=k, act=act, lanes=knobs.lanes,
+                      parallel_min_macs=knobs.parallel_min_macs, batch=None)
+        gv = bb.add_func(kernel, f"dense_{n}x{k}_{act}")
+        return bb.emit(relax.call_tir(gv, [x, w, bias], relax.TensorType((batch, n), "float32")))
     packed, bias, lowp = _pack_weights(bb, w, bias, n, k, nr, numerics, node)
     args = dict(n=n, k=k, act=act, mr=knobs.mr, nr=nr, parallel_min_macs=knobs.parallel_min_macs,
                 parallel_min_bytes=knobs.parallel_min_bytes, batch=None)

@@ -13,7 +13,7 @@ import json
 import tvm
 
 from .concat import concat_kernel
-from .dense import dense_kernel
+from .dense import dense_kernel, dense_narrow_kernel
 from .dense_lowp import dense_lowp_kernel
 from .embedding_bag import embedding_bags_kernel
 from .gpu import dot_interaction_gpu_kernel, embedding_bags_gpu_kernel
@@ -25,6 +25,7 @@ GENERATORS = {
     "dot_interaction": dot_interaction_kernel,
     "concat_rows": concat_kernel,
     "dense": dense_kernel,
+    "dense_narrow": dense_narrow_kernel,
     "dense_lowp": dense_lowp_kernel,
     "embedding_bags_gpu": embedding_bags_gpu_kernel,
     "dot_interaction_gpu": dot_interaction_gpu_kernel,

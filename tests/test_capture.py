@@ -211,12 +211,13 @@ def test_linear_without_bias_and_without_activation():
     import tvm
     from tvm import relax
 
+    from dlrmc.schedules.kernels import recipe
 
     class Mlp(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.a = torch.nn.Linear(7, 19, bias=False)
-            self.b = torch.nn.Linear(19, 3)
+            self.b = torch.nn.Linear(19, 2)      # narrow: a quarter of an AVX2 vector
 
         def forward(self, x):
             return self.b(torch.tanh(self.a(x)))
@@ -226,7 +227,9 @@ def test_linear_without_bias_and_without_activation():
         ep = torch.export.export(model, (torch.randn(4, 7),),
                                  dynamic_shapes=({0: torch.export.Dim("b", min=1)},))
     lowered = lower(ep, tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
-    assert "dense_19x7_none" in [gv.name_hint for gv in lowered.mod.get_global_vars()]
+    kernels = {gv.name_hint: recipe(lowered.mod[gv]) for gv in lowered.mod.get_global_vars()}
+    assert kernels["dense_19x7_none"]["kernel"] == "dense"
+    assert kernels["dense_2x19_none"]["kernel"] == "dense_narrow"     # W unpacked
     vm = relax.VirtualMachine(build(lowered, tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))[0],
                               tvm.cpu())
     params = vm[TRANSFORM_PARAMS]([tvm.runtime.tensor(p) for p in lowered.params])

@@ -9,7 +9,7 @@ import tvm
 from hypothesis import given, settings, strategies as st
 
 from dlrmc.frontend import ops as ref
-from dlrmc.schedules.dense import dense_kernel, pack_kernel
+from dlrmc.schedules.dense import dense_kernel, dense_narrow_kernel, narrow, pack_kernel
 from dlrmc.schedules.embedding_bag import (dequantize_rows, embedding_bag_kernel,
                                            embedding_bags_kernel, quantize_rows)
 from dlrmc.frontend.ops import num_pairs
@@ -251,6 +251,35 @@ def test_dense_kernel_and_packing(mr, nr, n, k, act):
                 want = ref.dense(x, w, b, act)
             np.testing.assert_allclose(y.numpy(), want, rtol=1e-4, atol=1e-4,
                                        err_msg=f"M={m} parallel={parallel}")
+
+
+@pytest.mark.parametrize("lanes", [16, 8, 4])     # AVX-512, AVX2, SSE/NEON
+@pytest.mark.parametrize("n,k", [(1, 1), (1, 7), (1, 256), (2, 45), (4, 33), (1, 367)])
+@pytest.mark.parametrize("act", ["none", "relu", "sigmoid"])
+def test_dense_narrow_kernel(lanes, n, k, act):
+    """The last layer's kernel (N at most a quarter of a vector, W unpacked) at any batch
+    and at static ones, serial and parallel, over whole, part and no vectors of K."""
+    if not narrow(n, lanes):
+        pytest.skip("not narrow for this vector width")
+    from dlrmc.schedules import work_rule
+
+    rng = np.random.default_rng(n * 1000 + k + lanes)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    for parallel in (False, True):
+        fns = {None: _build(dense_narrow_kernel, n, k, act, lanes, 0 if parallel else 1 << 62)}
+        for m in (1, 7, 8, 9, 64):
+            func = work_rule.apply_default(dense_narrow_kernel(n, k, act, lanes, 0 if parallel
+                                                               else 1 << 62, m))
+            fns[m] = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                                 TARGET)["main"]
+            for batch in (None, m):
+                x = rng.standard_normal((m, k)).astype(np.float32)
+                y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+                fns[batch](tvm.runtime.tensor(x), tvm.runtime.tensor(w), tvm.runtime.tensor(b), y)
+                np.testing.assert_allclose(y.numpy(), ref.dense(x, w, b, act), rtol=1e-4,
+                                           atol=1e-4, err_msg=f"M={m} batch={batch} "
+                                                              f"parallel={parallel}")
 
 
 @pytest.mark.parametrize("target", ["llvm -mcpu=skylake-avx512", "llvm -mcpu=haswell"])
