@@ -4,6 +4,7 @@ process (so the host's noise hits them alike): the bare compiled call (``bind``)
 tenth. Two artifacts of one model (say, before and after a change) compare side by side.
 
     python scripts/batch1_calls.py A.dlrmc [B.dlrmc ...] [--batch 1] [--calls 3000] [--threads 2]
+        [--bag-size 1]
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--calls", type=int, default=3000)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bag-size", type=int, default=1, help="indices a bag")
     args = p.parse_args()
     models = [load(a, mmap=True, threads=args.threads) for a in args.artifacts]
-    dense, lS_o, lS_i = random_batch(models[0].arch, args.batch, seed=3)
+    dense, lS_o, lS_i = random_batch(models[0].arch, args.batch, args.bag_size, seed=3)
     indices, offsets = flat_layout(lS_o, lS_i)
     lengths = np.diff(offsets)
     calls = {}

@@ -161,10 +161,12 @@ def test_flat_embedding_bags_kernel(case):
 
 
 @pytest.mark.parametrize("features", [1, 2, 5, 27])
-@pytest.mark.parametrize("dim", [1, 4, 16, 19])
+@pytest.mark.parametrize("dim", [1, 4, 16, 19, 36])
 @pytest.mark.parametrize("itself", [False, True])
 @pytest.mark.parametrize("prepend", [False, True])
 def test_dot_interaction_kernel_and_oracle(features, dim, itself, prepend):
+    """Every layout; the features transposed lanes x lanes in registers (whole blocks,
+    zero features past F) and element by element (the rest of D)."""
     rng = np.random.default_rng(features * 100 + dim)
     batch = 70 if dim % 2 else 7           # both the parallel and the serial path
     t = rng.standard_normal((batch, features, dim)).astype(np.float32)
@@ -180,7 +182,7 @@ def test_dot_interaction_kernel_and_oracle(features, dim, itself, prepend):
     if prepend:
         want = torch.cat([tt[:, 0, :], want], dim=1)
     np.testing.assert_allclose(expected, want.numpy(), rtol=1e-5, atol=1e-5)
-    lanes = 8 if dim % 2 else 16               # AVX2's vectors and AVX-512's
+    lanes = 8 if dim % 2 else 4 if dim == 4 else 16      # AVX2's, NEON's and AVX-512's
     layouts = {"features": [np.ascontiguousarray(t[:, k]) for k in range(features)],
                "stacked": [t],     # [B, F, D]; and x with the embedding kernel's [F-1, B, D]:
                "tables": [np.ascontiguousarray(t[:, 0]),
