@@ -44,7 +44,7 @@ from tvm.relax.frontend.torch.exported_program_translator import ExportedProgram
 from ..frontend.ops import Pooling
 from ..schedules.dense import narrow, pack_kernel
 from ..schedules.dense_lowp import pack_lowp_kernel, quantize_pack_kernel, words
-from ..schedules.embedding_bag import QUANTS, fused_width, quantize_rows
+from ..schedules.embedding_bag import PREFETCH, QUANTS, fused_width, quantize_rows
 from ..schedules.interaction import output_width
 from ..schedules.kernels import make
 from ..targets import backend_for
@@ -116,7 +116,7 @@ def _convert_embedding_bag(node, importer, quant=None, tables=None, gpu=False) -
 def _bags_kernel(gpu: bool, quant, **args):
     """The CPU kernel (reading ``quant`` tables) or the GPU one (its backend refuses them)."""
     return make("embedding_bags_gpu", **args) if gpu else make("embedding_bags", **args,
-                                                                quant=quant)
+                                                                quant=quant, prefetch=PREFETCH)
 
 
 def _flat_batch(count, tables: int, node):

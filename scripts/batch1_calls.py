@@ -4,7 +4,7 @@ process (so the host's noise hits them alike): the bare compiled call (``bind``)
 tenth. Two artifacts of one model (say, before and after a change) compare side by side.
 
     python scripts/batch1_calls.py A.dlrmc [B.dlrmc ...] [--batch 1] [--calls 3000] [--threads 2]
-        [--bag-size 1]
+        [--bag-size 1] [--distinct 1]
 """
 
 from __future__ import annotations
@@ -26,22 +26,30 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=3000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bag-size", type=int, default=1, help="indices a bag")
+    p.add_argument("--distinct", type=int, default=1,
+                   help="distinct batches, called in turn (more than the caches hold: rows "
+                        "read from memory)")
     args = p.parse_args()
     models = [load(a, mmap=True, threads=args.threads) for a in args.artifacts]
-    dense, lS_o, lS_i = random_batch(models[0].arch, args.batch, args.bag_size, seed=3)
-    indices, offsets = flat_layout(lS_o, lS_i)
-    lengths = np.diff(offsets)
+    data = []
+    for seed in range(args.distinct):
+        dense, lS_o, lS_i = random_batch(models[0].arch, args.batch, args.bag_size, seed=3 + seed)
+        indices, offsets = flat_layout(lS_o, lS_i)
+        data.append((dense, lS_o, lS_i, indices, offsets, np.diff(offsets)))
     calls = {}
     for path, m in zip(args.artifacts, models):
-        calls[f"{path} bare call"] = m.bind(dense, lS_o, lS_i)
-        calls[f"{path} predict"] = lambda m=m: m.predict(dense, lS_o, lS_i)
-        calls[f"{path} predict_jagged"] = lambda m=m: m.predict_jagged(dense, indices, offsets)
-        calls[f"{path} predict_kjt"] = lambda m=m: m.predict_kjt(dense, indices, lengths)
+        bound = [m.bind(*d[:3]) for d in data]
+        calls[f"{path} bare call"] = lambda i, bound=bound: bound[i]()
+        calls[f"{path} predict"] = lambda i, m=m: m.predict(*data[i][:3])
+        calls[f"{path} predict_jagged"] = lambda i, m=m: m.predict_jagged(
+            data[i][0], *data[i][3:5])
+        calls[f"{path} predict_kjt"] = lambda i, m=m: m.predict_kjt(data[i][0], data[i][3],
+                                                                    data[i][5])
     times = {name: [] for name in calls}
-    for _ in range(args.calls):
+    for c in range(args.calls):
         for name, call in calls.items():
             start = time.perf_counter_ns()
-            call()
+            call(c % args.distinct)
             times[name].append(time.perf_counter_ns() - start)
     for name, t in times.items():
         print(f"B={args.batch} {name}: {np.median(t[args.calls // 10:]) / 1e3:,.1f} us")

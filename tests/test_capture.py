@@ -304,6 +304,10 @@ def test_bags_feeding_the_dot_interaction_are_one_tensor_it_reads_in_place(arch,
             if isinstance(v, relax.Call) and isinstance(v.args[0], tvm.ir.GlobalVar):
                 calls[v.args[0].name_hint.rstrip("0123456789_")] = v
     bags = calls["embedding_bags"]
+    from dlrmc.schedules.embedding_bag import PREFETCH
+    from dlrmc.schedules.kernels import recipe
+    # and prefetches rows ahead (test_kernels holds every distance to the oracle)
+    assert recipe(lowered.mod[bags.args[0]])["args"]["prefetch"] == PREFETCH
     if one:
         assert len(bags.ty.shape) == 3 and int(bags.ty.shape[0]) == arch.num_tables
         assert len(calls["dot_interaction"].args[1].fields) == 2

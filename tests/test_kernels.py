@@ -90,7 +90,7 @@ def flat_cases(draw):
                 weighted=mode == "sum" and draw(st.booleans()),
                 quant=draw(st.sampled_from([None, None, "int8", "int4"])),
                 dtype=draw(st.sampled_from(["int32", "int64"])),
-                static=draw(st.booleans()), prefetch=draw(st.sampled_from([0, 4])),
+                static=draw(st.booleans()), prefetch=draw(st.sampled_from([0, 4, 16])),
                 one_output=draw(st.booleans()), seed=draw(st.integers(0, 2**31)))
 
 
