@@ -18,7 +18,7 @@ from ..frontend.ops import BAD_FLAT_INPUT
 from .devices import artifact_device, is_host
 from .plan import pick, slice_batch
 from .validate import (InputError, check_batch, check_jagged, check_kjt, flat_jagged, flat_kjt,
-                       flat_reference)
+                       flat_reference, joined)
 
 
 def to_tvm(arrays: list[np.ndarray]) -> list[tvm.runtime.Tensor]:
@@ -59,10 +59,13 @@ class BucketInputs:
         self.indices = tvm.runtime.empty((count,), "int64")
         self._indices, self._views = np.from_dlpack(self.indices), {}
 
-    def fill(self, dense: np.ndarray, indices: np.ndarray, offsets: np.ndarray) -> list:
+    def fill(self, dense: np.ndarray, indices, offsets: np.ndarray) -> list:
         """The entry's inputs holding this flat batch (any integer types; values unchecked:
-        the compiled code checks them)."""
-        rows, count, size = dense.shape[0], len(indices), self.size
+        the compiled code checks them); ``indices`` one array, or the tables' arrays in
+        order (``validate.flat_reference``), concatenated straight into the buffer."""
+        whole = isinstance(indices, np.ndarray)
+        count = len(indices) if whole else sum(map(len, indices))
+        rows, size = dense.shape[0], self.size
         self._dense[:rows] = dense
         if rows == size:
             self._offsets[:] = offsets
@@ -74,7 +77,10 @@ class BucketInputs:
             self._offsets[-1] = offsets[-1]
         if count > len(self._indices):
             self._grow(max(count, 2 * len(self._indices)))
-        self._indices[:count] = indices
+        if whole:
+            self._indices[:count] = indices
+        else:
+            np.concatenate(indices, out=self._indices[:count], casting="unsafe")
         view = self._views.get(count)
         if view is None:
             if len(self._views) >= self.MAX_VIEWS:
@@ -321,7 +327,7 @@ class CompiledDLRM:
                     size, dense.shape[1], self.num_tables)
             args = inputs.fill(dense, indices, offsets)
         else:
-            args = to_tvm([dense, indices.astype(np.int64, copy=False),
+            args = to_tvm([dense, joined(indices).astype(np.int64, copy=False),
                            offsets.astype(np.int64, copy=False)])
         try:
             out = entry(*args, *self._weights)

@@ -233,10 +233,17 @@ def flat_kjt(arch: dict, dense_x, values, lengths) -> Batch | None:
     return dense, vals, off
 
 
+def joined(indices) -> np.ndarray:
+    """The flat indices of a batch whose indices may be its tables' arrays (``flat_reference``)."""
+    return indices if isinstance(indices, np.ndarray) else np.concatenate(indices)
+
+
 def flat_reference(arch: dict, dense_x, lS_o, lS_i) -> Batch | None:
     """``check_batch``'s cheap half (the first bag of each table must start at 0; the rest
     of the offsets are checked as the flat layout's). Python's own sums, not numpy's: at
-    batch 1 numpy's fixed cost per call is most of this function's."""
+    batch 1 numpy's fixed cost per call is most of this function's. Given one array per
+    table, the indices come back as that tuple, unjoined (``joined``): ``BucketInputs``
+    concatenates them straight into its buffer, one copy of them instead of two."""
     dense = check_dense(arch, dense_x)
     tables, batch = len(arch["embedding_sizes"]), dense.shape[0]
     starts = np.asarray(lS_o)
@@ -244,14 +251,14 @@ def flat_reference(arch: dict, dense_x, lS_o, lS_i) -> Batch | None:
             starts[:, 0]):
         return None
     if isinstance(lS_i, np.ndarray):
-        if lS_i.ndim != 2:
+        if lS_i.ndim != 2 or not _integers(lS_i):
             return None
         lengths, idx = [lS_i.shape[1]] * len(lS_i), lS_i.ravel()
     else:    # (a list of anything but arrays raises here, and the full checks run)
-        if not {i.dtype.kind for i in lS_i} <= {"i", "u"}:   # bools would concatenate as ints
+        if not {(i.dtype.kind, i.ndim) for i in lS_i} <= {("i", 1), ("u", 1)}:
             return None
-        lengths, idx = [len(i) for i in lS_i], np.concatenate(lS_i)
-    if len(lengths) != tables or not _integers(idx) or idx.ndim != 1:
+        lengths, idx = [len(i) for i in lS_i], tuple(lS_i)
+    if len(lengths) != tables:
         return None
     first = list(itertools.accumulate(lengths, initial=0))   # where each table begins
     if batch == 1:          # every bag starts at 0: the offsets are where the tables begin

@@ -113,6 +113,22 @@ def test_every_integer_dtype_for_offsets_and_indices(compiled, dtype):
             c.runtime.predict(dense, typed_o, idx)
 
 
+def test_tables_of_different_dtypes_and_index_counts_that_outgrow_the_buffer(compiled):
+    """``predict`` concatenates the tables' index arrays straight into its bucket's buffer,
+    which grows with the batch's index count: tables of different integer dtypes and batches
+    of growing and shrinking bags at each batch size give PyTorch's predictions."""
+    c = compiled(TINY)
+    rng = np.random.default_rng(11)
+    for batch in (4, 3, 1):
+        for max_bag in (1, 9, 40, 2, 25):
+            dense, offsets, indices = make_batch(TINY, batch, rng, max_bag=max_bag)
+            typed = [i.astype(INT_DTYPES[(batch + max_bag + k) % len(INT_DTYPES)])
+                     for k, i in enumerate(indices)]
+            np.testing.assert_allclose(c.runtime.predict(dense, offsets, typed),
+                                       torch_predict(c.model, dense, offsets, indices),
+                                       rtol=1e-5, atol=2e-6)
+
+
 def test_unsigned_offsets_past_int64_through_dlrm_run(compiled, tmp_path):
     c = compiled(TINY)
     dense, offsets, indices = make_batch(TINY, 9, np.random.default_rng(6), empty=0.0)
