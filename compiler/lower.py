@@ -327,8 +327,8 @@ def _pack_weights(bb, w, bias, n: int, k: int, nr: int, numerics: Numerics, node
 
 
 def _convert_linear(node, importer, knobs: CpuKnobs, numerics: Numerics) -> relax.Expr:
-    """``dlrmc::linear``, and ``dlrmc::cross_linear`` (fp32 only: ``fuse_cross``) as the dense
-    kernel with the cross layer in its epilogue."""
+    """``dlrmc::linear``, and ``dlrmc::cross_linear`` (``fuse_cross``) as the dense kernel
+    with the cross layer in its epilogue."""
     x_node, w_node, b_node = node.args[:3]
     cross = node.target == torch.ops.dlrmc.cross_linear.default
     act = "cross" if cross else node.args[3]
@@ -350,8 +350,6 @@ def _convert_linear(node, importer, knobs: CpuKnobs, numerics: Numerics) -> rela
     packed, bias, lowp = _pack_weights(bb, w, bias, n, k, nr, numerics, node)
     args = dict(n=n, k=k, act=act, mr=knobs.mr, nr=nr, parallel_min_macs=knobs.parallel_min_macs,
                 parallel_min_bytes=knobs.parallel_min_bytes, batch=None)
-    if lowp and cross:
-        raise LoweringError(f"{node.name}: the cross-layer epilogue is float32 only")
     if lowp:
         kernel = make("dense_lowp", **args, **lowp, dot=knobs.has_dot(lowp["kind"], nr))
         name = f"dense_{lowp['kind']}_{n}x{k}_{act}"
@@ -523,8 +521,8 @@ def lower(ep: torch.export.ExportedProgram, target: tvm.target.Target,
     batch_embedding_bags(ep)
     fuse_dot_interaction(ep)
     fuse_linear(ep)
-    if backend_for(target).lowering == "cpu" and precision == "fp32" and not mlp_quant:
-        fuse_cross(ep)      # the cross layer in the dense kernel's epilogue (fp32 CPU kernel)
+    if backend_for(target).lowering == "cpu" and not mlp_quant:
+        fuse_cross(ep)      # the cross layer in the CPU dense kernel's epilogue
     ranges = linear_input_ranges(ep, calibration or []) if mlp_quant else None
     numerics = Numerics(precision, mlp_quant, ranges)
     importer = _Importer()

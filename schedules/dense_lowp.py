@@ -181,11 +181,14 @@ def dense_lowp_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 
                       parallel_min_bytes: int = 0):
     """The dense kernel (x, panels, b, y); for int8 b is the [2, N] terms (scale, bias').
 
+    ``act="cross"``: a DCN cross layer's second GEMM with the layer in its epilogue, kernel
+    (x, panels, b, x0, xl, y) and y = x0 * (x @ W^T + b) + xl, as ``dense_kernel``'s.
+
     ``dot``: use the target's dot-product instruction (``CpuKnobs.has_dot``; NR a multiple of 16).
     ``x_scale``/``x_zero``: int8's calibrated activation quantisation.
     """
-    if act not in ACTIVATIONS:
-        raise ValueError(f"activation {act!r} is not one of {ACTIVATIONS}")
+    if act not in ACTIVATIONS + ("cross",):
+        raise ValueError(f"activation {act!r} is not one of {ACTIVATIONS} or 'cross'")
     if kind not in KINDS:
         raise ValueError(f"precision {kind!r} is not one of {KINDS}")
     dot = bool(dot) and kind != "fp16"
@@ -195,6 +198,7 @@ def dense_lowp_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 
     NB, KW, P = (N + NR - 1) // NR, words(K, kind), PER_WORD[kind]
     KWP = -(-KW // 16) * 16              # the activation words' row, padded to whole vectors
     ragged = N % NR != 0
+    cross = act == "cross"
     epi = _epilogue(act)
     M, static, parallel, loop, tuned, tail_tuned = row_loops(
         N, K, batch, MR, parallel_min_macs, NB * KW * NR * 4, parallel_min_bytes)
@@ -220,18 +224,20 @@ def dense_lowp_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 
             return _word("int8", x_value(A, row, kk))
         return _word(kind, x_value(A, row, kk))
 
-    def finish(acc_v, Bv, col):
-        if quant:
-            return epi(T.Cast("float32", acc_v) * Bv[0, col] + Bv[1, col])
-        return epi(acc_v + Bv[col])
+    def finish(acc_v, Bv, col, row, X0, XL):
+        v = T.Cast("float32", acc_v) * Bv[0, col] + Bv[1, col] if quant else acc_v + Bv[col]
+        return X0[row, col] * v + XL[row, col] if cross else epi(v)
 
     with IRBuilder() as ib:
         with B.prim_func(private=True, s_tir=True):
-            B.func_name("dense")
-            h = {name: B.arg(name, B.handle()) for name in ("a", "w", "bias", "c")}
+            B.func_name("dense_cross" if cross else "dense")
+            names = ("a", "w", "bias", "x0", "xl", "c") if cross else ("a", "w", "bias", "c")
+            h = {name: B.arg(name, B.handle()) for name in names}
             A = B.match_buffer(h["a"], (M, K), "float32")
             W = B.match_buffer(h["w"], (NB, KW, NR), _panel_dtype(kind))
             Bv = B.match_buffer(h["bias"], bias_shape, "float32")
+            X0 = B.match_buffer(h["x0"], (M, N), "float32") if cross else None
+            XL = B.match_buffer(h["xl"], (M, N), "float32") if cross else None
             C = B.match_buffer(h["c"], (M, N), "float32")
             AW = B.alloc_buffer((M, KWP), word_dtype)
 
@@ -285,14 +291,16 @@ def dense_lowp_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 
                     with B.vectorized(NR) as j:
                         col = vb * NR + j
                         when((not ragged) or col < N, lambda: B.buffer_store(
-                            C, finish(acc[j], Bv, B.min(col, N - 1)), [row0 + i, col]))
+                            C, finish(acc[j], Bv, B.min(col, N - 1), row0 + i, X0, XL),
+                            [row0 + i, col]))
 
             def tiles(name, count, attrs, rows, row0, vb):
                 with loop(count) as t:
                     with B.sblock(name):
                         vt = B.axis.spatial(count, t)
                         B.sblock_attr(attrs)
-                        B.reads(AW[0:M, 0:KWP], W[0:NB, 0:KW, 0:NR], Bv[bias_region])
+                        B.reads(AW[0:M, 0:KWP], W[0:NB, 0:KW, 0:NR], Bv[bias_region],
+                                *([X0[0:M, 0:N], XL[0:M, 0:N]] if cross else []))
                         B.writes(C[0:M, 0:N])
                         tile(rows, row0(vt), vb(vt))
 
@@ -302,8 +310,10 @@ def dense_lowp_kernel(n: int, k: int, act: str = "none", mr: int = 6, nr: int = 
                     B.sblock_attr(tuned)
                     B.reads(A[vr, 0:K])
                     B.writes(AW[vr, 0:KWP])
-                    with B.vectorized(KWP) as kk:
-                        B.buffer_store(AW, convert(A, vr, kk), [vr, kk])
+                    # a vector at a time: one vector of KWP lanes took LLVM minutes at K=3456
+                    with B.serial(KWP // 16) as kv:
+                        with B.vectorized(16) as kl:
+                            B.buffer_store(AW, convert(A, vr, kv * 16 + kl), [vr, kv * 16 + kl])
             when(M >= MR, lambda: tiles("tile", M // MR * NB, tuned, MR,
                                         lambda vt: vt // NB * MR, lambda vt: vt % NB))
             tiles("tail", M % MR * NB, tail_tuned, 1, lambda vt: M // MR * MR + vt // NB,

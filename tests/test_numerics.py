@@ -82,7 +82,7 @@ def test_lowp_dense_kernels_match_oracle(kind, n, k, mr, nr):
     w = (rng.standard_normal((n, k)) * 0.2).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)
     for dot, target in _dots(kind):
-        for act in ("relu", "sigmoid"):
+        for act in ("relu", "sigmoid", "cross"):
             xs = [rng.standard_normal((m, k)).astype(np.float32) for m in (1, 5, 6, 13, 25, 64)]
             if kind == "int8":
                 x_scale, x_zero = activation_qparams(min(x.min() for x in xs),
@@ -93,20 +93,26 @@ def test_lowp_dense_kernels_match_oracle(kind, n, k, mr, nr):
                     _t(w), _t(b), packed, terms)
                 fn = _compile(dense_lowp_kernel(n, k, act, mr, nr, True, None, kind, dot, x_scale,
                                                 x_zero), target)
-                args, want = (packed, terms), lambda x: ref.dense_int8(x, w, b, act, x_scale,
-                                                                      x_zero)
+                args, gemm = (packed, terms), lambda x, a: ref.dense_int8(x, w, b, a, x_scale,
+                                                                         x_zero)
             else:
                 per = 2 if kind == "bf16" else 1
                 dtype = np.int32 if kind == "bf16" else np.float16
                 packed = _t(np.zeros((-(-n // nr), -(-k // per), nr), dtype))
                 _compile(pack_lowp_kernel(n, k, nr, kind), target)(_t(w), packed)
                 fn = _compile(dense_lowp_kernel(n, k, act, mr, nr, True, None, kind, dot), target)
-                args, want = (packed, _t(b)), lambda x: ref.dense(
-                    ref.round_to(x, kind), ref.round_to(w, kind), b, act)
+                args, gemm = (packed, _t(b)), lambda x, a: ref.dense(
+                    ref.round_to(x, kind), ref.round_to(w, kind), b, a)
             for x in xs:
                 y = _t(np.full((len(x), n), np.nan, np.float32))
-                fn(_t(x), *args, y)
-                np.testing.assert_allclose(y.numpy(), want(x), rtol=2e-4, atol=2e-4,
+                if act == "cross":   # x0 * (x W^T + b) + xl, x0 and xl float32
+                    x0, xl = rng.standard_normal((2, len(x), n)).astype(np.float32)
+                    fn(_t(x), *args, _t(x0), _t(xl), y)
+                    want = x0 * gemm(x, "none") + xl
+                else:
+                    fn(_t(x), *args, y)
+                    want = gemm(x, act)
+                np.testing.assert_allclose(y.numpy(), want, rtol=2e-4, atol=2e-4,
                                            err_msg=f"{kind} dot={dot} act={act} M={len(x)}")
 
 
@@ -151,6 +157,16 @@ def test_interaction_rounds_its_inputs(kind):
     want[:, :16] = t[:, 0]                 # x itself passes through unrounded
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
     assert np.abs(out.numpy() - ref.dot_interaction(t, False, True)).max() > 0   # it did round
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp16", "int8"])
+def test_lowp_kernels_vectorise_no_wider_than_a_tile(kind):
+    """Each activation row is converted into words one 16-lane vector at a time: as one
+    vector of the whole row (1,728 lanes at DLRM-v2's K=3456) LLVM took minutes a kernel."""
+    import re
+    script = dense_lowp_kernel(64, 3456, "relu", 6, 32, True, None, kind).script()
+    widths = {int(w) for w in re.findall(r"T\.vectorized\((\d+)\)", script)}
+    assert widths and max(widths) <= 32, widths
 
 
 def test_bad_kernel_configuration():
