@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in results:
         row["bound_us"] = 1e6 * max(mlp_flops(arch) * row["batch"] / rate_flops,
                                     row["gathered_rows"] * row_bytes / rate_bytes)
-    table = markdown(results)
+    table = markdown(results, ours.manifest.mlp_quant or ours.manifest.precision)
     print("\n" + table)
     layers = None
     if args.layers and host:
@@ -291,7 +291,9 @@ def _numpy(out):
     return out.numpy() if hasattr(out, "numpy") else out
 
 
-def markdown(results: list[dict]) -> str:
+def markdown(results: list[dict], precision: str = "fp32") -> str:
+    """The table of ``results``; ``precision``: what the artifact's MLPs compute in (the
+    bound counts float32 FMAs)."""
     names = list(results[0]["systems"])
     head = "| system (median, p99; peer time / dlrmc time) | " + " | ".join(f"B={r['batch']}" for r in results) + " |"
     lines = [head, "|---" * (len(results) + 1) + "|"]
@@ -316,7 +318,10 @@ def markdown(results: list[dict]) -> str:
     lines.append("\nLower bound: the larger of the MLPs' FLOPs at the FMA peak measured here "
                  "(torch.mm's rate when the artifact is for another device) and the gathered "
                  "table rows' bytes at this machine's sequential read bandwidth (no gather "
-                 "beats it); at best a system overlaps the two.")
+                 "beats it); at best a system overlaps the two."
+                 + ("" if precision == "fp32" else f" A float32 bound: this artifact's MLPs "
+                    f"compute in {precision}, whose dot-product instructions do two or four "
+                    "multiply-adds a lane, so it may run under it."))
     lines.append("Every system through its public call: dlrmc's rows time `predict` (input "
                  "validation and copies included); \"compiled call only\" times the bound "
                  "compiled entry alone, to show what `predict` adds. Each system is called "

@@ -26,6 +26,9 @@ def test_bench_reports_ours_and_peers(tmp_path):
     assert "| dlrmc (this artifact) |" in table and "| PyTorch eager |" in table
     assert "| dlrmc, compiled call only |" in table and "time `predict`" in table
     assert "lower bound" in table and "FLOPs at the FMA peak measured here" in table
+    assert "A float32 bound" not in table          # an fp32 artifact: the bound is its own
+    from dlrmc.bench.cli import markdown
+    assert "this artifact's MLPs compute in bf16" in markdown(data["results"], "bf16")
     layers = data["layers"]
     assert layers["fma_peak_flops"] > 1e9 and layers["batch"] == 8
     # on this CPU the bound's FLOP rate is the probe's peak, the same measurement
