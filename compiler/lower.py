@@ -521,7 +521,7 @@ def lower(ep: torch.export.ExportedProgram, target: tvm.target.Target,
     batch_embedding_bags(ep)
     fuse_dot_interaction(ep)
     fuse_linear(ep)
-    if backend_for(target).lowering == "cpu" and not mlp_quant:
+    if backend_for(target).lowering == "cpu":
         fuse_cross(ep)      # the cross layer in the CPU dense kernel's epilogue
     ranges = linear_input_ranges(ep, calibration or []) if mlp_quant else None
     numerics = Numerics(precision, mlp_quant, ranges)

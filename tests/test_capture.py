@@ -180,20 +180,27 @@ def test_every_linear_layer_becomes_one_fused_op():
         torch.testing.assert_close(ep.module()(*example_inputs(arch, 5, seed=3)), model(d, o, i))
 
 
-@pytest.mark.parametrize("precision, tol", [("fp32", 1e-5), ("bf16", 3e-2), ("fp16", 5e-3)])
+@pytest.mark.parametrize("precision, tol", [("fp32", 1e-5), ("bf16", 3e-2), ("fp16", 5e-3),
+                                            ("int8", 5e-2)])
 def test_each_cross_layer_is_one_gemm_with_the_layer_in_its_epilogue(precision, tol):
     """DCN: x0 * (W (V x) + b) + x becomes the V GEMM and a W GEMM whose epilogue does the
-    rest, in every precision, matching eager (within the type's rounding)."""
+    rest, in every precision (int8: ``--mlp-quant``, calibrated), matching eager (within the
+    type's rounding)."""
     from tvm import relax
 
     arch = Arch(6, (10, 20, 3), (5, 6), (7, 1), interaction_op="dcn", dcn_layers=3,
                 dcn_low_rank=4, output="logit")
     model = DLRM(arch, seed=2).eval()
     target = tvm.target.Target({"kind": "llvm"})
-    lowered = lower(export_model(model, arch), target, precision=precision)
+    numerics = {"mlp_quant": "int8", "calibration": [
+        [np.asarray(x) if torch.is_tensor(x) else [np.asarray(i) for i in x]
+         for x in example_batch(arch, 64, seed=s)] for s in (1, 2)]} \
+        if precision == "int8" else {"precision": precision}
+    lowered = lower(export_model(model, arch), target, **numerics)
     names = [gv.name_hint for gv in lowered.mod.get_global_vars()]
     kernel = "dense_24x4_cross" if precision == "fp32" else f"dense_{precision}_24x4_cross"
-    assert sum(n.startswith(kernel) for n in names) == 1
+    # one kernel for the three layers' shape (int8: one each, holding its calibrated scale)
+    assert sum(n.startswith(kernel) for n in names) == (3 if precision == "int8" else 1)
     assert lowered.mod["main"].script().count(kernel) == 3
     vm = relax.VirtualMachine(build(lowered, target)[0], tvm.cpu())
     params = vm[TRANSFORM_PARAMS]([tvm.runtime.tensor(p) for p in lowered.params])
