@@ -66,6 +66,14 @@ def _run_kernel(func, arrays):
     return [a.numpy() for a in args]
 
 
+def _packed(w: np.ndarray, nr: int = 32) -> np.ndarray:
+    """W [N, K] as the dense kernel's panels [ceil(N/NR), K, NR], zero past N (numpy)."""
+    n, k = w.shape
+    padded = np.zeros((-(-n // nr) * nr, k), np.float32)
+    padded[:n] = w
+    return np.ascontiguousarray(padded.reshape(-1, nr, k).transpose(0, 2, 1))
+
+
 def _each_grain(func):
     """``func`` scheduled with every grain the rule can sample (a few per loop)."""
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
@@ -117,9 +125,7 @@ def test_static_interaction_and_dense_every_grain(batch):
     w = rng.standard_normal((n, k)).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)
     x = rng.standard_normal((batch, k)).astype(np.float32)
-    packed = np.zeros((-(-n // 32) * 32, k), np.float32)
-    packed[:n] = w
-    packed = np.ascontiguousarray(packed.reshape(-1, 32, k).transpose(0, 2, 1))
+    packed = _packed(w)
     for mr in (4, 6, 8, 12):           # every micro-tile height AVX-512 registers allow
         func = make("dense", n=n, k=k, act="relu", mr=mr, nr=32, parallel_min_macs=0, batch=batch)
         for grain, scheduled in _each_grain(func):
@@ -139,9 +145,7 @@ def test_static_dense_under_one_tile_splits_large_weights_over_the_cores(batch):
     w = rng.standard_normal((n, k)).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)
     x = rng.standard_normal((batch, k)).astype(np.float32)
-    packed = np.zeros((-(-n // 32) * 32, k), np.float32)
-    packed[:n] = w
-    packed = np.ascontiguousarray(packed.reshape(-1, 32, k).transpose(0, 2, 1))
+    packed = _packed(w)
     weight_bytes = packed.nbytes
     args = dict(n=n, k=k, act="relu", mr=mr, nr=32, parallel_min_macs=1 << 40, batch=batch)
     for min_bytes in (0, weight_bytes + 1):
