@@ -234,8 +234,11 @@ def flat_kjt(arch: dict, dense_x, values, lengths) -> Batch | None:
 
 
 def joined(indices) -> np.ndarray:
-    """The flat indices of a batch whose indices may be its tables' arrays (``flat_reference``)."""
-    return indices if isinstance(indices, np.ndarray) else np.concatenate(indices)
+    """The flat indices of a batch whose indices may be its tables' arrays (``flat_reference``;
+    joined as int64, cast as ``BucketInputs.fill`` casts them)."""
+    if isinstance(indices, np.ndarray):
+        return indices
+    return np.concatenate(indices, dtype=np.int64, casting="unsafe")
 
 
 def flat_reference(arch: dict, dense_x, lS_o, lS_i) -> Batch | None:
