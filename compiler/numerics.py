@@ -37,11 +37,11 @@ def linear_input_ranges(ep: torch.export.ExportedProgram, batches) -> dict[str, 
     (dense_x, lS_o, [lS_i_k], the reference layout) run through ``ep``'s graph (flat inputs)
     in PyTorch."""
     ranges: dict[str, tuple[float, float]] = {}
-    linear = (torch.ops.dlrmc.linear.default, torch.ops.dlrmc.cross_linear.default)
+    linears = (torch.ops.dlrmc.linear.default, torch.ops.dlrmc.cross_linear.default)
 
     class Recorder(torch.fx.Interpreter):
         def run_node(self, n):
-            if n.op == "call_function" and n.target in linear:
+            if n.op == "call_function" and n.target in linears:
                 x = self.env[n.args[0]]
                 lo, hi = ranges.get(n.name, (math.inf, -math.inf))
                 ranges[n.name] = (min(lo, float(x.min())), max(hi, float(x.max())))
