@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
@@ -199,6 +200,31 @@ class CompiledDLRM:
                                          copy=self._on_host and not mmap)]
         self._weights = list(vm_function(vm, self.manifest.transform_params,
                                          "transform_params")(weights))
+        self._check_entries()
+
+    def _check_entries(self) -> None:
+        """Run every entry once on an empty batch (zero features, empty bags: no table row
+        read) of the size it is for: a manifest whose bucket or entry names another function
+        is refused here, naming the field, not answered with the VM's shape error at a
+        caller's first batch. It also warms each entry (its first call pays the page faults
+        of its code and the VM's first allocations)."""
+        sizes = {f"buckets.{b}": b for b in self._bucket_sizes}
+        sizes["entry"] = next(b for b in itertools.count(2) if b not in self._bucket_sizes)
+        tables, features = self.num_tables, self.arch["mlp_bot"][0]
+        for field, size in sizes.items():
+            name = self.manifest.entry if field == "entry" else self.manifest.buckets[str(size)]
+            args = self._to_device([np.zeros((size, features), np.float32),
+                                    np.zeros(0, np.int64), np.zeros(tables * size + 1, np.int64)])
+            try:
+                out = self._entry(0 if field == "entry" else size)(*args, *self._weights)
+                shape = tuple(out.shape)
+            except Exception as e:  # noqa: BLE001 - the VM reports a mismatch as many types
+                raise ArtifactError(f"manifest.json: {field} {json.dumps(name)} does not run a "
+                                    f"batch of {size}: {str(e).strip().splitlines()[0][:300]}"
+                                    ) from None
+            if shape != (size, 1):
+                raise ArtifactError(f"manifest.json: {field} {json.dumps(name)} gave shape "
+                                    f"{list(shape)} for a batch of {size}, not [{size}, 1]")
 
     def _vm(self) -> VirtualMachine:
         """This thread's VM; its entries are cached beside it."""

@@ -68,6 +68,14 @@ TAMPERING = {
                      "manifest.json: transform_params null is not a function of model.so"),
     "bucket renamed": (lambda m: m["buckets"].update({"4": "main_b5"}),
                        'manifest.json: buckets.4 "main_b5" is not a function of model.so'),
+    # a consistent tamper (digest rewritten) that names a function of the library, but not
+    # one that runs the batch its field is for: refused at load, not at the first batch
+    "buckets swapped": (lambda m: m["buckets"].update({"4": m["buckets"]["16"]}),
+                        'manifest.json: buckets.4 "main_b16" does not run a batch of 4'),
+    "bucket is transform_params": (lambda m: m["buckets"].update({"4": "transform_params"}),
+                                   'buckets.4 "transform_params" does not run a batch of 4'),
+    "entry is a bucket": (lambda m: m.update(entry=m["buckets"]["4"]),
+                          'manifest.json: entry "main_b4" does not run a batch of 2'),
     "target not an object": (lambda m: m.update(target="llvm"),
                              "manifest.json: target must be dict"),
     "cpu flags not strings": (lambda m: m["target"]["requires"].update(cpu_flags=[1]),
