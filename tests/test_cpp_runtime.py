@@ -171,6 +171,12 @@ def test_native_runner_checks_what_the_python_runtime_checks(native, model, tmp_
         "entry renamed": (lambda a: rewrite_manifest(
             a, lambda m: m["buckets"].update({"4": "nope"})),
             'buckets.4 "nope" is not a function of model.so'),
+        "bucket not an entry": (lambda a: rewrite_manifest(
+            a, lambda m: m["buckets"].update({"4": "transform_params"})),
+            'manifest.json: buckets.4 "transform_params" does not run a batch of 4'),
+        "entry a bucket": (lambda a: rewrite_manifest(
+            a, lambda m: m.update(entry=m["buckets"]["4"])),
+            'manifest.json: entry "main_b4" does not run a batch of 2'),
         "flipped byte": (lambda a: (a / "weights.bin").write_bytes(
             bytes([(a / "weights.bin").read_bytes()[0] ^ 1]) + (a / "weights.bin").read_bytes()[1:]),
             "weights.bin is corrupt (sha256 mismatch)"),

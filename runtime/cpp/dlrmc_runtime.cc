@@ -468,6 +468,7 @@ Model::Model(const std::string& artifact_dir, bool verify) : impl_(new Impl) {
                   "\" is not a function of model.so");
     return *fn;
   };
+  std::map<std::string, std::string> names;   // field -> the function it names
   try {
     ffi::Module exec = ffi::Module::LoadFromFile(lib);
     ffi::Module vm = exec->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
@@ -479,12 +480,14 @@ Model::Model(const std::string& artifact_dir, bool verify) : impl_(new Impl) {
       init(static_cast<int>(m.dev.device_type), m.dev.device_id, kPooledAllocator,
            static_cast<int>(kDLCPU), 0, kPooledAllocator);
     m.main = vm_function(vm, Get(man, "entry"), "entry");
+    names["entry"] = Str(Get(man, "entry"), "entry");
     json::Object buckets = Obj(Get(man, "buckets"), "buckets");
     for (const auto& kv : buckets) {
       std::string key = std::string(kv.first.cast<ffi::String>());
       if (key.empty() || key.size() > 9 || key.find_first_not_of("0123456789") != std::string::npos)
         throw Error("manifest.json: buckets must map batch sizes to entry names, got '" + key + "'");
       m.buckets[std::stoll(key)] = vm_function(vm, kv.second, "buckets." + key);
+      names["buckets." + std::to_string(std::stoll(key))] = Str(kv.second, "buckets." + key);
     }
   } catch (const ffi::Error& e) {
     throw Error("cannot load " + lib + ": " + e.what());
@@ -503,6 +506,28 @@ Model::Model(const std::string& artifact_dir, bool verify) : impl_(new Impl) {
                                         "transform_params");
   auto packed = transform(raw_weights).cast<ffi::Array<ffi::Any>>();
   for (const auto& w : packed) m.weights.push_back(w.cast<Tensor>());
+
+  // Every entry once on an empty batch of its size (zero features, empty bags: no table row
+  // read), as the Python runtime's load does: a bucket or entry that names another function
+  // of the library is refused here, naming the field, not at the first batch.
+  int64_t any = 2;
+  while (m.buckets.count(any)) ++any;
+  std::vector<std::pair<std::string, int64_t>> entries{{"entry", any}};
+  for (const auto& kv : m.buckets) entries.emplace_back("buckets." + std::to_string(kv.first),
+                                                        kv.first);
+  const int64_t T = static_cast<int64_t>(m.rows.size());
+  for (const auto& [field, b] : entries) {
+    std::vector<float> dense(b * m.num_dense, 0.0f);
+    std::vector<int64_t> idx, off(T * b + 1, 0);
+    try {
+      m.Run(field == "entry" ? m.main : m.buckets.at(b), b, dense.data(), idx, off);
+    } catch (const std::exception& e) {
+      std::string why = e.what();
+      throw Error("manifest.json: " + field + " \"" + names[field] + "\" does not run a " +
+                  "batch of " + std::to_string(b) + ": " +
+                  why.substr(0, why.find('\n')).substr(0, 300));
+    }
+  }
 }
 
 Model::~Model() = default;
