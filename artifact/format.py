@@ -22,7 +22,8 @@ checked by the reader, a bad one named in an ``ArtifactError``):
 - ``entry``: the VM function to call ("main"); ``transform_params``: the VM function that
   takes the list of weights in ``weights.tensors`` order and returns what ``entry`` takes
   after the ``inputs`` (packed dense weights, tables passed through); call it once at load;
-- ``buckets``: ``{batch: VM function}``, the static batch sizes compiled beside ``entry``;
+- ``buckets``: ``{batch: VM function}``, the static batch sizes compiled beside ``entry``
+  (1 to ``MAX_BUCKET``);
 - ``emb_quant``, ``precision``, ``mlp_quant``: the numerics it was built with;
 - ``inputs``: ``[{name, dtype, shape}]``, a shape entry being an int, the name of a dynamic
   dim or an expression of one (a DLRM's: ``dense_x`` [batch, F], ``indices`` [indices],
@@ -82,6 +83,10 @@ MANIFEST_DIGEST = "manifest.sha256"
 LIBRARY = "model.so"
 WEIGHTS = "weights.bin"
 ALIGN = 64
+# The largest batch bucket: a bucket is a static copy of the model for a batch size callers
+# use often, and ``load`` runs each once (``dlrmc.runtime.model``), so a manifest may not ask
+# for an absurd one.
+MAX_BUCKET = 1 << 16
 
 
 class ArtifactError(ValueError):
@@ -323,9 +328,9 @@ def _check_fields(m: dict) -> None:
         if key in requires:
             _field(requires, key, str, "target.requires.")
     for b, name in m["buckets"].items():
-        if not (b.isdigit() and int(b) > 0) or not isinstance(name, str):
-            raise ArtifactError(f"{MANIFEST}: buckets must map batch sizes to entry names, got "
-                                f"{b!r}: {name!r}")
+        if not (b.isdigit() and 0 < int(b) <= MAX_BUCKET) or not isinstance(name, str):
+            raise ArtifactError(f"{MANIFEST}: buckets must map batch sizes (1 to {MAX_BUCKET}) "
+                                f"to entry names, got {b!r}: {name!r}")
     for k, spec in enumerate(m["inputs"]):
         _field(spec, "name", str, f"inputs[{k}].")
         _field(spec, "dtype", str, f"inputs[{k}].")

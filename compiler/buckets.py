@@ -13,6 +13,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ..artifact.format import MAX_BUCKET
 from ..schedules.kernels import at_batch
 
 DEFAULT_BUCKETS = (1, 64, 512, 2048)
@@ -31,8 +32,9 @@ def parse_buckets(text: str) -> tuple[int, ...]:
     except ValueError:
         raise ValueError(f"--buckets wants batch sizes separated by commas, got {text!r}") \
             from None
-    if values[0] < 1:
-        raise ValueError(f"batch buckets must be positive, got {values[0]}")
+    if values[0] < 1 or values[-1] > MAX_BUCKET:
+        raise ValueError(f"batch buckets must be 1 to {MAX_BUCKET} (larger batches run on the "
+                         f"any-batch entry), got {values[0] if values[0] < 1 else values[-1]}")
     return tuple(values)
 
 

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--buckets", metavar="B1,B2,..",
                    help="static batch sizes compiled beside the any-batch entry (default: the "
                         "tuning log's, else " + ",".join(map(str, DEFAULT_BUCKETS)) + "; "
-                        "'none' for the any-batch entry only)")
+                        "'none' for the any-batch entry only; each 1 to 65536)")
     p.add_argument("--tuning-log", metavar="LOG_DIR",
                    help="replay the schedules dlrm-tune recorded in LOG_DIR (no tuning runs)")
     p.add_argument("--emb-quant", choices=QUANTS,

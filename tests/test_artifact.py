@@ -81,6 +81,9 @@ TAMPERING = {
     "cpu flags not strings": (lambda m: m["target"]["requires"].update(cpu_flags=[1]),
                               "cpu_flags must be strings"),
     "bucket not a size": (lambda m: m["buckets"].update({"x": "main"}), "buckets must map"),
+    # load runs each bucket once: an absurd size would be a huge allocation, not a check
+    "bucket absurdly large": (lambda m: m["buckets"].update({str(10 ** 9): "main"}),
+                              "buckets must map batch sizes (1 to 65536)"),
     "tensor offset a string": (lambda m: m["weights"]["tensors"][0].update(offset="0"),
                                "weights.tensors[0].offset must be int"),
     "arch rows not ints": (lambda m: m["arch"].update(embedding_sizes=[10, "7", 5]),

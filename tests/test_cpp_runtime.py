@@ -174,6 +174,9 @@ def test_native_runner_checks_what_the_python_runtime_checks(native, model, tmp_
         "bucket not an entry": (lambda a: rewrite_manifest(
             a, lambda m: m["buckets"].update({"4": "transform_params"})),
             'manifest.json: buckets.4 "transform_params" does not run a batch of 4'),
+        "bucket absurd": (lambda a: rewrite_manifest(
+            a, lambda m: m["buckets"].update({str(10 ** 8): "main"})),
+            "buckets must map batch sizes (1 to 65536)"),
         "entry a bucket": (lambda a: rewrite_manifest(
             a, lambda m: m.update(entry=m["buckets"]["4"])),
             'manifest.json: entry "main_b4" does not run a batch of 2'),

@@ -309,7 +309,8 @@ def test_mismatched_logs_get_clear_messages(tuned_log, tmp_path):
 def test_tune_rejects_bad_flags(tmp_path):
     for args, message in [([], "give --trials"), (["--trials", "0"], "must be positive"),
                           (["--trials", "2", "--rpc-tracker", "h:1"], "go together"),
-                          (["--trials", "2", "--buckets", "0"], "must be positive"),
+                          (["--trials", "2", "--buckets", "0"], "must be 1 to 65536"),
+                          (["--trials", "2", "--buckets", "4,70000"], "must be 1 to 65536"),
                           (["--trials", "2", "--buckets", "1"], "nothing to tune"),
                           (["--trials", "2", "--target", "cuda -arch=sm_90"],
                            "dlrm-tune tunes CPU targets")]:

@@ -41,7 +41,8 @@ constexpr const char* kFormat = "dlrmc-artifact";
 constexpr int64_t kFormatVersion = 3;  // as dlrmc.artifact.format.FORMAT_VERSION
 constexpr int64_t kAlign = 64;         // as dlrmc.artifact.format.ALIGN
 constexpr int kMaxDepth = 64;          // JSON nesting a manifest may have
-constexpr double kMaxPadding = 0.25;  // as dlrmc.runtime.plan.MAX_PADDING
+constexpr double kMaxPadding = 0.25;    // as dlrmc.runtime.plan.MAX_PADDING
+constexpr int64_t kMaxBucket = 1 << 16;  // as dlrmc.artifact.format.MAX_BUCKET
 constexpr int kPooledAllocator = 2;
 
 /*! \brief A file's bytes, read at the size it has when opened (one allocation: streaming it
@@ -484,8 +485,11 @@ Model::Model(const std::string& artifact_dir, bool verify) : impl_(new Impl) {
     json::Object buckets = Obj(Get(man, "buckets"), "buckets");
     for (const auto& kv : buckets) {
       std::string key = std::string(kv.first.cast<ffi::String>());
-      if (key.empty() || key.size() > 9 || key.find_first_not_of("0123456789") != std::string::npos)
-        throw Error("manifest.json: buckets must map batch sizes to entry names, got '" + key + "'");
+      if (key.empty() || key.size() > 9 ||
+          key.find_first_not_of("0123456789") != std::string::npos ||
+          std::stoll(key) < 1 || std::stoll(key) > kMaxBucket)
+        throw Error("manifest.json: buckets must map batch sizes (1 to " +
+                    std::to_string(kMaxBucket) + ") to entry names, got '" + key + "'");
       m.buckets[std::stoll(key)] = vm_function(vm, kv.second, "buckets." + key);
       names["buckets." + std::to_string(std::stoll(key))] = Str(kv.second, "buckets." + key);
     }
