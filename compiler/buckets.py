@@ -28,13 +28,20 @@ def parse_buckets(text: str) -> tuple[int, ...]:
     if text.strip().lower() in ("", "none"):
         return ()
     try:
-        values = sorted({int(v) for v in text.split(",")})
+        values = [int(v) for v in text.split(",")]
     except ValueError:
         raise ValueError(f"--buckets wants batch sizes separated by commas, got {text!r}") \
             from None
-    if values[0] < 1 or values[-1] > MAX_BUCKET:
+    return checked_buckets(values)
+
+
+def checked_buckets(values) -> tuple[int, ...]:
+    """Batch sizes as sorted distinct ints, each 1 to ``MAX_BUCKET``, else a ValueError."""
+    values = sorted({int(v) for v in values})
+    bad = [v for v in values if not 0 < v <= MAX_BUCKET]
+    if bad:
         raise ValueError(f"batch buckets must be 1 to {MAX_BUCKET} (larger batches run on the "
-                         f"any-batch entry), got {values[0] if values[0] < 1 else values[-1]}")
+                         f"any-batch entry), got {bad[0]}")
     return tuple(values)
 
 

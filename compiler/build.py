@@ -27,7 +27,7 @@ from ..schedules.tuning.tune import model_hash
 from ..schedules.tuning.log import read_manifest as read_log_manifest
 from ..targets import backend_for, parse_target, resolved
 from ..targets.knobs import cpu_knobs
-from .buckets import DEFAULT_BUCKETS, add_buckets, entry_name
+from .buckets import DEFAULT_BUCKETS, add_buckets, checked_buckets, entry_name
 from .lower import Lowered, lower
 
 
@@ -141,7 +141,7 @@ def compile_model(model: torch.nn.Module, arch: Arch, target: str | None, out_di
     backend.check_tools(tgt)   # before the build: a missing cross compiler or nvcc fails fast
     if buckets is None:
         buckets = read_log_manifest(tuning_log)["buckets"] if tuning_log else DEFAULT_BUCKETS
-    buckets = tuple(sorted({int(b) for b in buckets}))
+    buckets = checked_buckets(buckets)
     lowered = prepare(model, arch, tgt, buckets, log, emb_quant, progress, precision=precision,
                       mlp_quant=mlp_quant, calibration=calibration)
     executable, summary = _stage(log, "build", progress, build, lowered, tgt, tuning_log,

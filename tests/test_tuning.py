@@ -43,6 +43,16 @@ def test_pick_covers_the_batch_and_bounds_padding(buckets):
             assert all(entry == max(buckets) for _, entry in plan[:-1])
 
 
+def test_compile_model_refuses_buckets_a_loader_would_refuse(tmp_path):
+    from dlrmc.compiler.build import compile_model
+    from dlrmc.frontend.model import DLRM
+    for buckets in [(4, 70000), (0,), (-3, 8)]:
+        with pytest.raises(ValueError, match="batch buckets must be 1 to 65536"):
+            compile_model(DLRM(TINY).eval(), TINY, "llvm", str(tmp_path / "a"),
+                          log=lambda _: None, buckets=buckets)
+        assert not (tmp_path / "a").exists()
+
+
 def test_slice_batch_pads_with_empty_bags():
     from dlrmc.frontend.ops import flat_layout, reference_layout
     rng = np.random.default_rng(0)
