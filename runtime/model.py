@@ -219,9 +219,9 @@ class CompiledDLRM:
                 out = self._entry(0 if field == "entry" else size)(*args, *self._weights)
                 shape = tuple(out.shape)
             except Exception as e:  # noqa: BLE001 - the VM reports a mismatch as many types
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
                 raise ArtifactError(f"manifest.json: {field} {json.dumps(name)} does not run a "
-                                    f"batch of {size}: {str(e).strip().splitlines()[0][:300]}"
-                                    ) from None
+                                    f"batch of {size}: {why}") from None
             if shape != (size, 1):
                 raise ArtifactError(f"manifest.json: {field} {json.dumps(name)} gave shape "
                                     f"{list(shape)} for a batch of {size}, not [{size}, 1]")
