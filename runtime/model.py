@@ -208,15 +208,17 @@ class CompiledDLRM:
         is refused here, naming the field, not answered with the VM's shape error at a
         caller's first batch. It also warms each entry (its first call pays the page faults
         of its code and the VM's first allocations)."""
-        sizes = {f"buckets.{b}": b for b in self._bucket_sizes}
-        sizes["entry"] = next(b for b in itertools.count(2) if b not in self._bucket_sizes)
+        any_batch = next(b for b in itertools.count(2) if b not in self._bucket_sizes)
+        # (field, the function it names, its _entry key, the batch it runs)
+        checks = [(f"buckets.{b}", name, int(b), int(b))
+                  for b, name in self.manifest.buckets.items()]
+        checks.append(("entry", self.manifest.entry, 0, any_batch))
         tables, features = self.num_tables, self.arch["mlp_bot"][0]
-        for field, size in sizes.items():
-            name = self.manifest.entry if field == "entry" else self.manifest.buckets[str(size)]
+        for field, name, entry, size in checks:
             args = self._to_device([np.zeros((size, features), np.float32),
                                     np.zeros(0, np.int64), np.zeros(tables * size + 1, np.int64)])
             try:
-                out = self._entry(0 if field == "entry" else size)(*args, *self._weights)
+                out = self._entry(entry)(*args, *self._weights)
                 shape = tuple(out.shape)
             except Exception as e:  # noqa: BLE001 - the VM reports a mismatch as many types
                 why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -469,7 +469,13 @@ Model::Model(const std::string& artifact_dir, bool verify) : impl_(new Impl) {
                   "\" is not a function of model.so");
     return *fn;
   };
-  std::map<std::string, std::string> names;   // field -> the function it names
+  // Each entry the manifest names, run once below: its field, name, function and batch.
+  struct EntryCheck {
+    std::string field, name;
+    ffi::Function fn;
+    int64_t batch;
+  };
+  std::vector<EntryCheck> checks;
   try {
     ffi::Module exec = ffi::Module::LoadFromFile(lib);
     ffi::Module vm = exec->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
@@ -481,7 +487,6 @@ Model::Model(const std::string& artifact_dir, bool verify) : impl_(new Impl) {
       init(static_cast<int>(m.dev.device_type), m.dev.device_id, kPooledAllocator,
            static_cast<int>(kDLCPU), 0, kPooledAllocator);
     m.main = vm_function(vm, Get(man, "entry"), "entry");
-    names["entry"] = Str(Get(man, "entry"), "entry");
     json::Object buckets = Obj(Get(man, "buckets"), "buckets");
     for (const auto& kv : buckets) {
       std::string key = std::string(kv.first.cast<ffi::String>());
@@ -490,9 +495,13 @@ Model::Model(const std::string& artifact_dir, bool verify) : impl_(new Impl) {
           std::stoll(key) < 1 || std::stoll(key) > kMaxBucket)
         throw Error("manifest.json: buckets must map batch sizes (1 to " +
                     std::to_string(kMaxBucket) + ") to entry names, got '" + key + "'");
-      m.buckets[std::stoll(key)] = vm_function(vm, kv.second, "buckets." + key);
-      names["buckets." + std::to_string(std::stoll(key))] = Str(kv.second, "buckets." + key);
+      const int64_t b = std::stoll(key);
+      m.buckets[b] = vm_function(vm, kv.second, "buckets." + key);
+      checks.push_back({"buckets." + key, Str(kv.second, "buckets." + key), m.buckets[b], b});
     }
+    int64_t any = 2;   // the any-batch entry runs a batch no bucket has
+    while (m.buckets.count(any)) ++any;
+    checks.push_back({"entry", Str(Get(man, "entry"), "entry"), m.main, any});
   } catch (const ffi::Error& e) {
     throw Error("cannot load " + lib + ": " + e.what());
   }
@@ -514,22 +523,16 @@ Model::Model(const std::string& artifact_dir, bool verify) : impl_(new Impl) {
   // Every entry once on an empty batch of its size (zero features, empty bags: no table row
   // read), as the Python runtime's load does: a bucket or entry that names another function
   // of the library is refused here, naming the field, not at the first batch.
-  int64_t any = 2;
-  while (m.buckets.count(any)) ++any;
-  std::vector<std::pair<std::string, int64_t>> entries{{"entry", any}};
-  for (const auto& kv : m.buckets) entries.emplace_back("buckets." + std::to_string(kv.first),
-                                                        kv.first);
   const int64_t T = static_cast<int64_t>(m.rows.size());
-  for (const auto& [field, b] : entries) {
-    std::vector<float> dense(b * m.num_dense, 0.0f);
-    std::vector<int64_t> idx, off(T * b + 1, 0);
+  for (const EntryCheck& c : checks) {
+    std::vector<float> dense(c.batch * m.num_dense, 0.0f);
+    std::vector<int64_t> idx, off(T * c.batch + 1, 0);
     try {
-      m.Run(field == "entry" ? m.main : m.buckets.at(b), b, dense.data(), idx, off);
+      m.Run(c.fn, c.batch, dense.data(), idx, off);
     } catch (const std::exception& e) {
       std::string why = e.what();
-      throw Error("manifest.json: " + field + " \"" + names[field] + "\" does not run a " +
-                  "batch of " + std::to_string(b) + ": " +
-                  why.substr(0, why.find('\n')).substr(0, 300));
+      throw Error("manifest.json: " + c.field + " \"" + c.name + "\" does not run a batch of " +
+                  std::to_string(c.batch) + ": " + why.substr(0, why.find('\n')).substr(0, 300));
     }
   }
 }
