@@ -18,6 +18,7 @@ import pytest
 from dlrmc.artifact import ArtifactError, Manifest, read_manifest, write_artifact
 from dlrmc.artifact.staging import recover, staging_dir
 from dlrmc.runtime import load
+from dlrmc.runtime.batch import random_batch
 
 from conftest import BARE_MANIFEST, TINY, rewrite_manifest, run
 
@@ -121,6 +122,16 @@ def test_the_manifest_is_covered_by_its_digest(compiled, tmp_path):
     os.remove(art / "manifest.sha256")
     with pytest.raises(ArtifactError, match="manifest.sha256 is missing"):
         load(str(art), verify=False)
+
+
+def test_a_bucket_key_with_a_leading_zero_still_names_its_bucket(compiled, tmp_path):
+    c = compiled(TINY)
+    art = _copy(c, tmp_path)
+    rewrite_manifest(art, lambda m: m["buckets"].update({"04": m["buckets"].pop("4")}))
+    model = load(str(art))
+    assert model.buckets == [4, 16]
+    batch = random_batch(TINY.to_dict(), 4, bag_size=2, seed=3)
+    np.testing.assert_array_equal(model.predict(*batch), c.runtime.predict(*batch))
 
 
 def test_a_manifest_nested_absurdly_deep_is_corrupt_not_a_crash(compiled, tmp_path):
