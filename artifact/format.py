@@ -211,7 +211,8 @@ def _own_files(directory: str) -> set[str] | None:
     return {MANIFEST, MANIFEST_DIGEST} | (set(files) if isinstance(files, dict) else set())
 
 
-def _check_replaceable(out_dir: str) -> None:
+def check_replaceable(out_dir: str) -> None:
+    """Refuse an ``out_dir`` that exists and is not an empty directory or an artifact alone."""
     if not os.path.lexists(out_dir):
         return
     if os.path.islink(out_dir) or not os.path.isdir(out_dir):
@@ -254,7 +255,7 @@ def write_artifact(out_dir: str, export_library: Callable[[str, str], None],
     out_dir = os.path.abspath(out_dir)
     tmp = staging_dir(out_dir)         # puts back an artifact a killed replace had moved
     try:
-        _check_replaceable(out_dir)
+        check_replaceable(out_dir)
         if weight_bytes is not None:
             _check_space(tmp, weight_bytes)
         workspace = os.path.join(tmp, ".build")
@@ -271,7 +272,7 @@ def write_artifact(out_dir: str, export_library: Callable[[str, str], None],
             files={LIBRARY: _file_entry(os.path.join(tmp, LIBRARY)),
                    WEIGHTS: _file_entry(os.path.join(tmp, WEIGHTS), weights_sha)})
         _write_manifest(tmp, manifest)
-        _check_replaceable(out_dir)        # again: it may have changed during the build
+        check_replaceable(out_dir)        # again: it may have changed during the build
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..artifact import ArtifactError
+from ..artifact import ArtifactError, check_replaceable
 from ..frontend.checkpoint import CheckpointError
 from ..frontend.source import add_model_args, model_from_args
 from ..targets import TargetError, backend_for, parse_target
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     # torch.export's own pytree deprecation notice, not the user's concern.
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     try:
-        # fail before building a large model: the target, and what its backend refuses
+        # fail before building a large model: the output, the target, what its backend refuses
+        check_replaceable(args.output)
         backend_for(parse_target(args.target)).check_options(
             emb_quant=args.emb_quant, precision=args.precision != "fp32",
             mlp_quant=args.mlp_quant, tuning_log=args.tuning_log)

@@ -105,13 +105,14 @@ def test_failed_write_leaves_nothing_and_never_clobbers(tmp_path):
 
 def test_a_directory_that_is_not_only_an_artifact_is_never_replaced(tmp_path):
     """A manifest.json that is not dlrmc's, or an artifact with a user's file beside it: the
-    compile is refused and nothing in the directory is touched."""
+    compile is refused, before any model is built, and nothing in the directory is touched."""
     w = tmp_path / "w"
     w.mkdir()
     (w / "manifest.json").write_text('{"name": "app"}')
     (w / "keep.txt").write_text("keep")
     res = run("dlrm-compile", "--preset", "tiny", "-o", str(w), check=False)
     assert res.returncode == 2 and "is not a dlrmc artifact; not overwriting it" in res.stderr
+    assert "[dlrmc] export" not in res.stderr
     assert sorted(os.listdir(w)) == ["keep.txt", "manifest.json"]
     assert (w / "keep.txt").read_text() == "keep"
 
