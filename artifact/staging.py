@@ -93,6 +93,15 @@ def staging_dir(dest: str) -> str:
     return path
 
 
+def check_output_file(path: str, inputs: tuple[str, ...] = ()) -> None:
+    """Refuse, before any work, a file output that is a directory or one of ``inputs``."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory; the output is a file")
+    for src in inputs:
+        if os.path.exists(path) and os.path.exists(src) and os.path.samefile(path, src):
+            raise ValueError(f"{path} is the input; not overwriting it")
+
+
 def _exchange(a: str, b: str) -> bool:
     """Swap two paths atomically; False where this system or file system cannot."""
     libc = ctypes.CDLL(None, use_errno=True)

@@ -29,7 +29,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ..artifact.staging import staging_dir
+from ..artifact.staging import check_output_file, staging_dir
 
 NUM_DENSE = 13
 NUM_CAT = 26
@@ -172,6 +172,7 @@ def preprocess(raw_path: str, out_path: str, max_ind_range: int | None = None,
     if max_ind_range is not None and max_ind_range < 1:
         raise ValueError(f"--max-ind-range must be positive, got {max_ind_range}")
     out_path = os.path.abspath(out_path)
+    check_output_file(out_path, (raw_path,))
     tmp = staging_dir(out_path)      # also sweeps what a killed run left
     stats, columns = Stats(), _Columns(max_ind_range)
     try:

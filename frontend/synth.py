@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..artifact.staging import check_output_file
 from .arch import KAGGLE_TABLES
 from .criteo import NUM_CAT, NUM_DENSE
 
@@ -100,6 +101,7 @@ def generate(path: str, rows: int, seed: int = 0, max_vocab: int = 100_000,
         raise ValueError("rows must be positive and max_vocab at least 2")
     teacher = Teacher(seed, max_vocab)
     path = os.path.abspath(path)
+    check_output_file(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
     probs, labels_all = [], []

@@ -90,6 +90,23 @@ def test_strict_fails_on_the_first_bad_line_and_writes_nothing(raw, tmp_path):
     assert "skipped 3 malformed" in res.stdout and "line 4" in res.stdout
 
 
+def test_an_output_that_is_the_input_or_a_directory_is_refused_untouched(raw, tmp_path):
+    """`-o` naming the raw file itself (directly or through a link) would have replaced the
+    user's click log with the .npz; a directory got a raw rename error naming a temp file."""
+    text = raw.read_text()
+    (tmp_path / "link.txt").symlink_to(raw)
+    (tmp_path / "d").mkdir()
+    for args, message in [(["criteo", str(raw), "-o", str(raw)], "is the input"),
+                          (["criteo", str(tmp_path / "link.txt"), "-o", str(raw)], "is the input"),
+                          (["criteo", str(raw), "-o", str(tmp_path / "d")], "is a directory"),
+                          (["synth", "--rows", "5", "-o", str(tmp_path / "d")], "is a directory")]:
+        res = subprocess.run(["dlrm-data", *args, "--no-progress"], capture_output=True, text=True)
+        assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
+    assert raw.read_text() == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "link.txt", "train.txt"]
+    assert list((tmp_path / "d").iterdir()) == []
+
+
 @pytest.mark.parametrize("bad,message", [
     ("2" + "\t" * 39, "is not 0 or 1"),
     ("0" + "\t" * 14 + "\t".join(["1" * 9] * 26), "not 32-bit"),
