@@ -14,6 +14,7 @@ renamed into place; a kill between the two renames leaves no NAME, and the next 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -100,6 +101,23 @@ def check_output_file(path: str, inputs: tuple[str, ...] = ()) -> None:
     for src in inputs:
         if os.path.exists(path) and os.path.exists(src) and os.path.samefile(path, src):
             raise ValueError(f"{path} is the input; not overwriting it")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str):
+    """Yield a new empty file's path beside ``path`` to write; it takes ``path``'s name when
+    the block ends, and is removed if the block raises, so ``path`` is never half-written."""
+    path = os.path.abspath(path)
+    check_output_file(path)
+    tmp = _sibling(path, "tmp")
+    open(tmp, "x").close()
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _exchange(a: str, b: str) -> bool:

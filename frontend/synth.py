@@ -16,12 +16,11 @@ Rows are generated in fixed blocks, each from its own seed, so the output depend
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Callable
 
 import numpy as np
 
-from ..artifact.staging import check_output_file
+from ..artifact.staging import atomic_file
 from .arch import KAGGLE_TABLES
 from .criteo import NUM_CAT, NUM_DENSE
 
@@ -100,25 +99,17 @@ def generate(path: str, rows: int, seed: int = 0, max_vocab: int = 100_000,
     if rows < 1 or max_vocab < 2:
         raise ValueError("rows must be positive and max_vocab at least 2")
     teacher = Teacher(seed, max_vocab)
-    path = os.path.abspath(path)
-    check_output_file(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
     probs, labels_all = [], []
-    try:
-        with os.fdopen(fd, "w") as f:
-            for index, start in enumerate(range(0, rows, BLOCK)):
-                n = min(BLOCK, rows - start)
-                labels, prob, dense, missing, values = teacher.block(seed, index, n)
-                f.write(_lines(labels, dense, missing, values))
-                probs.append(prob)
-                labels_all.append(labels)
-                if progress:
-                    progress(n)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        for index, start in enumerate(range(0, rows, BLOCK)):
+            n = min(BLOCK, rows - start)
+            labels, prob, dense, missing, values = teacher.block(seed, index, n)
+            f.write(_lines(labels, dense, missing, values))
+            probs.append(prob)
+            labels_all.append(labels)
+            if progress:
+                progress(n)
     labels_all, probs = np.concatenate(labels_all), np.concatenate(probs)
     if labels_all.min() == labels_all.max():
         return float("nan")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..artifact.staging import atomic_file
 from .arch import PRESETS, add_arch_args, arch_from_fields, given_fields
 from .dataset import ProcessedData
 from .model import DLRM
@@ -82,9 +82,8 @@ def save_checkpoint(path: str, model: DLRM, optimizer, epoch: int, nepochs: int,
              "train_loss": train.get("loss", 0.0), "train_acc": train.get("accuracy", 0.0),
              "test_loss": (test or {}).get("loss", 0.0),
              "test_acc": (test or {}).get("accuracy", 0.0)}
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
 
 
 def main(argv: list[str] | None = None) -> int:

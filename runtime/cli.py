@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import numpy as np
 
 from ..artifact import ArtifactError
+from ..artifact.staging import atomic_file, check_output_file
 from .batch import add_random_batch_args, batch_from_args, load_npz
 from .model import load, time_calls
 from .validate import InputError, check_batch
+
+
+def _npy_path(output: str) -> str:
+    """Where ``--output`` goes: numpy's name for it (``.npy`` added), checked before the run."""
+    path = output if output.endswith(".npy") else output + ".npy"
+    check_output_file(path)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise OSError(f"--output {output}: no directory {os.path.dirname(os.path.abspath(path))}")
+    return path
+
+
+def _save(path: str, array: np.ndarray) -> None:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+    print(f"wrote {path}")
 
 
 def _run_generic(model, args) -> int:
@@ -28,8 +45,7 @@ def _run_generic(model, args) -> int:
     for spec, out in zip(model.manifest.outputs, outputs):
         print(f"{spec['name']} {list(out.shape)}: {out.reshape(-1)[:10]}")
     if args.output:
-        np.save(args.output, outputs[0])
-        print(f"wrote {args.output}")
+        _save(args.output, outputs[0])
     return 0
 
 
@@ -47,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=20, help="timed runs (default 20)")
     args = p.parse_args(argv)
     try:
+        if args.output:
+            args.output = _npy_path(args.output)
         t0 = time.perf_counter()
         model = load(args.artifact, mmap=True)   # the weights mapped from the file, not read
         print(f"loaded {args.artifact} in {time.perf_counter() - t0:.2f} s "
@@ -64,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         preds = model.predict_jagged(*batch)
         first = time.perf_counter() - t0      # the rows it reads are faulted in from the file
         times = time_calls(model.bind_jagged(*batch), warmup=1, repeat=max(1, args.repeat))
+        if args.output:
+            _save(args.output, preds)
     except (ArtifactError, InputError, ValueError, OSError) as e:
         print(f"dlrm-run: error: {e}", file=sys.stderr)
         return 2
@@ -73,9 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"time per batch (B={preds.shape[0]}): median {med * 1e6:,.1f} us, "
           f"min {min(times) * 1e6:,.1f} us over {len(times)} runs; the first call, which "
           f"faults its rows in from the file: {first * 1e6:,.1f} us")
-    if args.output:
-        np.save(args.output, preds)
-        print(f"wrote {args.output}")
     return 0
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dlrmc.artifact import ArtifactError, write_artifact
+from dlrmc.artifact.staging import atomic_file
 from dlrmc.frontend.arch import Arch
 from dlrmc.frontend.model import DLRM
 
@@ -48,12 +49,18 @@ def test_compile_checkpoint_then_run(tmp_path):
     idx2d = np.stack([np.arange(22) % n for n in arch.embedding_sizes])
     off = np.tile(np.arange(0, 22, 2), (3, 1))
     np.savez(tmp_path / "c.npz", dense_x=dense, lS_o=off, lS_i=idx2d)
-    run("dlrm-run", str(out), "--input", str(tmp_path / "c.npz"), "--output", str(tmp_path / "q.npy"))
+    res = run("dlrm-run", str(out), "--input", str(tmp_path / "c.npz"), "--output", str(tmp_path / "q"))
+    assert f"wrote {tmp_path / 'q.npy'}" in res.stdout      # numpy's name, said as written
     np.testing.assert_allclose(np.load(tmp_path / "q.npy"),
                                torch_predict(model, dense, off, list(idx2d)), rtol=1e-5, atol=2e-6)
 
     res = run("dlrm-run", str(out), "--random", "5", "--repeat", "2")
     assert "predictions [5, 1]" in res.stdout
+    (tmp_path / "d.npy").mkdir()
+    for where, message in [(tmp_path / "none" / "p.npy", "no directory"),
+                           (tmp_path / "d.npy", "is a directory")]:
+        res = run("dlrm-run", str(out), "--random", "5", "--output", str(where), check=False)
+        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
 
     np.savez(tmp_path / "bad.npz", dense_x=dense, lS_o=off, lS_i=idx2d + 100)
     res = run("dlrm-run", str(out), "--input", str(tmp_path / "bad.npz"), check=False)
@@ -101,6 +108,21 @@ def test_failed_write_leaves_nothing_and_never_clobbers(tmp_path):
     write_artifact(str(out), _empty_library, [("v", np.zeros(2, np.int64))], BARE_MANIFEST)
     names = [t["name"] for t in json.loads((out / "manifest.json").read_text())["weights"]["tensors"]]
     assert names == ["v"] and sorted(os.listdir(tmp_path)) == ["art", "precious"]
+
+
+def test_a_file_output_is_whole_or_untouched(tmp_path):
+    """atomic_file (checkpoints, predictions, synthetic logs): a write that fails leaves the old
+    file as it was and no temporary beside it; one that succeeds replaces it whole."""
+    path = tmp_path / "m.pt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_file(str(path)) as tmp:
+            open(tmp, "w").write("half")
+            raise RuntimeError("disk full")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["m.pt"]
+    with atomic_file(str(path)) as tmp:
+        open(tmp, "w").write("new")
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["m.pt"]
 
 
 def test_a_directory_that_is_not_only_an_artifact_is_never_replaced(tmp_path):
