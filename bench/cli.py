@@ -84,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     lgen.add_argument("--max-batch", type=int, default=2048,
                       help="largest batch the system under test forms (default 2048)")
     lgen.add_argument("--loadgen-out", default="loadgen_logs", help="LoadGen's log directory")
-    lgen.add_argument("--loadgen-data", metavar="NPZ",
+    lgen.add_argument("--loadgen-data", metavar="NPZ|DIR",
                       help="the query sample library: the first --samples rows of this "
-                           "processed Criteo file's test split (dlrm-data criteo), scored by "
-                           "ROC AUC with --accuracy (default: synthetic samples)")
+                           "processed Criteo file's test split (dlrm-data criteo), or of the "
+                           "MLPerf multi-hot Criteo day (day_23_dense.npy, "
+                           "day_23_sparse_multi_hot.npz, day_23_labels.npy) in this directory; "
+                           "scored by ROC AUC with --accuracy (default: synthetic samples)")
     lgen.add_argument("--loadgen-max-ind-range", type=int, metavar="N",
                       help="hash --loadgen-data's categories modulo N, as the model was trained")
     srv = p.add_argument_group("dlrm-serve under load (instead of the peer table)")

@@ -1,8 +1,9 @@
 """MLPerf LoadGen driving an artifact: ``dlrm-bench --loadgen offline|server|singlestream``.
 
 The query sample library is ``samples`` synthetic samples (the preset's multi-hot bag sizes:
-MLPerf DLRM-v2's for ``dlrm-v2``), or the first rows of a processed Criteo-format file's test
-split (``criteo_samples``: ``dlrm-data criteo``'s output, one index a bag), held in memory.
+MLPerf DLRM-v2's for ``dlrm-v2``), or the first rows of a file (``criteo_samples``: a processed
+Criteo file's test split, ``dlrm-data criteo``'s output with one index a bag, or MLPerf's own
+multi-hot Criteo day), held in memory.
 The system under test answers each query with the artifact's click probability for its
 sample (float32, 4 bytes):
 
@@ -117,14 +118,20 @@ class _System:
 
 
 def criteo_samples(path: str, arch: dict, count: int, max_ind_range: int | None = None):
-    """The first ``count`` rows of a processed Criteo file's test split as the query sample
-    library (a reference-layout batch) and their click labels; an index the model's tables
-    cannot hold is an error naming the table and position."""
-    from ..frontend.dataset import ProcessedData
+    """The query sample library from a file and its click labels: the first ``count`` rows of
+    a processed Criteo file's test split (``dlrm-data criteo``'s .npz, one index a bag), or,
+    given a directory, of MLPerf DLRM-v2's multi-hot day in it (``multihot_criteo``). An index
+    the model's tables cannot hold is an error naming the table and position."""
+    from ..frontend.dataset import ProcessedData, multihot_criteo
     from ..runtime.validate import InputError, check_batch
 
-    data = ProcessedData.load(path, max_ind_range)
-    dense, lS_o, lS_i, labels = next(data.batches("test", count))
+    if os.path.isdir(path):
+        (dense, lS_o, lS_i), labels = multihot_criteo(path, count, len(arch["embedding_sizes"]))
+        if max_ind_range:
+            lS_i = [i % max_ind_range for i in lS_i]
+    else:
+        data = ProcessedData.load(path, max_ind_range)
+        dense, lS_o, lS_i, labels = next(data.batches("test", count))
     try:
         check_batch(arch, dense, lS_o, lS_i)
     except InputError as e:

@@ -9,6 +9,8 @@ reference's loader does.
 
 from __future__ import annotations
 
+import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,3 +80,66 @@ class ProcessedData:
     def num_batches(self, split: str, batch_size: int) -> int:
         n = len(self.y) if split == "all" else len(kaggle_split(len(self.y), split))
         return -(-n // batch_size)
+
+
+MULTIHOT_DAY = 23      # MLPerf DLRM-v2 evaluates on the Criteo 1TB set's last day
+MULTIHOT_SUFFIXES = ("", "_sample", "_debug")
+
+
+def _npy_rows(f, what: str, rows: int) -> np.ndarray:
+    """The first ``rows`` rows of the .npy stream ``f`` (read no further)."""
+    version = np.lib.format.read_magic(f)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, fortran, dtype = read_header(f)
+    if fortran or len(shape) != 2 or dtype.kind not in "iu":
+        raise ValueError(f"{what} must be a C-order 2-D integer array, got {dtype} {list(shape)}"
+                         f"{' in Fortran order' if fortran else ''}")
+    rows = min(rows, shape[0])
+    data = f.read(rows * shape[1] * dtype.itemsize)
+    if len(data) < rows * shape[1] * dtype.itemsize:
+        raise ValueError(f"{what} is truncated")
+    return np.frombuffer(data, dtype).reshape(rows, shape[1])
+
+
+def multihot_criteo(path: str, rows: int, tables: int):
+    """The first ``rows`` samples of MLPerf DLRM-v2's multi-hot Criteo day (the files
+    mlcommons/inference's ``multihot_criteo.py`` reads: ``day_23_dense{s}.npy`` float32
+    [N, 13], already log-scaled by TorchRec's preprocessing; ``day_23_sparse_multi_hot{s}.npz``,
+    one int32 [N, hot_k] array a table named ``0`` .. ``25``; ``day_23_labels{s}.npy``), with
+    ``s`` one of ``MULTIHOT_SUFFIXES``, in the directory ``path``. Returns a reference-layout
+    batch (every bag of table k holds hot_k indices) and the labels. Only those rows are read,
+    so the full 1TB day is never loaded."""
+    for s in MULTIHOT_SUFFIXES:
+        names = [os.path.join(path, f"day_{MULTIHOT_DAY}_{kind}{s}.{ext}") for kind, ext in
+                 (("dense", "npy"), ("sparse_multi_hot", "npz"), ("labels", "npy"))]
+        if all(os.path.isfile(n) for n in names):
+            break
+    else:
+        raise ValueError(f"{path} holds no MLPerf multi-hot Criteo day: it wants "
+                         f"day_{MULTIHOT_DAY}_dense.npy, day_{MULTIHOT_DAY}_sparse_multi_hot.npz "
+                         f"and day_{MULTIHOT_DAY}_labels.npy (or their _sample / _debug files)")
+    dense_path, sparse_path, labels_path = names
+    dense = np.load(dense_path, mmap_mode="r")
+    labels = np.load(labels_path, mmap_mode="r")
+    if dense.ndim != 2 or dense.dtype.kind != "f":
+        raise ValueError(f"{dense_path} must be float [N, 13], got {dense.dtype} {list(dense.shape)}")
+    if labels.shape[0] != dense.shape[0]:
+        raise ValueError(f"{labels_path} has {labels.shape[0]} rows, {dense_path} {dense.shape[0]}")
+    rows = min(rows, dense.shape[0])
+    with zipfile.ZipFile(sparse_path) as z:
+        have = {n.removesuffix(".npy") for n in z.namelist()}
+        want = [str(k) for k in range(tables)]
+        if have != set(want):
+            raise ValueError(f"{sparse_path} holds arrays {sorted(have, key=str)[:30]}, the model "
+                             f"has {tables} tables (wants {want[0]} .. {want[-1]})")
+        sparse = []
+        for k in want:
+            with z.open(f"{k}.npy") as f:
+                sparse.append(_npy_rows(f, f"{sparse_path}[{k}]", rows))
+    if any(len(s) != rows for s in sparse):
+        raise ValueError(f"{sparse_path}: a table has fewer rows than {dense_path}")
+    lS_o = np.stack([np.arange(rows, dtype=np.int64) * s.shape[1] for s in sparse])
+    lS_i = [s.reshape(-1).astype(np.int64) for s in sparse]
+    return ((np.array(dense[:rows], np.float32), lS_o, lS_i),
+            np.asarray(labels[:rows]).reshape(-1).astype(np.int32))

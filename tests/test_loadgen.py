@@ -101,3 +101,62 @@ def test_criteo_file_that_does_not_fit_the_model_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"big.npz does not fit the model .*out of range for "
                                          r"table \d+ with 7 rows.*--max-ind-range"):
         loadgen.criteo_samples(str(tmp_path / "big.npz"), CRITEO.to_dict(), 64)
+
+
+HOT = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 10, 7, 10, 3, 1, 1)
+
+
+def _mlperf_day(directory, rows: int, rng, suffix: str = "", compressed: bool = False,
+                tables: int = 26) -> dict:
+    """A day in MLPerf DLRM-v2's multi-hot Criteo layout, as mlcommons/inference's tools write
+    it: float32 log-scaled dense [N, 13], one int32 [N, hot_k] array a table, labels [N, 1]."""
+    directory.mkdir(exist_ok=True)
+    day = {"dense": rng.standard_normal((rows, 13)).astype(np.float32) + 2,
+           "sparse": {str(k): rng.integers(0, 7, (rows, HOT[k])).astype(np.int32)
+                      for k in range(tables)},
+           "labels": rng.integers(0, 2, (rows, 1)).astype(np.int32)}
+    np.save(directory / f"day_23_dense{suffix}.npy", day["dense"])
+    (np.savez_compressed if compressed else np.savez)(
+        directory / f"day_23_sparse_multi_hot{suffix}.npz", **day["sparse"])
+    np.save(directory / f"day_23_labels{suffix}.npy", day["labels"])
+    return day
+
+
+@pytest.mark.parametrize("suffix,compressed", [("", False), ("_sample", True)])
+def test_mlperf_multihot_day_as_the_query_sample_library(compiled, tmp_path, suffix, compressed):
+    """MLPerf's own multi-hot Criteo files as LoadGen's samples: sample s's bag in table k is
+    row s of array k, the dense rows are taken as they are (already log-scaled), and accuracy
+    mode's AUC is sklearn's on PyTorch's predictions for those rows."""
+    from sklearn.metrics import roc_auc_score
+
+    c = compiled(CRITEO)
+    day = _mlperf_day(tmp_path / "day", 300, np.random.default_rng(7), suffix, compressed)
+    samples, labels = loadgen.criteo_samples(str(tmp_path / "day"), CRITEO.to_dict(), 80)
+    dense, lS_o, lS_i = samples
+    np.testing.assert_array_equal(dense, day["dense"][:80])
+    np.testing.assert_array_equal(labels, day["labels"][:80, 0])
+    for k in range(26):
+        for s in (0, 41, 79):
+            np.testing.assert_array_equal(lS_i[k][lS_o[k][s]:lS_o[k][s] + HOT[k]],
+                                          day["sparse"][str(k)][s])
+        assert len(lS_i[k]) == 80 * HOT[k]
+    result = loadgen.run(c.runtime, c.model, samples, "offline", str(tmp_path / "logs"),
+                         seconds=0.2, accuracy=True, labels=labels)
+    acc = result["accuracy"]
+    assert acc["samples"] == 80 and acc["max_abs_diff"] < 1e-5
+    want = torch_predict(c.model, *samples)[:, 0]
+    assert acc["auc_pytorch"] == pytest.approx(roc_auc_score(labels, want), abs=1e-12)
+
+
+def test_mlperf_multihot_day_that_does_not_fit_is_named(tmp_path):
+    rng = np.random.default_rng(8)
+    with pytest.raises(ValueError, match="holds no MLPerf multi-hot Criteo day"):
+        loadgen.criteo_samples(str(tmp_path), CRITEO.to_dict(), 8)
+    _mlperf_day(tmp_path / "short", 20, rng, tables=25)
+    with pytest.raises(ValueError, match="the model has 26 tables"):
+        loadgen.criteo_samples(str(tmp_path / "short"), CRITEO.to_dict(), 8)
+    day = _mlperf_day(tmp_path / "big", 20, rng)
+    day["sparse"]["3"][5, 1] = 7                    # table 3 has 7 rows
+    np.savez(tmp_path / "big" / "day_23_sparse_multi_hot.npz", **day["sparse"])
+    with pytest.raises(ValueError, match=r"does not fit the model .*out of range for table 3"):
+        loadgen.criteo_samples(str(tmp_path / "big"), CRITEO.to_dict(), 8)
