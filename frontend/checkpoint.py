@@ -65,7 +65,25 @@ def read_checkpoint(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]"
         raise CheckpointError(
             f"checkpoint {path!r} holds neither a state_dict nor a dict with a 'state_dict' of "
             "tensors")
-    return OrderedDict((k, v) for k, v in sd.items())
+    return _unwrapped(sd)
+
+
+# What wrappers put before a model's own keys: DistributedDataParallel ("module."), a
+# torch.compile'd module ("_orig_mod."), TorchRec's DLRMTrain ("model.", the wrapper its DLRM
+# example and MLPerf's training train), DistributedModelParallel ("_dmp_wrapped_module.").
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "_dmp_wrapped_module.")
+# facebookresearch/dlrm wraps its two MLPs in DDP when it runs distributed.
+_DDP_MLPS = re.compile(r"^(bot_l|top_l)\.module\.")
+
+
+def _unwrapped(sd: dict) -> "OrderedDict[str, torch.Tensor]":
+    """The state dict with the wrappers' prefixes taken off (all keys must carry one)."""
+    while True:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)
+        if prefix is None:
+            break
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return OrderedDict((_DDP_MLPS.sub(r"\1.", k), v) for k, v in sd.items())
 
 
 def _is_zipfile(path: str) -> bool:

@@ -73,6 +73,30 @@ def test_reference_checkpoint_loads_and_predicts_the_same(tmp_path, op, itself):
         torch.testing.assert_close(model(dense, offsets, indices), net(dense, offsets, indices))
 
 
+@pytest.mark.parametrize("wrap", ["ddp", "compiled", "ddp_mlps"])
+def test_a_wrapped_models_checkpoint_loads_as_the_model(tmp_path, wrap):
+    """What wrappers add to the keys: DistributedDataParallel's "module.", a torch.compile'd
+    module's "_orig_mod." (both taken from the real wrappers' state dicts), and the reference's
+    distributed run, which wraps its two MLPs in DDP ("bot_l.module.0.weight")."""
+    net = ReferenceLayoutNet(4, (13, 7, 29), (5, 9, 4), (10, 6, 1)).eval()
+    if wrap == "ddp":
+        sd = {f"module.{k}": v for k, v in net.state_dict().items()}
+    elif wrap == "compiled":
+        sd = torch.compile(net).state_dict()
+        assert all(k.startswith("_orig_mod.") for k in sd)
+    else:
+        sd = {k.replace("bot_l.", "bot_l.module.").replace("top_l.", "top_l.module."): v
+              for k, v in net.state_dict().items()}
+    torch.save({"state_dict": sd, "epoch": 1}, tmp_path / "w.pt")
+    model = load_model(tmp_path / "w.pt")
+    rng = np.random.default_rng(1)
+    dense = torch.from_numpy(rng.standard_normal((5, 5)).astype(np.float32))
+    offsets = torch.tensor([[0, 1, 2, 2, 4]] * 3)
+    indices = [torch.from_numpy(rng.integers(0, n, 5)) for n in (13, 7, 29)]
+    with torch.no_grad():
+        torch.testing.assert_close(model(dense, offsets, indices), net(dense, offsets, indices))
+
+
 def test_bare_state_dict_and_round_trip(tmp_path):
     arch = Arch(8, (10, 20), (3, 8), (4, 1), weighted_pooling="learned")
     src = DLRM(arch, seed=5)

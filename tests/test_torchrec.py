@@ -128,6 +128,27 @@ def test_dlrm_compile_takes_a_torchrec_checkpoint(tmp_path):
         compiled.predict_kjt(dense, bad, lengths)
 
 
+def test_a_dlrm_train_checkpoint_runs_as_its_model_does(tmp_path):
+    """TorchRec's DLRMTrain, the wrapper its DLRM example and MLPerf's training train and save
+    (keys "model.sparse_arch...."), loads as the DLRM_DCN inside it."""
+    from torchrec.models.dlrm import DLRMTrain
+
+    rows = (40, 7, 90)
+    model = _torchrec_model(rows, 8, 5, [16, 8], [32, 1], seed=4, dcn=(2, 4))
+    torch.save(DLRMTrain(model).state_dict(), tmp_path / "train.pt")
+    ours = load_model(tmp_path / "train.pt")
+    assert (ours.arch.interaction_op, ours.arch.dcn_layers) == ("dcn", 2)
+    compile_model(ours, ours.arch, None, str(tmp_path / "a"), log=lambda _: None, buckets=(8,))
+    dense, values, lengths = _kjt_batch(rows, 8, 5, seed=2)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=[f"f{k}" for k in range(len(rows))],
+                                              values=torch.from_numpy(values),
+                                              lengths=torch.from_numpy(lengths))
+    with torch.no_grad():
+        want = model(torch.from_numpy(dense), kjt).numpy()
+    got = load(str(tmp_path / "a")).predict_kjt(dense, values, lengths, logits=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_torchrec_checkpoints_are_named(tmp_path):
     model = _torchrec_model((10, 12), 4, 3, [4], [8, 1], seed=0)
     sd = model.state_dict()
