@@ -83,7 +83,33 @@ def _unwrapped(sd: dict) -> "OrderedDict[str, torch.Tensor]":
         if prefix is None:
             break
         sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return OrderedDict((_DDP_MLPS.sub(r"\1.", k), v) for k, v in sd.items())
+    sd = OrderedDict((_DDP_MLPS.sub(r"\1.", k), v) for k, v in sd.items())
+    return _reference_embeddings(sd)
+
+
+def _reference_embeddings(sd: "OrderedDict[str, torch.Tensor]") -> "OrderedDict[str, torch.Tensor]":
+    """facebookresearch/dlrm's compressed tables as plain ones. Mixed-dimension tables
+    (``--md-flag``: ``emb_l.k.embs.weight`` [n, d], projected by ``emb_l.k.proj.weight``
+    [D, d] after pooling) become ``embs @ proj.T``, which a sum pools to the same vectors
+    (projection is linear). Quotient-remainder tables (``--qr-flag``) combine their two pooled
+    bags, a product by default, which no one table reproduces for bags of several indices:
+    refused by name."""
+    qr = sorted({k.rsplit(".", 1)[0] for k in sd if re.fullmatch(r"emb_l\.\d+\.weight_[qr]", k)})
+    if qr:
+        raise CheckpointError(f"{', '.join(qr)}: quotient-remainder embeddings (the reference's "
+                              "--qr-flag) are not supported")
+    out = OrderedDict()
+    for k, v in sd.items():
+        m = re.fullmatch(r"emb_l\.(\d+)\.(embs|proj)\.weight", k)
+        if not m:
+            out[k] = v
+        elif m.group(2) == "embs":
+            proj = sd.get(f"emb_l.{m.group(1)}.proj.weight")
+            if proj is not None and (proj.dim() != 2 or v.dim() != 2 or proj.shape[1] != v.shape[1]):
+                raise CheckpointError(f"emb_l.{m.group(1)}: proj.weight {list(proj.shape)} does not "
+                                      f"project embs.weight {list(v.shape)}")
+            out[f"emb_l.{m.group(1)}.weight"] = v if proj is None else v.float() @ proj.float().T
+    return out
 
 
 def _is_zipfile(path: str) -> bool:
@@ -250,8 +276,7 @@ def infer_arch(sd: dict, given: dict | None = None) -> Arch:
     dims = sorted({s[1] for s in shapes if len(s) == 2})
     if len(dims) != 1 or any(len(s) != 2 for s in shapes):
         listed = ", ".join(f"emb_l.{k}.weight {list(s)}" for k, s in zip(tables, shapes))
-        raise CheckpointError(f"embedding tables must be 2-D with one common width (mixed-dimension "
-                              f"tables are not supported), got {listed}")
+        raise CheckpointError(f"embedding tables must be 2-D with one common width, got {listed}")
     bot = _layers(sd, "bot_l")
     top = _layers(sd, "top_l")
     fields = dict(sparse_feature_size=dims[0], embedding_sizes=tuple(s[0] for s in shapes),

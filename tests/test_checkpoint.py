@@ -97,6 +97,39 @@ def test_a_wrapped_models_checkpoint_loads_as_the_model(tmp_path, wrap):
         torch.testing.assert_close(model(dense, offsets, indices), net(dense, offsets, indices))
 
 
+class _MixedDimBag(nn.Module):
+    """The reference's mixed-dimension table (--md-flag): a narrow bag, projected after
+    pooling to the common width (no projection where the table is already that wide)."""
+
+    def __init__(self, n, dim, base):
+        super().__init__()
+        self.embs = nn.EmbeddingBag(n, dim, mode="sum")
+        self.proj = nn.Linear(dim, base, bias=False) if dim < base else nn.Identity()
+
+    def forward(self, indices, offsets):
+        return self.proj(self.embs(indices, offsets))
+
+
+def test_mixed_dimension_tables_load_as_their_projections(tmp_path):
+    ln_emb, dims = (13, 7, 29), (2, 8, 3)
+    net = ReferenceLayoutNet(8, ln_emb, (5, 9, 8), (14, 6, 1)).eval()
+    net.emb_l = nn.ModuleList(_MixedDimBag(n, d, 8) for n, d in zip(ln_emb, dims))
+    _save_reference(net, tmp_path / "md.pt")
+    model = load_model(tmp_path / "md.pt")
+    assert model.arch.embedding_sizes == ln_emb and model.arch.sparse_feature_size == 8
+    rng = np.random.default_rng(2)
+    dense = torch.from_numpy(rng.standard_normal((6, 5)).astype(np.float32))
+    offsets = torch.tensor([[0, 1, 1, 3, 6, 6]] * 3)              # bags of 0 to 3 indices
+    indices = [torch.from_numpy(rng.integers(0, n, 8)) for n in ln_emb]
+    with torch.no_grad():
+        torch.testing.assert_close(model(dense, offsets, indices), net(dense, offsets, indices))
+    sd = {k: v for k, v in net.state_dict().items()}
+    sd["emb_l.0.weight_q"], sd["emb_l.0.weight_r"] = sd.pop("emb_l.0.embs.weight"), torch.zeros(4, 8)
+    torch.save(sd, tmp_path / "qr.pt")
+    with pytest.raises(CheckpointError, match="emb_l.0: quotient-remainder embeddings .*--qr-flag"):
+        load_model(tmp_path / "qr.pt")
+
+
 def test_bare_state_dict_and_round_trip(tmp_path):
     arch = Arch(8, (10, 20), (3, 8), (4, 1), weighted_pooling="learned")
     src = DLRM(arch, seed=5)
@@ -126,8 +159,8 @@ def test_mismatches_are_named(tmp_path):
     bad_shape = dict(sd, **{"emb_l.1.weight": torch.zeros(20, 5)})
     with pytest.raises(CheckpointError, match="emb_l"):
         infer_arch(bad_shape)
-    extra = dict(sd, **{"emb_l.0.weight_q": torch.zeros(3, 4)})
-    with pytest.raises(CheckpointError, match="unexpected key emb_l.0.weight_q"):
+    extra = dict(sd, **{"emb_l.0.extra": torch.zeros(3, 4)})
+    with pytest.raises(CheckpointError, match="unexpected key emb_l.0.extra"):
         infer_arch(extra)
     no_top = {k: v for k, v in sd.items() if not k.startswith("top_l")}
     with pytest.raises(CheckpointError, match="top_l"):
