@@ -50,7 +50,9 @@ def parse_line(text: str, number: int = 0) -> tuple[int, list[int], list[int]]:
     """(label, 13 dense ints clamped at 0, 26 category values as unsigned 32-bit ints)."""
     parts = text.rstrip("\r\n").split("\t")
     if len(parts) != FIELDS:
-        raise MalformedLine(number, f"{len(parts)} tab-separated fields, expected {FIELDS}")
+        hint = (": no label column (Kaggle's test.txt has none; only labelled rows can be used)"
+                if len(parts) == FIELDS - 1 else "")
+        raise MalformedLine(number, f"{len(parts)} tab-separated fields, expected {FIELDS}{hint}")
     try:
         label = int(parts[0]) if parts[0] else 0
     except ValueError:
@@ -189,6 +191,9 @@ def preprocess(raw_path: str, out_path: str, max_ind_range: int | None = None,
                 stats.rows += len(labels)
                 if progress:
                     progress(f.buffer.tell() if hasattr(f, "buffer") else 0)
+        if not stats.rows:
+            raise ValueError(f"{raw_path} holds no Criteo record" + (
+                f" (first: {stats.first_malformed[0]})" if stats.first_malformed else ""))
         np.save(os.path.join(tmp, "counts.npy"), columns.counts())
         paths = [arrays["X_int"].finish(), arrays["X_cat"].finish(),
                  arrays["y"].finish(squeeze=True), os.path.join(tmp, "counts.npy")]

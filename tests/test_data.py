@@ -90,6 +90,21 @@ def test_strict_fails_on_the_first_bad_line_and_writes_nothing(raw, tmp_path):
     assert "skipped 3 malformed" in res.stdout and "line 4" in res.stdout
 
 
+def test_a_file_with_no_record_is_an_error_not_an_empty_npz(tmp_path):
+    """Kaggle's test.txt (no label column) and an empty file: exit 2 naming why, no output."""
+    unlabelled = tmp_path / "test.txt"
+    unlabelled.write_text("".join(r.split("\t", 1)[1] for r in ROWS[:2]))
+    (tmp_path / "empty.txt").write_text("")
+    for name, message in [("test.txt", "holds no Criteo record (first: line 1: 39 tab-separated "
+                                        "fields, expected 40: no label column"),
+                          ("empty.txt", "holds no Criteo record")]:
+        res = subprocess.run(["dlrm-data", "criteo", str(tmp_path / name), "-o",
+                              str(tmp_path / "out.npz"), "--no-progress"],
+                             capture_output=True, text=True)
+        assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "test.txt"]
+
+
 def test_an_output_that_is_the_input_or_a_directory_is_refused_untouched(raw, tmp_path):
     """`-o` naming the raw file itself (directly or through a link) would have replaced the
     user's click log with the .npz; a directory got a raw rename error naming a temp file."""
