@@ -2,7 +2,8 @@
 
 Accepted: ``llvm -mcpu=skylake-avx512 -mattr=+avx512f,+avx512bw -num-cores=2``,
 ``llvm -mtriple=aarch64-linux-gnu -mcpu=neoverse-n1 -mattr=+neon``, ``cuda -arch=sm_90``, a tag
-name such as ``nvidia/nvidia-h100``, and ``host`` (or nothing) for this machine's CPU.
+name such as ``nvidia/nvidia-h100``, ``host`` (or nothing) for this machine's CPU, and TVM
+0.27's own JSON form (``{"kind": "llvm", "mcpu": "znver4", "mattr": ["+avx512f"]}``).
 Every key, CPU name and feature is checked against what TVM and its LLVM know, because TVM
 itself silently accepts an unknown ``-mcpu``.
 """
@@ -100,9 +101,35 @@ def _check_cuda(opts: dict) -> None:
         raise TargetError(f"-arch must look like sm_80 or sm_90a, got {opts['arch']!r}")
 
 
+def _from_json(text: str) -> str:
+    """TVM 0.27's own JSON form (``{"kind": "llvm", "mcpu": "znver4"}``) as a target string,
+    so it gets the same checks."""
+    import json
+
+    try:
+        spec = json.loads(text)
+    except ValueError as e:
+        raise TargetError(f"cannot parse target {text!r} as JSON: {e}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str):
+        raise TargetError(f"a JSON target must be an object with a \"kind\", got {text!r}")
+    words = [spec.pop("kind")]
+    for key, value in spec.items():
+        if isinstance(value, bool):
+            value = str(value).lower()
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)
+        elif not isinstance(value, (str, int)):
+            raise TargetError(f"JSON target key {key!r}: {json.dumps(value)} is not a string, "
+                              "number, boolean or list of strings")
+        words.append(shlex.quote(f"-{key}={value}"))
+    return " ".join(words)
+
+
 def parse_target(text: str | None) -> Target:
     """Parse a target string (see the module docstring) into a validated ``tvm.target.Target``."""
     text = (text or "").strip()
+    if text.startswith("{"):
+        text = _from_json(text)
     if text in HOST_ALIASES:
         text = host_target_string()
     if "/" in text and " " not in text:

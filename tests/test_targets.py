@@ -21,6 +21,9 @@ from dlrmc.targets import TargetError, parse_target
      {"arch": "sm_80", "max_shared_memory_per_block": 1000, "registers_per_block": 65536}),
     ("nvidia/nvidia-h100", "cuda", {"arch": "sm_90a"}),
     ("llvm", "llvm", {}),
+    ('{"kind": "llvm", "mcpu": "znver4", "mattr": ["+avx512f"], "num-cores": 2}', "llvm",
+     {"mcpu": "znver4", "mattr": ["+avx512f"], "num-cores": 2}),
+    ('{"kind": "cuda", "arch": "sm_90"}', "cuda", {"arch": "sm_90", "registers_per_block": 65536}),
 ])
 def test_valid_targets(text, kind, attrs):
     t = parse_target(text)
@@ -51,6 +54,10 @@ def test_host_default_names_this_cpu():
     ("cuda -arch=90", r"-arch must look like sm_80"),
     ("nvidia/nvidia-h1000", r"unknown target tag 'nvidia/nvidia-h1000'.*nvidia/nvidia-h100"),
     ("llvm mcpu=haswell", r"options are -key=value"),
+    ('{"kind": "llvm", "mcpu": "skylake-avx513"}', r"unknown -mcpu 'skylake-avx513'"),
+    ('{"kind": "llvm", "host": {"kind": "llvm"}}', r"JSON target key 'host'"),
+    ('{"mcpu": "znver4"}', r'a JSON target must be an object with a "kind"'),
+    ('{"kind": llvm}', r"cannot parse target .* as JSON"),
 ])
 def test_invalid_targets_are_named(text, message):
     with pytest.raises(TargetError, match=message):
