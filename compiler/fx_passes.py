@@ -15,8 +15,9 @@ activation in its epilogue.
 
 checks that the constants li/lj are the strictly-lower triangle (or with the diagonal) in
 row-major order, and replaces it with one ``dlrmc::dot_interaction`` node: ``R`` when the
-concat with ``x`` is there, ``Zflat`` alone otherwise. TVM's own importer gets the rank of
-``Z[:, li, lj]`` wrong, so this rewrite is required for correctness, not only for speed.
+concat with ``x`` is there, ``Zflat`` alone otherwise. ``Z`` may come from ``T @ T^T`` (bmm
+wrapped in same-shape views) and li/lj from ``torch.tril_indices`` in the graph. Any other
+``Z[:, li, lj]`` is lowered as written (``lower``'s joint index).
 """
 
 from __future__ import annotations
@@ -48,12 +49,27 @@ def _tidy(ep: torch.export.ExportedProgram, changed: int) -> int:
     return changed
 
 
+_RESHAPES = (aten.view.default, aten.reshape.default, aten.expand.default)
+# Ops that make index tensors from sizes alone, and what picks rows of them.
+INDEX_MAKERS = (aten.tril_indices.default, aten.triu_indices.default)
+_INDEX_PICKS = (aten.slice.Tensor, aten.select.int, aten.squeeze.dims, aten.squeeze.dim)
+
+
+def _shape(node) -> tuple | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
 def _source(node):
-    """Look through copies and full slices, which leave values unchanged."""
+    """Look through copies, full slices and reshapes to the same shape (``matmul``'s
+    decomposition wraps ``bmm`` in them), which leave values unchanged."""
     while isinstance(node, fx.Node) and node.op == "call_function":
         if node.target in _PASS_THROUGH:
             node = node.args[0]
         elif node.target == aten.slice.Tensor and _full_slice(node):
+            node = node.args[0]
+        elif node.target in _RESHAPES and _shape(node) is not None \
+                and _shape(node) == _shape(node.args[0]):
             node = node.args[0]
         else:
             break
@@ -74,6 +90,12 @@ def _constant(ep: torch.export.ExportedProgram, node) -> torch.Tensor | None:
         return None
     if node.op == "get_attr":
         return getattr(ep.graph_module, node.target, None)
+    if node.op == "call_function" and node.target in INDEX_MAKERS:
+        return node.target(*node.args)            # sizes and an offset: ints
+    if node.op == "call_function" and node.target in _INDEX_PICKS \
+            and not any(isinstance(a, fx.Node) for a in node.args[1:]):
+        base = _constant(ep, node.args[0])
+        return None if base is None else node.target(base, *node.args[1:])
     if node.op == "placeholder":
         for spec in ep.graph_signature.input_specs:
             if spec.arg.name == node.name and spec.target in ep.constants:
@@ -128,8 +150,8 @@ def fuse_dot_interaction(ep: torch.export.ExportedProgram) -> int:
         if not (isinstance(bmm, fx.Node) and bmm.target == aten.bmm.default and len(idx) == 3
                 and idx[0] is None):
             continue
-        feats = bmm.args[0]
-        if not _is_transpose_of(bmm.args[1], feats):
+        feats = _source(bmm.args[0])
+        if not _is_transpose_of(_source(bmm.args[1]), feats):
             continue
         li, lj = _constant(ep, idx[1]), _constant(ep, idx[2])
         shape = feats.meta.get("val").shape if "val" in feats.meta else None

@@ -7,7 +7,8 @@ TVM's ExportedProgram importer handles everything except:
   (``fx_passes.batch_embedding_bags``); any other becomes a ``call_tir`` of the one-table
   kernel with the node's mode, offsets convention, per_sample_weights and padding_idx;
 - ``aten.select.int``, which TVM lowers to an unchecked ``take`` that mishandles negative
-  indices;
+  indices; ``aten.index.Tensor`` of the form ``x[:, a, b]``, which TVM takes as an outer
+  product; ``tril_indices`` / ``triu_indices``, which it lacks (constants here);
 - the dot interaction, which ``fx_passes.fuse_dot_interaction`` first rewrites into one
   ``dlrmc::dot_interaction`` node, lowered here to our interaction kernel; on the CPU, when
   a table-batched call's tables all go (in order) to it and nowhere else, the embedding
@@ -50,7 +51,7 @@ from ..schedules.kernels import make
 from ..targets import backend_for
 from ..targets.knobs import CpuKnobs, cpu_knobs
 from ..frontend import torch_ops  # noqa: F401  (registers torch.ops.dlrmc)
-from .fx_passes import (batch_embedding_bags, embedding_bag_args, fuse_cross,
+from .fx_passes import (INDEX_MAKERS, batch_embedding_bags, embedding_bag_args, fuse_cross,
                         fuse_dot_interaction, fuse_linear)
 from .numerics import MLP_QUANTS, PRECISIONS, activation_qparams, linear_input_ranges
 
@@ -361,7 +362,45 @@ def _convert_linear(node, importer, knobs: CpuKnobs, numerics: Numerics) -> rela
                                   relax.TensorType((batch, n), "float32")))
 
 
-def gpu_converters(numerics: Numerics = Numerics()) -> dict:
+def _convert_index_maker(node, importer) -> relax.Expr:
+    """``tril_indices`` / ``triu_indices`` (sizes only): their value, as a constant."""
+    return relax.const(node.target(*node.args).numpy())
+
+
+def _convert_index(node, importer, stock) -> relax.Expr:
+    """``x[:, a, b]`` (leading full axes, then several 1-D index tensors taken jointly, as
+    ``z[:, rows, cols]`` picks pairs): TVM takes them one after the other, an outer product
+    ([B, P, P], not [B, P]). Here the indexed axes are flattened and read with one take."""
+    x, indices = importer.env[node.args[0]], list(node.args[1])
+    lead = next((i for i, t in enumerate(indices) if t is not None), len(indices))
+    picks = [importer.env[t] for t in indices[lead:] if t is not None]
+    shape = list(x.ty.shape) if x.ty.shape is not None else []
+    dims = shape[lead:lead + len(picks)]
+    if (lead == 0 or len(picks) < 2 or len(picks) != len(indices) - lead
+            or any(p.ty.ndim != 1 for p in picks) or len(dims) != len(picks)
+            or any(not isinstance(d, tvm.tirx.IntImm) for d in dims)):
+        return stock(node)
+    bb = importer.block_builder
+    flat = None
+    for pick, n in zip(picks, (int(d) for d in dims)):
+        pick = _as_dtype(bb, pick, "int64")
+        n64 = relax.const(n, "int64")
+        pick = bb.emit(relax.op.where(relax.op.less(pick, relax.const(0, "int64")),
+                                      relax.op.add(pick, n64), pick))     # torch's -1 = last
+        flat = pick if flat is None else bb.emit(relax.op.add(relax.op.multiply(flat, n64), pick))
+    size = int(np.prod([int(d) for d in dims]))
+    merged = bb.emit(relax.op.reshape(x, shape[:lead] + [size] + shape[lead + len(picks):]))
+    return bb.emit(relax.op.take(merged, flat, axis=lead, mode="clip"))
+
+
+def common_converters(stock: dict) -> dict:
+    """Ours on every backend: what TVM lowers wrongly or not at all, whatever the device."""
+    return {"select.int": _convert_select,
+            "index.Tensor": lambda node, imp: _convert_index(node, imp, stock["index.Tensor"]),
+            **{op.__name__: _convert_index_maker for op in INDEX_MAKERS}}
+
+
+def gpu_converters(stock: dict, numerics: Numerics = Numerics()) -> dict:
     """The ops we lower ourselves for CUDA targets: our GPU embedding-bag and interaction
     kernels; dense layers as Relax ops for dlight; the rest TVM's. (What it cannot do, the
     CUDA backend refuses first.)"""
@@ -370,7 +409,7 @@ def gpu_converters(numerics: Numerics = Numerics()) -> dict:
         return _convert_embedding_bag(node, imp, gpu=True)
 
     return {
-        "select.int": _convert_select,
+        **common_converters(stock),
         "_embedding_bag.default": bag,
         "_embedding_bag_forward_only.default": bag,
         "embedding_bags.default": lambda node, imp: _convert_embedding_bags(node, imp, gpu=True),
@@ -391,8 +430,8 @@ def converters(knobs: CpuKnobs, stock: dict, emb_quant: str | None = None,
         return _convert_embedding_bag(node, imp, emb_quant, quantized)
 
     return {
+        **common_converters(stock),
         "cat.default": lambda node, imp: _convert_cat(node, imp, stock["cat.default"]),
-        "select.int": _convert_select,
         "_embedding_bag.default": bag,
         "_embedding_bag_forward_only.default": bag,
         "embedding_bags.default": lambda node, imp: _convert_embedding_bags(
@@ -411,7 +450,7 @@ def converters(knobs: CpuKnobs, stock: dict, emb_quant: str | None = None,
 CONVERTERS = {
     "cpu": lambda target, stock, emb_quant, quantized, numerics: converters(
         cpu_knobs(target), stock, emb_quant, quantized, numerics),
-    "gpu": lambda target, stock, emb_quant, quantized, numerics: gpu_converters(numerics),
+    "gpu": lambda target, stock, emb_quant, quantized, numerics: gpu_converters(stock, numerics),
 }
 
 

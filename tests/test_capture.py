@@ -36,6 +36,79 @@ def test_interaction_pattern_becomes_one_op(itself):
         torch.testing.assert_close(ep.module()(*example_inputs(arch, 6, seed=1)), model(d, o, i))
 
 
+class _OwnDLRM(torch.nn.Module):
+    """A DLRM as users write their own: the Gram matrix by ``@`` (which export decomposes
+    into expand/view/bmm) and the pairs from ``torch.tril_indices`` or ``triu_indices`` (ops
+    in the graph, not constants)."""
+
+    def __init__(self, tables=(13, 7, 29), dim=4, upper=False, itself=False):
+        super().__init__()
+        torch.manual_seed(0)
+        n = len(tables) + 1
+        self.upper, self.offset = upper, (0 if itself else (1 if upper else -1))
+        self.emb = torch.nn.ModuleList(torch.nn.EmbeddingBag(r, dim, mode="sum") for r in tables)
+        self.bot = torch.nn.Sequential(torch.nn.Linear(5, dim), torch.nn.ReLU())
+        pairs = n * (n + 1) // 2 if itself else n * (n - 1) // 2
+        self.top = torch.nn.Sequential(torch.nn.Linear(dim + pairs, 6), torch.nn.ReLU(),
+                                       torch.nn.Linear(6, 1))
+
+    def forward(self, dense, offsets, indices):
+        x = self.bot(dense)
+        feats = torch.stack([x] + [e(indices[k], offsets[k]) for k, e in enumerate(self.emb)], 1)
+        z = feats @ feats.transpose(1, 2)
+        make = torch.triu_indices if self.upper else torch.tril_indices
+        rows, cols = make(feats.shape[1], feats.shape[1], self.offset)
+        return torch.sigmoid(self.top(torch.cat([x, z[:, rows, cols]], 1)))
+
+
+@pytest.mark.parametrize("upper,itself", [(False, False), (False, True), (True, False)])
+def test_a_users_own_dlrm_compiles_through_torch_compile(upper, itself):
+    """Its lower triangle becomes our interaction op; the upper one (TorchRec's order) is no
+    triangle of ours, so it lowers as it is written, the pairs as a constant. Before, both ran
+    eagerly: tril_indices had no lowering."""
+    import warnings
+
+    net = _OwnDLRM(upper=upper, itself=itself).eval()
+    rng = np.random.default_rng(3)
+    dense = torch.from_numpy(rng.standard_normal((6, 5)).astype(np.float32))
+    lens = rng.integers(0, 4, (3, 6))
+    offsets = torch.from_numpy(np.concatenate([np.zeros((3, 1), np.int64),
+                                               np.cumsum(lens, 1)[:, :-1]], 1))
+    indices = [torch.from_numpy(rng.integers(0, n, int(lens[k].sum())))
+               for k, n in enumerate((13, 7, 29))]
+    ep = torch.export.export(net, (dense, offsets, indices)).run_decompositions()
+    assert fuse_dot_interaction(ep) == (0 if upper else 1)
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="dlrmc: running this graph eagerly")
+        got = torch.compile(net, backend="dlrmc", dynamic=False)(dense, offsets, indices)
+    with torch.no_grad():
+        torch.testing.assert_close(got, net(dense, offsets, indices))
+
+
+def test_joint_index_tensors_pick_pairs_not_their_outer_product():
+    """x[:, a, b] and x[:, :, a, b] with index tensors given at run time, negative ones
+    included (counted from the end, as torch does)."""
+    from tvm import relax
+
+    class Pick(torch.nn.Module):
+        def forward(self, x, y, a, b):
+            return torch.cat([x[:, a, b], y[:, :, a, b].flatten(1)], 1)
+
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(rng.standard_normal((3, 5, 4)).astype(np.float32))
+    y = torch.from_numpy(rng.standard_normal((3, 2, 5, 4)).astype(np.float32))
+    target = tvm.target.Target({"kind": "llvm"})
+    lowered = lower(torch.export.export(Pick(), (x, y, torch.zeros(7, dtype=torch.int64),
+                                                 torch.zeros(7, dtype=torch.int64))), target)
+    vm = relax.VirtualMachine(build(lowered, target)[0], tvm.cpu())
+    for seed in range(3):
+        pick = np.random.default_rng(seed)
+        a, b = torch.from_numpy(pick.integers(-5, 5, 7)), torch.from_numpy(pick.integers(-4, 4, 7))
+        got = vm["main"](*[tvm.runtime.tensor(t.numpy()) for t in (x, y, a, b)]).numpy()
+        np.testing.assert_array_equal(got, Pick()(x, y, a, b).numpy())
+
+
 def test_cat_interaction_has_no_dot_op():
     arch = Arch(4, (10, 20), (5, 4), (7, 1), interaction_op="cat")
     ep = export_model(DLRM(arch), arch).run_decompositions()
