@@ -102,7 +102,7 @@ def compare(checkpoint: str, variants: list[str], data: ProcessedData, split: st
             out = os.path.join(tmp, name)
             options = dict(VARIANTS[name])
             if "mlp_quant" in options:
-                options["calibration"] = data.sample(CALIBRATION_ROWS, model.arch.embedding_sizes)
+                options["calibration"] = data.sample(CALIBRATION_ROWS, model.arch)
             compile_model(model, model.arch, None, out, log=lambda _: None, buckets=(512,),
                           **options)
             runtime = load(out)

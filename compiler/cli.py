@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.mlp_quant:
             from ..frontend.dataset import ProcessedData
             data = ProcessedData.load(args.calibration_data, args.max_ind_range)
-            calibration = data.sample(args.calibration_rows, arch.embedding_sizes)
+            calibration = data.sample(args.calibration_rows, arch)
         compile_model(model, arch, args.target, args.output, buckets=buckets,
                       tuning_log=args.tuning_log, emb_quant=args.emb_quant,
                       precision=args.precision, mlp_quant=args.mlp_quant,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .criteo import NUM_CAT, dense_features, kaggle_split
+from .criteo import NUM_CAT, NUM_DENSE, dense_features, kaggle_split
 
 
 @dataclass
@@ -59,10 +59,15 @@ class ProcessedData:
                    [np.ascontiguousarray(cats[:, k]) for k in range(NUM_CAT)],
                    np.asarray(self.y[take], np.float32))
 
-    def sample(self, rows: int, table_sizes, split: str = "train", batch_size: int = 1024):
-        """The first ``rows`` rows of ``split`` as (dense_x, lS_o, lS_i) batches for a model
-        with ``table_sizes`` rows per table (a calibration sample); an index outside its
-        table is an error naming the column."""
+    def sample(self, rows: int, arch, split: str = "train", batch_size: int = 1024):
+        """The first ``rows`` rows of ``split`` as (dense_x, lS_o, lS_i) batches for a model of
+        ``arch`` (a calibration sample); a model that does not take Criteo's 13 dense and 26
+        categorical features, or an index outside its table, is an error naming it."""
+        table_sizes = arch.embedding_sizes
+        if (len(table_sizes), arch.mlp_bot[0]) != (NUM_CAT, NUM_DENSE):
+            raise ValueError(f"the data holds Criteo's {NUM_DENSE} dense and {NUM_CAT} "
+                             f"categorical features; the model takes {arch.mlp_bot[0]} dense "
+                             f"features and has {len(table_sizes)} tables")
         out, left = [], int(rows)
         for dense, offsets, indices, _ in self.batches(split, min(batch_size, max(rows, 1))):
             if left <= 0:

@@ -188,4 +188,13 @@ def test_compile_cli_numerics_errors(tmp_path):
     bad.write_bytes(b"not a zip")
     res = run("--mlp-quant", "int8", "--calibration-data", str(bad))
     assert res.returncode == 2 and "Traceback" not in res.stderr and res.stderr.strip()
+    # Criteo data for a model of 4 tables (it was a torch.stack traceback in calibration)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "criteo.npz", X_int=rng.integers(0, 9, (2000, 13)),
+             X_cat=rng.integers(0, 5, (2000, 26)), y=rng.integers(0, 2, 2000),
+             counts=np.full(26, 5))
+    res = run("--mlp-quant", "int8", "--calibration-data", str(tmp_path / "criteo.npz"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "the data holds Criteo's 13 dense and 26 categorical features; the model takes 13 " \
+           "dense features and has 4 tables" in res.stderr, res.stderr
     assert not (tmp_path / "a").exists()
