@@ -120,6 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(peers) - set(PEERS))
     if unknown:
         p.error(f"unknown peer {', '.join(unknown)}; the peers are {', '.join(PEERS)} (or none)")
+    try:
+        return _bench(args, batches, peers)
+    except (ValueError, OSError) as e:     # our errors name the problem: no traceback
+        print(f"dlrm-bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _bench(args, batches: list[int], peers: list[str]) -> int:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     torch.set_num_threads(args.threads)
     set_threads(args.threads)

@@ -85,3 +85,25 @@ def test_bench_rejects_bad_flags_before_any_work(tmp_path):
                              timeout=120)
         assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
         assert "Traceback" not in res.stderr and not (tmp_path / "b.json").exists()
+
+
+def test_bench_names_bad_inputs_without_a_traceback(tmp_path):
+    """A missing checkpoint, artifact or tuning log, an unknown CPU, LoadGen data for another
+    model: each an error line and exit 2 (each was a traceback)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "criteo.npz", X_int=rng.integers(0, 9, (1400, 13)),
+             X_cat=rng.integers(0, 5, (1400, 26)), y=rng.integers(0, 2, 1400),
+             counts=np.full(26, 5))
+    for args, message in [
+            (["--load-model", str(tmp_path / "none.pt")], "checkpoint"),
+            (["--preset", "tiny", "--artifact", str(tmp_path / "none")], "does not exist"),
+            (["--preset", "tiny", "--tuning-log", str(tmp_path / "none")], "does not exist"),
+            (["--preset", "tiny", "--target", "llvm -mcpu=skylake-avx513"], "unknown -mcpu"),
+            (["--preset", "tiny", "--loadgen", "offline", "--samples", "16", "--loadgen-data",
+              str(tmp_path / "criteo.npz")], "criteo.npz does not fit the model")]:
+        res = subprocess.run(["dlrm-bench", *args, "--peers", "none", "--no-layers"],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2 and "dlrm-bench: error: " in res.stderr, (args, res.stderr)
+        assert message in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
