@@ -7,6 +7,7 @@ only the trials still missing are measured. ``dlrm-compile --tuning-log DIR`` re
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--rpc-tracker and --rpc-key go together")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     try:
+        if os.path.exists(args.output) and not os.path.isdir(args.output):
+            raise ValueError(f"{args.output} is a file; the tuning log is a directory")
         tgt = parse_target(args.target)
         buckets = parse_buckets(args.buckets)
         if not buckets:

@@ -468,6 +468,11 @@ def test_dlrm_serve_refuses_bad_arguments(tmp_path):
     assert res.returncode == 2 and "NAME=ARTIFACT" in res.stderr
     res = run("dlrm-serve", f"m={tmp_path}", check=False)
     assert res.returncode != 0 and "model m" in res.stderr
+    for flags, message in [(["--port", "99999"], "at most 65535"), (["--port", "0"], "at least 1"),
+                           (["--batch-wait-ms", "nan"], "finite"),
+                           (["--request-timeout-s", "inf"], "finite")]:
+        res = run("dlrm-serve", f"m={tmp_path}", *flags, check=False)
+        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
 
 
 @pytest.mark.slow   # (a compile and a server of its own, ~30 s; the server is tested above)

@@ -327,6 +327,11 @@ def test_tune_rejects_bad_flags(tmp_path):
         res = run("dlrm-tune", *TUNE_MODEL, *args, "-o", str(tmp_path / "x"), check=False)
         assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
         assert "Traceback" not in res.stderr and not (tmp_path / "x").exists()
+    (tmp_path / "notes.txt").write_text("mine")
+    res = run("dlrm-tune", *TUNE_MODEL, "--trials", "2", "-o", str(tmp_path / "notes.txt"),
+              check=False)
+    assert res.returncode == 2 and "notes.txt is a file; the tuning log is a directory" in res.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 # --- RPC ------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import signal
@@ -190,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("replicas", "max_batch", "port"):
         if getattr(args, flag) < 1:
             parser().error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.batch_wait_ms < 0 or args.request_timeout_s <= 0:
-        parser().error("--batch-wait-ms must be >= 0 and --request-timeout-s > 0")
+    if args.port > 65535:
+        parser().error(f"--port must be at most 65535, got {args.port}")
+    if not (0 <= args.batch_wait_ms < math.inf and 0 < args.request_timeout_s < math.inf):
+        parser().error("--batch-wait-ms must be >= 0 and --request-timeout-s > 0 (finite)")
     return serve_models(args)
 
 
