@@ -127,7 +127,9 @@ def load_npz(path: str, arch: dict):
                 return check_named(arch, {k: z[k] for k in ("dense_x", *layout)})
         missing = {"dense_x", "lS_o"} - keys
         if missing:
-            raise ValueError(f"{path} lacks {', '.join(sorted(missing))}")
+            hint = ("; it is a processed Criteo file (dlrm-data criteo): score it with dlrm-eval "
+                    "ARTIFACT --data FILE" if {"X_int", "X_cat", "y"} <= keys else "")
+            raise ValueError(f"{path} lacks {', '.join(sorted(missing))}{hint}")
         if "lS_i" in keys:
             lS_i = z["lS_i"]
         else:

@@ -65,6 +65,10 @@ def test_compile_checkpoint_then_run(tmp_path):
     np.savez(tmp_path / "bad.npz", dense_x=dense, lS_o=off, lS_i=idx2d + 100)
     res = run("dlrm-run", str(out), "--input", str(tmp_path / "bad.npz"), check=False)
     assert res.returncode == 2 and "out of range for table 0 with 30 rows" in res.stderr
+    np.savez(tmp_path / "criteo.npz", X_int=np.zeros((4, 13)), X_cat=np.zeros((4, 26)),
+             y=np.zeros(4), counts=np.ones(26))
+    res = run("dlrm-run", str(out), "--input", str(tmp_path / "criteo.npz"), check=False)
+    assert res.returncode == 2 and "processed Criteo file" in res.stderr and "dlrm-eval" in res.stderr
 
 
 @pytest.mark.parametrize("args,message", [
