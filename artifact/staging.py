@@ -106,9 +106,11 @@ def check_output_file(path: str, inputs: tuple[str, ...] = ()) -> None:
 @contextlib.contextmanager
 def atomic_file(path: str):
     """Yield a new empty file's path beside ``path`` to write; it takes ``path``'s name when
-    the block ends, and is removed if the block raises, so ``path`` is never half-written."""
+    the block ends, and is removed if the block raises, so ``path`` is never half-written
+    (a killed writer's is swept by the next, as ``staging_dir`` sweeps)."""
     path = os.path.abspath(path)
     check_output_file(path)
+    recover(path)
     tmp = _sibling(path, "tmp")
     open(tmp, "x").close()
     try:
