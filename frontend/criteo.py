@@ -21,6 +21,7 @@ output, and the ``.npz`` appears only when complete. Memory is the per-column di
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import zipfile
@@ -131,6 +132,15 @@ def _chunks(lines: Iterable[str], strict: bool, stats: Stats):
         yield labels, dense, cats
 
 
+@contextlib.contextmanager
+def _truncation_named(path: str):
+    """A compressed file that ends early (an interrupted download) as an error naming it."""
+    try:
+        yield
+    except EOFError as e:
+        raise ValueError(f"{path} ends early ({e}); was its download cut short?") from None
+
+
 def _open_text(path: str):
     if path.endswith(".gz"):
         import gzip
@@ -181,7 +191,7 @@ def preprocess(raw_path: str, out_path: str, max_ind_range: int | None = None,
         arrays = {"X_int": _Growing(os.path.join(tmp, "X_int.npy"), NUM_DENSE, np.int32),
                   "X_cat": _Growing(os.path.join(tmp, "X_cat.npy"), NUM_CAT, np.int32),
                   "y": _Growing(os.path.join(tmp, "y.npy"), 1, np.int32)}
-        with _open_text(raw_path) as f:
+        with _open_text(raw_path) as f, _truncation_named(raw_path):
             for labels, dense, cats in _chunks(f, strict, stats):
                 dense_a = np.minimum(np.array(dense, np.int64), np.iinfo(np.int32).max)
                 arrays["X_int"].append(dense_a)

@@ -105,6 +105,16 @@ def test_a_file_with_no_record_is_an_error_not_an_empty_npz(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "test.txt"]
 
 
+def test_a_truncated_gzip_is_named_and_writes_nothing(raw, tmp_path):
+    import gzip
+
+    whole = gzip.compress(("".join(ROWS[:2]) * 2000).encode())
+    (tmp_path / "cut.txt.gz").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match=r"cut.txt.gz ends early .*download cut short"):
+        preprocess(str(tmp_path / "cut.txt.gz"), str(tmp_path / "out.npz"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.txt.gz", "train.txt"]
+
+
 def test_an_output_that_is_the_input_or_a_directory_is_refused_untouched(raw, tmp_path):
     """`-o` naming the raw file itself (directly or through a link) would have replaced the
     user's click log with the .npz; a directory got a raw rename error naming a temp file."""
