@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,12 +28,15 @@ class ProcessedData:
 
     @classmethod
     def load(cls, path: str, max_ind_range: int | None = None) -> "ProcessedData":
-        with np.load(path, mmap_mode="r") as z:
-            missing = {"X_int", "X_cat", "y", "counts"} - set(z.files)
-            if missing:
-                raise ValueError(f"{path} is not a processed Criteo file: it lacks "
-                                 f"{', '.join(sorted(missing))}")
-            data = cls(z["X_int"], z["X_cat"], z["y"], z["counts"])
+        try:
+            with np.load(path, mmap_mode="r") as z:
+                missing = {"X_int", "X_cat", "y", "counts"} - set(z.files)
+                if missing:
+                    raise ValueError(f"{path} is not a processed Criteo file: it lacks "
+                                     f"{', '.join(sorted(missing))}")
+                data = cls(z["X_int"], z["X_cat"], z["y"], z["counts"])
+        except (zipfile.BadZipFile, EOFError, zlib.error) as e:    # cut short, or not a zip
+            raise ValueError(f"{path} is not a readable processed Criteo file ({e})") from None
         if data.x_cat.ndim != 2 or data.x_cat.shape[1] != NUM_CAT or len(data.y) != len(data.x_cat):
             raise ValueError(f"{path}: X_cat must be [N, {NUM_CAT}] with one label per row")
         if max_ind_range:

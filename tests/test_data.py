@@ -115,6 +115,29 @@ def test_a_truncated_gzip_is_named_and_writes_nothing(raw, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.txt.gz", "train.txt"]
 
 
+def test_a_cut_or_corrupt_processed_file_is_named(raw, tmp_path):
+    """An .npz cut short or with a damaged member: ValueError naming it (was BadZipFile
+    tracebacks from dlrm-train, dlrm-eval and dlrm-compile --calibration-data)."""
+    from dlrmc.frontend.dataset import ProcessedData
+
+    preprocess(str(raw), str(tmp_path / "p.npz"))
+    whole = (tmp_path / "p.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[:len(whole) // 2])
+    np.savez_compressed(tmp_path / "z.npz", X_int=np.zeros((999, 13), np.int32),
+                        X_cat=np.zeros((999, 26), np.int32), y=np.zeros(999, np.int32),
+                        counts=np.ones(26, np.int32))
+    damaged = bytearray((tmp_path / "z.npz").read_bytes())
+    damaged[200:260] = b"x" * 60                       # inside X_int's compressed bytes
+    (tmp_path / "bad.npz").write_bytes(bytes(damaged))
+    for name in ("cut.npz", "bad.npz"):
+        with pytest.raises(ValueError, match=f"{name} is not a readable processed Criteo file"):
+            ProcessedData.load(str(tmp_path / name))
+    res = subprocess.run(["dlrm-train", "--data", str(tmp_path / "cut.npz")],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "not a readable processed Criteo file" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
 def test_an_output_that_is_the_input_or_a_directory_is_refused_untouched(raw, tmp_path):
     """`-o` naming the raw file itself (directly or through a link) would have replaced the
     user's click log with the .npz; a directory got a raw rename error naming a temp file."""
