@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import zipfile
+import zlib
 
 import numpy as np
 
 from ..frontend.arch import PRESET_BAGS
 from ..frontend.ops import flat_layout
-from .validate import NAMED_LAYOUTS, check_batch, check_named
+from .validate import NAMED_LAYOUTS, InputError, check_batch, check_named
 
 
 DISTRIBUTIONS = ("uniform", "zipf")
@@ -114,13 +117,23 @@ def write_raw_batch(directory: str, batch, layout: str = "flat") -> None:
             os.path.join(directory, f"{name}.bin"))
 
 
+@contextlib.contextmanager
+def read_npz(path: str):
+    """``np.load`` of an .npz (no pickles); one cut short or damaged is an ``InputError``."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            yield z
+    except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+        raise InputError(f"{path} is not a readable .npz ({e})") from None
+
+
 def load_npz(path: str, arch: dict):
     """A batch from an .npz holding dense_x and the sparse features in one of three layouts:
     the reference's (lS_o [T, B], and lS_i [T, N] or lS_i_0 .. lS_i_{T-1}), FBGEMM's flat one
     (indices, offsets [T*B+1]) or TorchRec's KeyedJaggedTensor one (values, lengths [T*B]).
     Returned validated, in the artifact's flat layout (``dlrmc.runtime.validate``)."""
     num_tables = len(arch["embedding_sizes"])
-    with np.load(path, allow_pickle=False) as z:
+    with read_npz(path) as z:
         keys = set(z.files)
         for layout in NAMED_LAYOUTS:
             if "dense_x" in keys and set(layout) <= keys:

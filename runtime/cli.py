@@ -11,7 +11,7 @@ import numpy as np
 
 from ..artifact import ArtifactError
 from ..artifact.staging import atomic_file, check_output_file
-from .batch import add_random_batch_args, batch_from_args, load_npz
+from .batch import add_random_batch_args, batch_from_args, load_npz, read_npz
 from .model import load, time_calls
 from .validate import InputError, check_batch
 
@@ -37,7 +37,7 @@ def _run_generic(model, args) -> int:
     if not args.input:
         raise InputError(f"{args.artifact} is a generic ONNX artifact: give --input with an .npz "
                          f"holding {', '.join(names)}")
-    with np.load(args.input, allow_pickle=False) as z:
+    with read_npz(args.input) as z:
         missing = [n for n in names if n not in z.files]
         if missing:
             raise InputError(f"{args.input} lacks {', '.join(missing)}")

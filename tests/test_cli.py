@@ -69,6 +69,11 @@ def test_compile_checkpoint_then_run(tmp_path):
              y=np.zeros(4), counts=np.ones(26))
     res = run("dlrm-run", str(out), "--input", str(tmp_path / "criteo.npz"), check=False)
     assert res.returncode == 2 and "processed Criteo file" in res.stderr and "dlrm-eval" in res.stderr
+    whole = (tmp_path / "b.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[:len(whole) // 2])
+    res = run("dlrm-run", str(out), "--input", str(tmp_path / "cut.npz"), check=False)
+    assert res.returncode == 2 and "cut.npz is not a readable .npz" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 @pytest.mark.parametrize("args,message", [
