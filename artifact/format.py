@@ -215,7 +215,10 @@ def check_replaceable(out_dir: str) -> None:
     """Refuse an ``out_dir`` that exists and is not an empty directory or an artifact alone."""
     if not os.path.lexists(out_dir):
         return
-    if os.path.islink(out_dir) or not os.path.isdir(out_dir):
+    if os.path.islink(out_dir):
+        raise ArtifactError(f"{out_dir} is a symbolic link; not replacing it (write to "
+                            f"{os.path.realpath(out_dir)} itself)")
+    if not os.path.isdir(out_dir):
         raise ArtifactError(f"{out_dir} exists and is not a directory; not overwriting it")
     present = set(os.listdir(out_dir))
     if not present:

@@ -154,6 +154,10 @@ def test_a_directory_that_is_not_only_an_artifact_is_never_replaced(tmp_path):
         write_artifact(str(art), _empty_library, [("v", np.zeros(2, np.int64))], BARE_MANIFEST)
     assert (art / "notes.txt").read_text() == "mine"
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+    (tmp_path / "current").symlink_to(art)
+    with pytest.raises(ArtifactError, match="current is a symbolic link; not replacing it"):
+        write_artifact(str(tmp_path / "current"), _empty_library, [], BARE_MANIFEST)
+    assert os.readlink(tmp_path / "current") == str(art) and (art / "notes.txt").exists()
 
 
 def test_compile_for_a_cpu_we_are_not_on_builds_and_says_the_check_is_skipped(tmp_path):
