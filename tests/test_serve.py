@@ -92,6 +92,8 @@ def _binary(declared: int, sent: int) -> tuple[bytes, int]:
     (b'{"inputs": []}' + b"\0" * 3, 14, "3 bytes after"),
     (b'{"inputs": []}', 99, "holds 14 bytes"),
     (b'{"inputs": []}', "x", "not a byte count"),
+    (b'{"inputs": [{"name": "x", "datatype": "INT64", "shape": [1], "data": ' + b"[" * 100000
+     + b"]" * 100000 + b"}]}", None, "nests too deeply"),      # was a RecursionError (500)
 ])
 def test_protocol_refuses_malformed_requests(body, header, match):
     with pytest.raises(ProtocolError, match=match):

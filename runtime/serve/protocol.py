@@ -49,6 +49,8 @@ def _header(body: bytes, header_length, key: str = "inputs") -> tuple[dict, memo
         request = json.loads(json_bytes)
     except (ValueError, UnicodeDecodeError) as e:
         raise ProtocolError(f"the message is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ProtocolError("the message's JSON nests too deeply") from None
     if not isinstance(request, dict) or not isinstance(request.get(key, []), list) or (
             key == "inputs" and key not in request):
         raise ProtocolError(f'the message must be a JSON object with an "{key}" list')
@@ -107,7 +109,10 @@ def decode_request(body: bytes, header_length=None) -> tuple[dict, dict[str, np.
     request, rest = _header(body, header_length)
     inputs, pos, budget = {}, 0, MAX_ELEMENTS
     for spec in request["inputs"]:
-        name, array, used = _tensor(spec, rest, pos, budget)
+        try:
+            name, array, used = _tensor(spec, rest, pos, budget)
+        except RecursionError:      # nested data lists deeper than any tensor's rank
+            raise ProtocolError("an input's data nests too deeply") from None
         if name in inputs:
             raise ProtocolError(f"input {name} is given twice")
         inputs[name] = array
