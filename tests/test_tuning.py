@@ -306,6 +306,10 @@ def test_mismatched_logs_get_clear_messages(tuned_log, tmp_path):
             ("empty", lambda d: d.mkdir(), "is not a dlrmc tuning log"),
             ("corrupt", lambda d: (d.mkdir(), (d / "dlrmc_tuning.json").write_text("{oops")),
              "is corrupt"),
+            ("deep", lambda d: (d.mkdir(), (d / "dlrmc_tuning.json").write_text(
+                "[" * 100000 + "]" * 100000)), "is corrupt: maximum recursion depth"),
+            ("list", lambda d: (d.mkdir(), (d / "dlrmc_tuning.json").write_text("[1]")),
+             "is corrupt: not a JSON object"),
             ("no-db", lambda d: (d.mkdir(), (d / "dlrmc_tuning.json").write_text(
                 (log / "dlrmc_tuning.json").read_text())), "lacks MetaSchedule's")]:
         bad = tmp_path / name

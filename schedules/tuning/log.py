@@ -88,8 +88,10 @@ def read_manifest(log_dir: str) -> dict:
     except FileNotFoundError:
         raise TuningLogError(f"{log_dir} is not a dlrmc tuning log (no {LOG_MANIFEST}; make one "
                              "with dlrm-tune)") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:    # RecursionError: nested absurdly
         raise TuningLogError(f"{path} is corrupt: {e}") from None
+    if not isinstance(manifest, dict):
+        raise TuningLogError(f"{path} is corrupt: not a JSON object")
     if manifest.get("format") != LOG_FORMAT:
         raise TuningLogError(f"{path}: unsupported tuning-log format {manifest.get('format')!r}")
     return manifest
