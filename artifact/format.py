@@ -203,7 +203,7 @@ def _own_files(directory: str) -> set[str] | None:
     try:
         with open(os.path.join(directory, MANIFEST)) as f:
             manifest = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         return None

@@ -145,6 +145,9 @@ def test_a_directory_that_is_not_only_an_artifact_is_never_replaced(tmp_path):
     assert res.returncode == 2 and "is not a dlrmc artifact; not overwriting it" in res.stderr
     assert "[dlrmc] export" not in res.stderr
     assert sorted(os.listdir(w)) == ["keep.txt", "manifest.json"]
+    (w / "manifest.json").write_text("[" * 100000 + "]" * 100000)   # was a RecursionError
+    with pytest.raises(ArtifactError, match="not a dlrmc artifact; not overwriting"):
+        write_artifact(str(w), _empty_library, [], BARE_MANIFEST)
     assert (w / "keep.txt").read_text() == "keep"
 
     art = tmp_path / "art"

@@ -374,7 +374,7 @@ class Front:
             artifact = params["artifact"]
             if not isinstance(artifact, str):
                 raise TypeError
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return _error(400, 'the body must be {"parameters": {"artifact": PATH}} or '
                                '{"parameters": {"config": "{\\"artifact\\": PATH}"}}')
         try:       # a bad artifact is refused here, before any replica rolls
