@@ -477,6 +477,37 @@ def test_dlrm_serve_refuses_bad_arguments(tmp_path):
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow   # (a Ray cluster of its own and a deploy onto it, ~30 s)
+def test_serving_onto_a_running_ray_cluster(compiled, monkeypatch):
+    """--address: the application is deployed onto a cluster that `ray start` made (no
+    embedded Ray) and answered through the cluster's proxy on --port; stopping dlrm-serve
+    deletes the application and leaves the cluster running."""
+    import subprocess
+
+    from dlrmc.runtime.serve.cli import free_port
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")      # this test's cluster: no token
+    gcs = free_port()
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),
+         "--node-ip-address", "127.0.0.1", "--include-dashboard", "false",
+         "--disable-usage-stats", "--ray-client-server-port", str(free_port())],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        tiny = compiled(TINY)
+        batch = make_batch(TINY, 5, np.random.default_rng(6))
+        with Server({"m": str(tiny.path)}, ("--address", f"127.0.0.1:{gcs}")) as s:
+            status, out = Client(s.url).infer("m", flat_request(batch))
+            assert status == 200, out
+            np.testing.assert_allclose(out["probabilities"], _expected(tiny, batch),
+                                       rtol=1e-5, atol=1e-6)
+        assert head.poll() is None              # the cluster outlives the server
+        assert s.get("/v2/health/live")[0] == 404  # its proxy is up, the application gone
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)      # `ray start --block` stops what it started
+        head.wait(60)
+
+
 @pytest.mark.slow   # (a compile and a server of its own, ~30 s; the server is tested above)
 def test_dlrm_bench_serve_command(tmp_path):
     """dlrm-bench --serve, bounded: two levels on the tiny preset, the JSON, table and plot."""

@@ -109,7 +109,14 @@ def _check_port(host: str, port: int) -> None:
 def _start_ray(args, cpus: int) -> None:
     import ray
     if args.address:
-        ray.init(address=args.address, log_to_driver=False)
+        try:
+            ray.init(address=args.address, log_to_driver=False)
+        except ConnectionError as e:
+            hint = ("; a cluster that `ray start` made uses token authentication: run with "
+                    "RAY_AUTH_MODE=token (the token is read from ~/.ray/auth_token, or "
+                    "RAY_AUTH_TOKEN)" if os.environ.get("RAY_AUTH_MODE") != "token" else "")
+            raise SystemExit(f"dlrm-serve: cannot join the Ray cluster at {args.address}: "
+                             f"{e}{hint}") from None
         return
     metrics_port = free_port()      # this Ray's metrics agent (/metrics reads it)
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
@@ -160,6 +167,11 @@ def serve_models(args) -> int:
                         log_format=args.log_format)
     t0 = time.perf_counter()
     _start_ray(args, max(cpus, threads * args.replicas * len(args.models)))
+    # From here a Ctrl-C (or SIGTERM) lets the deploy finish and then takes the application
+    # down: on a cluster, nothing of it is left behind.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     serve.start(http_options={"host": args.host, "port": proxy_port},
                 logging_config={"encoding": args.log_format})
     deploy({name: (path, "1") for name, path in args.models}, settings)
@@ -168,9 +180,6 @@ def serve_models(args) -> int:
           f"({args.replicas} replica(s) each, {threads} thread(s) a replica, max batch "
           f"{args.max_batch} rows, wait {args.batch_wait_ms} ms; ready in "
           f"{time.perf_counter() - t0:.1f} s). Ctrl-C stops.", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     print("dlrm-serve: stopping", flush=True)
     if args.address:
