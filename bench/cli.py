@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--batches wants batch sizes separated by commas, got {args.batches!r}")
     if min(batches) < 1:
         p.error(f"--batches must be positive, got {min(batches)}")
+    if args.threads < 1:
+        p.error(f"--threads must be positive, got {args.threads}")
     peers = [n for n in args.peers.split(",") if n and n != "none"]
     unknown = sorted(set(peers) - set(PEERS))
     if unknown:

@@ -111,9 +111,17 @@ def set_threads(threads: int | None = None) -> int:
     """Use ``threads`` worker threads for TVM's parallel loops (default: TVM_NUM_THREADS, else
     every CPU this process may run on). TVM's own default ignores half the cores on x86,
     assuming they are hyper-threads."""
+    what = "threads"
     if threads is None:
         env = os.environ.get("TVM_NUM_THREADS")
-        threads = int(env) if env else len(os.sched_getaffinity(0))
+        what, threads = ("TVM_NUM_THREADS", env) if env else (what, len(os.sched_getaffinity(0)))
+        try:
+            threads = int(threads)
+        except ValueError:
+            pass
+    # (TVM's thread pool takes a negative count and then frees memory twice: a native crash)
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise ValueError(f"{what} must be a positive integer, got {threads!r}")
     cpus = sorted(os.sched_getaffinity(0))
     tvm.get_global_func("runtime.config_threadpool")(-3, int(threads), [str(c) for c in cpus])
     return tvm.runtime.num_threads()

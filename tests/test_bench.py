@@ -79,7 +79,8 @@ def test_graphs_compiled_sees_torch_compile_recompile():
 def test_bench_rejects_bad_flags_before_any_work(tmp_path):
     for args, message in [(["--batches", "0"], "must be positive"),
                           (["--batches", "4,x"], "separated by commas"),
-                          (["--peers", "eager,foo"], "unknown peer foo")]:
+                          (["--peers", "eager,foo"], "unknown peer foo"),
+                          (["--threads", "-1"], "--threads must be positive")]:
         res = subprocess.run(["dlrm-bench", "--preset", "tiny", *args, "--json",
                               str(tmp_path / "b.json")], capture_output=True, text=True,
                              timeout=120)

@@ -220,6 +220,22 @@ def test_corrupt_or_missing_artifact_files(compiled, tmp_path):
         load(str(art))
 
 
+def test_a_thread_count_that_is_not_positive_is_refused(compiled, monkeypatch):
+    """threads=-1 reached TVM's thread pool, which then freed memory twice (the process
+    aborted); each bad count is a ValueError naming where it came from."""
+    from dlrmc.runtime import load
+
+    path = str(compiled(TINY).path)
+    for bad in (-1, 0, 2.5, "2", True):
+        with pytest.raises(ValueError, match=f"threads must be a positive integer, got {bad!r}"):
+            load(path, threads=bad)
+    monkeypatch.setenv("TVM_NUM_THREADS", "-3")
+    with pytest.raises(ValueError, match="TVM_NUM_THREADS must be a positive integer, got -3"):
+        load(path)
+    monkeypatch.delenv("TVM_NUM_THREADS")
+    assert load(path, threads=1).threads == 1
+
+
 def test_manifest_describes_the_artifact(compiled):
     c = compiled(TINY)
     m = json.loads((c.path / "manifest.json").read_text())

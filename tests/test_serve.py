@@ -472,7 +472,8 @@ def test_dlrm_serve_refuses_bad_arguments(tmp_path):
     assert res.returncode != 0 and "model m" in res.stderr
     for flags, message in [(["--port", "99999"], "at most 65535"), (["--port", "0"], "at least 1"),
                            (["--batch-wait-ms", "nan"], "finite"),
-                           (["--request-timeout-s", "inf"], "finite")]:
+                           (["--request-timeout-s", "inf"], "finite"),
+                           (["--threads-per-replica", "0"], "at least 1")]:
         res = run("dlrm-serve", f"m={tmp_path}", *flags, check=False)
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
 

@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("replicas", "max_batch", "port"):
         if getattr(args, flag) < 1:
             parser().error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.threads_per_replica is not None and args.threads_per_replica < 1:
+        parser().error("--threads-per-replica must be at least 1")
     if args.port > 65535:
         parser().error(f"--port must be at most 65535, got {args.port}")
     if not (0 <= args.batch_wait_ms < math.inf and 0 < args.request_timeout_s < math.inf):
