@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
+
 
 def test_bench_reports_ours_and_peers(tmp_path):
     out = tmp_path / "b.json"
@@ -76,22 +78,26 @@ def test_graphs_compiled_sees_torch_compile_recompile():
     assert graphs_compiled() == n + 2
 
 
-def test_bench_rejects_bad_flags_before_any_work(tmp_path):
+def test_bench_rejects_bad_flags_before_any_work(tmp_path, capsys):
+    from dlrmc.bench.cli import main
+
     for args, message in [(["--batches", "0"], "must be positive"),
                           (["--batches", "4,x"], "separated by commas"),
                           (["--peers", "eager,foo"], "unknown peer foo"),
                           (["--threads", "-1"], "--threads must be positive")]:
-        res = subprocess.run(["dlrm-bench", "--preset", "tiny", *args, "--json",
-                              str(tmp_path / "b.json")], capture_output=True, text=True,
-                             timeout=120)
-        assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
-        assert "Traceback" not in res.stderr and not (tmp_path / "b.json").exists()
+        with pytest.raises(SystemExit) as stop:
+            main(["--preset", "tiny", *args, "--json", str(tmp_path / "b.json")])
+        assert stop.value.code == 2 and message in capsys.readouterr().err, args
+        assert not (tmp_path / "b.json").exists()
 
 
-def test_bench_names_bad_inputs_without_a_traceback(tmp_path):
+def test_bench_names_bad_inputs_without_a_traceback(tmp_path, capsys):
     """A missing checkpoint, artifact or tuning log, an unknown CPU, LoadGen data for another
-    model: each an error line and exit 2 (each was a traceback)."""
+    model: each an error line and exit 2 (each was a traceback). Run in process: each fails
+    before any timing."""
     import numpy as np
+
+    from dlrmc.bench.cli import main
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "criteo.npz", X_int=rng.integers(0, 9, (1400, 13)),
@@ -104,7 +110,6 @@ def test_bench_names_bad_inputs_without_a_traceback(tmp_path):
             (["--preset", "tiny", "--target", "llvm -mcpu=skylake-avx513"], "unknown -mcpu"),
             (["--preset", "tiny", "--loadgen", "offline", "--samples", "16", "--loadgen-data",
               str(tmp_path / "criteo.npz")], "criteo.npz does not fit the model")]:
-        res = subprocess.run(["dlrm-bench", *args, "--peers", "none", "--no-layers"],
-                             capture_output=True, text=True, timeout=300)
-        assert res.returncode == 2 and "dlrm-bench: error: " in res.stderr, (args, res.stderr)
-        assert message in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
+        assert main([*args, "--peers", "none", "--no-layers"]) == 2, args
+        err = capsys.readouterr().err
+        assert "dlrm-bench: error: " in err and message in err, (args, err)
