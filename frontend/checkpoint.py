@@ -87,7 +87,8 @@ def _unwrapped(sd: dict) -> "OrderedDict[str, torch.Tensor]":
     return _reference_embeddings(sd)
 
 
-def _reference_embeddings(sd: "OrderedDict[str, torch.Tensor]") -> "OrderedDict[str, torch.Tensor]":
+def _reference_embeddings(sd: "OrderedDict[str, torch.Tensor]"
+                          ) -> "OrderedDict[str, torch.Tensor]":
     """facebookresearch/dlrm's compressed tables as plain ones. Mixed-dimension tables
     (``--md-flag``: ``emb_l.k.embs.weight`` [n, d], projected by ``emb_l.k.proj.weight``
     [D, d] after pooling) become ``embs @ proj.T``, which a sum pools to the same vectors
@@ -104,11 +105,12 @@ def _reference_embeddings(sd: "OrderedDict[str, torch.Tensor]") -> "OrderedDict[
         if not m:
             out[k] = v
         elif m.group(2) == "embs":
-            proj = sd.get(f"emb_l.{m.group(1)}.proj.weight")
-            if proj is not None and (proj.dim() != 2 or v.dim() != 2 or proj.shape[1] != v.shape[1]):
-                raise CheckpointError(f"emb_l.{m.group(1)}: proj.weight {list(proj.shape)} does not "
+            table, proj = m.group(1), sd.get(f"emb_l.{m.group(1)}.proj.weight")
+            if proj is not None and (proj.dim() != 2 or v.dim() != 2
+                                     or proj.shape[1] != v.shape[1]):
+                raise CheckpointError(f"emb_l.{table}: proj.weight {list(proj.shape)} does not "
                                       f"project embs.weight {list(v.shape)}")
-            out[f"emb_l.{m.group(1)}.weight"] = v if proj is None else v.float() @ proj.float().T
+            out[f"emb_l.{table}.weight"] = v if proj is None else v.float() @ proj.float().T
     return out
 
 

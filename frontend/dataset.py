@@ -132,7 +132,8 @@ def multihot_criteo(path: str, rows: int, tables: int):
     dense = np.load(dense_path, mmap_mode="r")
     labels = np.load(labels_path, mmap_mode="r")
     if dense.ndim != 2 or dense.dtype.kind != "f":
-        raise ValueError(f"{dense_path} must be float [N, 13], got {dense.dtype} {list(dense.shape)}")
+        raise ValueError(f"{dense_path} must be float [N, 13], got {dense.dtype} "
+                         f"{list(dense.shape)}")
     if labels.shape[0] != dense.shape[0]:
         raise ValueError(f"{labels_path} has {labels.shape[0]} rows, {dense_path} {dense.shape[0]}")
     rows = min(rows, dense.shape[0])

@@ -114,11 +114,10 @@ def set_threads(threads: int | None = None) -> int:
     what = "threads"
     if threads is None:
         env = os.environ.get("TVM_NUM_THREADS")
-        what, threads = ("TVM_NUM_THREADS", env) if env else (what, len(os.sched_getaffinity(0)))
-        try:
-            threads = int(threads)
-        except ValueError:
-            pass
+        if env:
+            what, threads = "TVM_NUM_THREADS", int(env) if env.lstrip("-").isdigit() else env
+        else:
+            threads = len(os.sched_getaffinity(0))
     # (TVM's thread pool takes a negative count and then frees memory twice: a native crash)
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
         raise ValueError(f"{what} must be a positive integer, got {threads!r}")
