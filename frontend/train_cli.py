@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..artifact.staging import atomic_file
+from ..artifact.staging import atomic_file, check_output_file
 from .arch import PRESETS, add_arch_args, arch_from_fields, given_fields
 from .dataset import ProcessedData
 from .model import DLRM
@@ -112,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         given["embedding_sizes"] = data.table_sizes()
         base = PRESETS[args.preset or "kaggle"]
         arch = arch_from_fields(given, base)
+        if args.save_model:      # before the epochs, not after them
+            check_output_file(args.save_model, (args.data,))
+            parent = os.path.dirname(os.path.abspath(args.save_model))
+            if not os.path.isdir(parent):
+                raise OSError(f"--save-model {args.save_model}: no directory {parent}")
     except (ValueError, OSError) as e:
         print(f"dlrm-train: error: {e}", file=sys.stderr)
         return 2
@@ -127,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         train(args, model, optimizer, data, nbatches)
     except TrainingFailed as e:
         print(f"dlrm-train: error: {e}; no checkpoint written", file=sys.stderr)
+        return 1
+    except OSError as e:     # the checkpoint's write (a full disk): the old one stands
+        print(f"dlrm-train: error: cannot write the checkpoint: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -138,6 +138,21 @@ def test_a_cut_or_corrupt_processed_file_is_named(raw, tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_dlrm_train_refuses_a_checkpoint_path_before_training(raw, tmp_path, capsys):
+    """--save-model naming a directory, a missing directory or the data itself: refused before
+    the first epoch (it failed after the last one, or replaced the data)."""
+    from dlrmc.frontend.train_cli import main
+
+    preprocess(str(raw), str(tmp_path / "p.npz"))
+    before = (tmp_path / "p.npz").read_bytes()
+    for path, message in [(tmp_path, "is a directory"), (tmp_path / "no" / "m.pt", "no directory"),
+                          (tmp_path / "p.npz", "is the input; not overwriting it")]:
+        assert main(["--data", str(tmp_path / "p.npz"), "--save-model", str(path)]) == 2
+        err = capsys.readouterr()
+        assert message in err.err and "batches per epoch" not in err.out, (path, err)
+    assert (tmp_path / "p.npz").read_bytes() == before
+
+
 def test_an_output_that_is_the_input_or_a_directory_is_refused_untouched(raw, tmp_path):
     """`-o` naming the raw file itself (directly or through a link) would have replaced the
     user's click log with the .npz; a directory got a raw rename error naming a temp file."""
