@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -118,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--batches must be positive, got {min(batches)}")
     if args.threads < 1:
         p.error(f"--threads must be positive, got {args.threads}")
+    for flag in ("json", "markdown", "serve_plot", "curve"):     # before the run, not after it
+        path = getattr(args, flag, None)
+        if path and (os.path.isdir(path)
+                     or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
+            p.error(f"--{flag.replace('_', '-')} {path}: not a file in an existing directory")
     peers = [n for n in args.peers.split(",") if n and n != "none"]
     unknown = sorted(set(peers) - set(PEERS))
     if unknown:

@@ -84,7 +84,8 @@ def test_bench_rejects_bad_flags_before_any_work(tmp_path, capsys):
     for args, message in [(["--batches", "0"], "must be positive"),
                           (["--batches", "4,x"], "separated by commas"),
                           (["--peers", "eager,foo"], "unknown peer foo"),
-                          (["--threads", "-1"], "--threads must be positive")]:
+                          (["--threads", "-1"], "--threads must be positive"),
+                          (["--markdown", str(tmp_path / "no" / "t.md")], "existing directory")]:
         with pytest.raises(SystemExit) as stop:
             main(["--preset", "tiny", *args, "--json", str(tmp_path / "b.json")])
         assert stop.value.code == 2 and message in capsys.readouterr().err, args
