@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if bool(args.compare) == bool(args.artifact) or bool(args.compare) != bool(args.load_model):
         p.error("give an ARTIFACT, or --compare VARIANTS with --load-model CKPT")
     if args.compare:

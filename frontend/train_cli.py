@@ -107,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="no progress bar on stderr (the reference's lines still print)")
     add_arch_args(p)
     args = p.parse_args(argv)
+    for flag in ("mini_batch_size", "test_mini_batch_size", "nepochs", "print_freq"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.test_freq < 0 or (args.threads is not None and args.threads < 1):
+        p.error("--test-freq must be >= 0 and --threads at least 1")
+    if not 0 < args.learning_rate < math.inf:
+        p.error(f"--learning-rate must be positive and finite, got {args.learning_rate}")
     try:
         data = ProcessedData.load(args.data, args.max_ind_range)
         given = given_fields(args)

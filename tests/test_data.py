@@ -151,6 +151,13 @@ def test_dlrm_train_refuses_a_checkpoint_path_before_training(raw, tmp_path, cap
         err = capsys.readouterr()
         assert message in err.err and "batches per epoch" not in err.out, (path, err)
     assert (tmp_path / "p.npz").read_bytes() == before
+    for flags, message in [(["--mini-batch-size", "0"], "--mini-batch-size must be at least 1"),
+                           (["--nepochs", "0"], "--nepochs must be at least 1"),
+                           (["--learning-rate", "-1"], "--learning-rate must be positive"),
+                           (["--learning-rate", "nan"], "--learning-rate must be positive")]:
+        with pytest.raises(SystemExit) as stop:     # was a ZeroDivisionError, a silent no-op,
+            main(["--data", str(tmp_path / "p.npz"), *flags])   # torch's ValueError
+        assert stop.value.code == 2 and message in capsys.readouterr().err, flags
 
 
 def test_an_output_that_is_the_input_or_a_directory_is_refused_untouched(raw, tmp_path):

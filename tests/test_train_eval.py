@@ -207,3 +207,14 @@ def test_a_dcn_model_trains_and_its_artifact_evaluates_as_pytorch(kaggle_sized):
     ours = re.search(r"^dlrmc\s+([\d.]+)", res.stdout, re.M).group(1)
     torch_auc = re.search(r"^pytorch\s+([\d.]+)", res.stdout, re.M).group(1)
     assert ours == torch_auc and abs(float(ours) - auc) < 1e-3, res.stdout
+
+
+def test_eval_refuses_a_batch_size_below_one(tmp_path, capsys):
+    """(0 was "range() arg 3 must not be zero", -5 "need at least one array to concatenate")"""
+    from dlrmc.bench.eval_cli import main
+
+    for size in ("0", "-5"):
+        with pytest.raises(SystemExit) as stop:
+            main([str(tmp_path), "--data", str(tmp_path / "d.npz"), "--batch-size", size])
+        assert stop.value.code == 2
+        assert f"--batch-size must be at least 1, got {size}" in capsys.readouterr().err
