@@ -95,9 +95,13 @@ def staging_dir(dest: str) -> str:
 
 
 def check_output_file(path: str, inputs: tuple[str, ...] = ()) -> None:
-    """Refuse, before any work, a file output that is a directory or one of ``inputs``."""
+    """Refuse, before any work, a file output that is a directory, one of ``inputs``, or in a
+    directory that does not exist."""
     if os.path.isdir(path):
         raise ValueError(f"{path} is a directory; the output is a file")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{path}: no directory {parent}")
     for src in inputs:
         if os.path.exists(path) and os.path.exists(src) and os.path.samefile(path, src):
             raise ValueError(f"{path} is the input; not overwriting it")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ import warnings
 import numpy as np
 import torch
 
+from ..artifact.staging import check_output_file
 from ..compiler.build import compile_model
 from ..compiler.numerics import MLP_QUANTS, PRECISIONS
 from ..frontend.source import add_model_args, model_from_args, tables_too_big
@@ -121,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--threads must be positive, got {args.threads}")
     for flag in ("json", "markdown", "serve_plot", "curve"):     # before the run, not after it
         path = getattr(args, flag, None)
-        if path and (os.path.isdir(path)
-                     or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
+        try:
+            if path:
+                check_output_file(path)
+        except ValueError:
             p.error(f"--{flag.replace('_', '-')} {path}: not a file in an existing directory")
     peers = [n for n in args.peers.split(",") if n and n != "none"]
     unknown = sorted(set(peers) - set(PEERS))

@@ -184,6 +184,7 @@ def preprocess(raw_path: str, out_path: str, max_ind_range: int | None = None,
     if max_ind_range is not None and max_ind_range < 1:
         raise ValueError(f"--max-ind-range must be positive, got {max_ind_range}")
     out_path = os.path.abspath(out_path)
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
     check_output_file(out_path, (raw_path,))
     tmp = staging_dir(out_path)      # also sweeps what a killed run left
     stats, columns = Stats(), _Columns(max_ind_range)

@@ -19,6 +19,10 @@ import numpy as np
 from .criteo import NUM_CAT, NUM_DENSE, dense_features, kaggle_split
 
 
+# What reading an .npz that is cut short, damaged or not a zip at all raises.
+NPZ_ERRORS = (zipfile.BadZipFile, EOFError, zlib.error)
+
+
 @dataclass
 class ProcessedData:
     x_int: np.ndarray
@@ -35,7 +39,7 @@ class ProcessedData:
                     raise ValueError(f"{path} is not a processed Criteo file: it lacks "
                                      f"{', '.join(sorted(missing))}")
                 data = cls(z["X_int"], z["X_cat"], z["y"], z["counts"])
-        except (zipfile.BadZipFile, EOFError, zlib.error) as e:    # cut short, or not a zip
+        except NPZ_ERRORS as e:
             raise ValueError(f"{path} is not a readable processed Criteo file ({e})") from None
         if data.x_cat.ndim != 2 or data.x_cat.shape[1] != NUM_CAT or len(data.y) != len(data.x_cat):
             raise ValueError(f"{path}: X_cat must be [N, {NUM_CAT}] with one label per row")

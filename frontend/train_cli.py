@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 
@@ -122,9 +121,6 @@ def main(argv: list[str] | None = None) -> int:
         arch = arch_from_fields(given, base)
         if args.save_model:      # before the epochs, not after them
             check_output_file(args.save_model, (args.data,))
-            parent = os.path.dirname(os.path.abspath(args.save_model))
-            if not os.path.isdir(parent):
-                raise OSError(f"--save-model {args.save_model}: no directory {parent}")
     except (ValueError, OSError) as e:
         print(f"dlrm-train: error: {e}", file=sys.stderr)
         return 2

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import zipfile
-import zlib
 
 import numpy as np
 
 from ..frontend.arch import PRESET_BAGS
+from ..frontend.dataset import NPZ_ERRORS
 from ..frontend.ops import flat_layout
 from .validate import NAMED_LAYOUTS, InputError, check_batch, check_named
 
@@ -123,7 +122,7 @@ def read_npz(path: str):
     try:
         with np.load(path, allow_pickle=False) as z:
             yield z
-    except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+    except NPZ_ERRORS as e:
         raise InputError(f"{path} is not a readable .npz ({e})") from None
 
 
