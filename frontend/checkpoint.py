@@ -51,8 +51,13 @@ def _numpy_safe_globals() -> list:
 
 
 def read_checkpoint(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]":
-    """Return the state_dict of a reference checkpoint (dict with "state_dict") or a bare one."""
+    """Return the state_dict of a reference checkpoint (dict with "state_dict"), a bare one, or
+    a checkpoint directory (``dlrmc.frontend.dist_checkpoint``: torch.distributed.checkpoint,
+    torchsnapshot)."""
     path = os.fspath(path)
+    if os.path.isdir(path):      # written by distributed training
+        from .dist_checkpoint import read_directory
+        return _unwrapped(read_directory(path))
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:

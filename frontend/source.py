@@ -18,7 +18,9 @@ DEFAULT_PRESET = "kaggle"
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     add_arch_args(parser)
     parser.add_argument("--load-model", metavar="PATH",
-                        help="checkpoint from facebookresearch/dlrm --save-model, or a state_dict")
+                        help="checkpoint from facebookresearch/dlrm --save-model, a state_dict "
+                             "(TorchRec's DLRM, DLRM_DCN, DLRM_Projection too), or a directory "
+                             "that torch.distributed.checkpoint or torchsnapshot wrote")
     parser.add_argument("--onnx", metavar="PATH",
                         help="an ONNX export of a DLRM (facebookresearch/dlrm --save-onnx, "
                              "torch.onnx.export with or without dynamo; external data beside it)")

@@ -1,0 +1,216 @@
+"""Checkpoints written as directories by distributed training (torch.distributed.checkpoint
+and torchsnapshot), each written by the library itself, from two gloo ranks with sharded
+tables; TorchRec the oracle of what the model computes. A tampered directory is a
+CheckpointError naming the problem, and its pickle never runs code."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+torchrec = pytest.importorskip("torchrec")
+
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
+
+from dlrmc.compiler.build import compile_model  # noqa: E402
+from dlrmc.frontend.checkpoint import CheckpointError, load_model, read_checkpoint  # noqa: E402
+from dlrmc.runtime import load  # noqa: E402
+
+from conftest import run  # noqa: E402
+from test_torchrec import _kjt_batch, _torchrec_model  # noqa: E402
+
+WRITER = os.path.join(os.path.dirname(__file__), "fixtures", "write_dist_checkpoint.py")
+ROWS = (40, 7, 90, 3)           # the writer's tables
+KINDS = ["dcp", pytest.param("snapshot", marks=pytest.mark.skipif(
+    not __import__("importlib").util.find_spec("torchsnapshot"),
+    reason="torchsnapshot is not installed (.ci/run installs it)"))]
+
+
+@pytest.fixture(scope="module")
+def two_rank_checkpoints(tmp_path_factory):
+    """kind -> (directory, reference state dict): the same DLRM_DCN saved by two ranks."""
+    out = {}
+    for kind in ("dcp", "snapshot"):
+        if kind == "snapshot" and not __import__("importlib").util.find_spec("torchsnapshot"):
+            continue
+        root = tmp_path_factory.mktemp(kind)
+        run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            "2", WRITER, kind, root / "ckpt", root / "reference.pt", timeout=300)
+        out[kind] = (root / "ckpt", torch.load(root / "reference.pt", weights_only=True))
+    return out
+
+
+def _torchrec_logits(sd, dense, values, lengths, dcn=(2, 4)):
+    model = _torchrec_model(ROWS, 8, 5, [16, 8], [32, 16, 1], seed=0, dcn=dcn)
+    model.load_state_dict(sd)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=[f"f{k}" for k in range(len(ROWS))],
+                                              values=torch.from_numpy(values),
+                                              lengths=torch.from_numpy(lengths))
+    with torch.no_grad():
+        return model(torch.from_numpy(dense), kjt).numpy()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_two_rank_checkpoint_with_sharded_tables_runs_as_torchrec_does(
+        two_rank_checkpoints, kind, tmp_path):
+    path, reference = two_rank_checkpoints[kind]
+    if kind == "dcp":   # DCP lists the tensors in the order the ranks wrote them: not the model's
+        assert list(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata) != \
+            list(reference)
+    sd = read_checkpoint(path)
+    assert list(sd) == list(reference)          # the tables in the collection's order
+    for k, v in reference.items():
+        assert torch.equal(sd[k], v), k
+    ours = load_model(path)
+    assert (ours.arch.embedding_sizes, ours.arch.interaction_op) == (ROWS, "dcn")
+    compile_model(ours, ours.arch, None, str(tmp_path / "a"), log=lambda _: None, buckets=(8,))
+    compiled = load(str(tmp_path / "a"))
+    for batch in (3, 8):
+        dense, values, lengths = _kjt_batch(ROWS, batch, 5, seed=batch)
+        np.testing.assert_allclose(compiled.predict_kjt(dense, values, lengths, logits=True),
+                                   _torchrec_logits(reference, dense, values, lengths),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def _single_rank_checkpoint(kind: str, path, chunk_bytes: int = 0):
+    model = _torchrec_model(ROWS, 8, 5, [16, 8], [32, 16, 1], seed=0, dcn=(2, 4))
+    if kind == "dcp":
+        dcp.save(model.state_dict(), checkpoint_id=str(path), no_dist=True)
+    else:
+        from torchsnapshot import Snapshot
+        os.environ["TORCHSNAPSHOT_MAX_CHUNK_SIZE_BYTES_OVERRIDE"] = str(chunk_bytes or 2 ** 30)
+        try:
+            Snapshot.take(path=str(path), app_state={"model": model})
+        finally:
+            del os.environ["TORCHSNAPSHOT_MAX_CHUNK_SIZE_BYTES_OVERRIDE"]
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dlrm_compile_takes_a_checkpoint_directory(kind, tmp_path):
+    """One process's checkpoint through the command line; torchsnapshot's tables in chunks
+    (what it does to a tensor above its chunk size, 512 MB by default)."""
+    reference = _single_rank_checkpoint(kind, tmp_path / "ckpt", chunk_bytes=256)
+    if kind == "snapshot":
+        meta = json.loads((tmp_path / "ckpt" / ".snapshot_metadata").read_text())
+        assert any(e["type"] == "ChunkedTensor" for e in meta["manifest"].values())
+    res = run("dlrm-compile", "--load-model", tmp_path / "ckpt", "-o", tmp_path / "m.dlrmc",
+              "--check", "9", "--buckets", "none", "--no-progress")
+    diff = float(res.stdout.split("max |dlrmc - PyTorch| over batch 9:")[1].split()[0])
+    assert diff < 1e-6, res.stdout
+    dense, values, lengths = _kjt_batch(ROWS, 6, 5, seed=1)
+    np.testing.assert_allclose(
+        load(str(tmp_path / "m.dlrmc")).predict_kjt(dense, values, lengths, logits=True),
+        _torchrec_logits(reference, dense, values, lengths), rtol=1e-5, atol=1e-5)
+
+
+class _RunsCode:
+    """What a malicious pickle builds: a call of os.system on load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_tampered_dcp_directory_is_refused_by_name(tmp_path):
+    good = tmp_path / "good"
+    _single_rank_checkpoint("dcp", good)
+    md = dcp.FileSystemReader(str(good)).read_metadata()
+
+    def tampered(name, edit=None, metadata=None):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        if edit:
+            edit(d)
+        if metadata is not None:
+            (d / ".metadata").write_bytes(pickle.dumps(metadata))
+        return d
+
+    marker = tmp_path / "ran"
+    index, info = next(iter(md.storage_data.items()))
+    outside = dict(md.storage_data)
+    outside[index] = type(info)("../good/__0_0.distcp", info.offset, info.length)
+    cases = {
+        "code": (tampered("code", metadata=[md, _RunsCode(marker)]),
+                 "refers to posix.system, which checkpoint metadata does not hold"),
+        "not metadata": (tampered("list", metadata=[1, 2]),
+                         "is not torch.distributed.checkpoint metadata"),
+        "garbage": (tampered("garbage", lambda d: (d / ".metadata").write_bytes(b"\x80\x05x")),
+                    "cannot read"),
+        "outside": (tampered("outside", metadata=type(md)(md.state_dict_metadata, None,
+                                                          outside)),
+                    "file '../good/__0_0.distcp' is not a path inside"),
+        "truncated": (tampered("short", lambda d: os.truncate(d / "__0_0.distcp", 100)),
+                      "has 100 bytes, the metadata needs"),
+        "missing": (tampered("missing", lambda d: os.remove(d / "__0_0.distcp")),
+                    "file '__0_0.distcp' is missing"),
+        "plain directory": (tmp_path, "neither .metadata (torch.distributed.checkpoint) nor "
+                                      ".snapshot_metadata (torchsnapshot)"),
+    }
+    for name, (path, message) in cases.items():
+        with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")
+                           ):
+            load_model(path)
+    assert not marker.exists()
+    res = run("dlrm-compile", "--load-model", cases["code"][0], "-o", tmp_path / "x.dlrmc",
+              check=False)
+    assert res.returncode == 2 and "posix.system" in res.stderr and "Traceback" not in res.stderr
+    assert not marker.exists() and not (tmp_path / "x.dlrmc").exists()
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("torchsnapshot"),
+                    reason="torchsnapshot is not installed (.ci/run installs it)")
+def test_a_tampered_snapshot_is_refused_by_name(tmp_path):
+    good = tmp_path / "good"
+    _single_rank_checkpoint("snapshot", good, chunk_bytes=256)
+    meta = json.loads((good / ".snapshot_metadata").read_text())
+    table = "0/model/sparse_arch.embedding_bag_collection.embedding_bags.t2.weight"
+    bias = "0/model/dense_arch.model._mlp.0._linear.bias"
+    assert meta["manifest"][table]["type"] == "ChunkedTensor"
+
+    def tampered(name, edit):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        m = json.loads(json.dumps(meta))
+        edit(m["manifest"])
+        (d / ".snapshot_metadata").write_text(json.dumps(m))
+        return d
+
+    def chunks(m):
+        return m[table]["chunks"]
+
+    cases = {
+        "outside": (lambda m: m[bias].update(location="../../etc/hostname"),
+                    "file '../../etc/hostname' is not a path inside"),
+        "absolute": (lambda m: m[bias].update(location="/etc/hostname"), "is not a path inside"),
+        "past the end": (lambda m: m[bias].update(byte_range=[0, 10 ** 9]),
+                         "the metadata needs 1000000000"),
+        "wrong size": (lambda m: m[bias].update(shape=[17]),
+                       r"64 bytes hold no torch.float32 \[17\]"),
+        "dtype": (lambda m: m[bias].update(dtype="torch.qint8"), "'torch.qint8' is not supported"),
+        "overlap": (lambda m: chunks(m)[1].update(offsets=[0, 0]), "overlap"),
+        "hole": (lambda m: chunks(m).pop(), "do not cover"),
+        "outside shape": (lambda m: chunks(m)[0].update(offsets=[89, 0]), "is outside"),
+        "serializer": (lambda m: m[bias].update(serializer="pickle"),
+                       "serializer 'pickle' is not supported"),
+        "not a rank": (lambda m: m.update({"x/model/y": {"type": "Tensor"}}),
+                       "is not '<rank>/<path>'"),
+    }
+    for name, (edit, message) in cases.items():
+        with pytest.raises(CheckpointError, match=message):
+            load_model(tampered(name, edit))
+    broken = tmp_path / "broken"
+    shutil.copytree(good, broken)
+    (broken / ".snapshot_metadata").write_text("{not json")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_model(broken)
