@@ -64,13 +64,28 @@ def read_checkpoint(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]"
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zipfile(path))
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        raise CheckpointError(f"cannot load checkpoint {path!r} safely: {e}") from None
+        raise CheckpointError(f"cannot load checkpoint {path!r} safely: "
+                              f"{_unpickling_refused(str(e))}") from None
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(
             f"checkpoint {path!r} holds neither a state_dict nor a dict with a 'state_dict' of "
             "tensors")
     return _unwrapped(sd)
+
+
+def _unpickling_refused(message: str) -> str:
+    """torch's weights_only error said for this command (not its advice to load unsafely)."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    if found is None:
+        return message
+    name = found.group(1)
+    if name.endswith(".ShardedTensor"):
+        return ("it holds ShardedTensors, a DistributedModelParallel state dict that torch.save "
+                "wrote one rank's shards of; save the model with torch.distributed.checkpoint "
+                "(dcp.save) and pass its directory")
+    return (f"it pickles {name}, which a checkpoint of weights does not need (dlrmc never "
+            "unpickles code it does not know)")
 
 
 # What wrappers put before a model's own keys: DistributedDataParallel ("module."), a

@@ -71,6 +71,10 @@ def test_a_two_rank_checkpoint_with_sharded_tables_runs_as_torchrec_does(
         assert torch.equal(sd[k], v), k
     ours = load_model(path)
     assert (ours.arch.embedding_sizes, ours.arch.interaction_op) == (ROWS, "dcn")
+    if kind == "dcp":   # each rank's torch.save of the same state dict: its own shards only
+        with pytest.raises(CheckpointError, match="holds ShardedTensors, a "
+                           "DistributedModelParallel state dict .* torch.distributed.checkpoint"):
+            load_model(f"{path}-rank0.pt")
     compile_model(ours, ours.arch, None, str(tmp_path / "a"), log=lambda _: None, buckets=(8,))
     compiled = load(str(tmp_path / "a"))
     for batch in (3, 8):
