@@ -178,6 +178,10 @@ def _torchrec_mlp(sd: dict, prefix: str, out: dict, target: str) -> int:
     return len(idx)
 
 
+SHARED_TABLES = (": tables shared by several features (an EmbeddingBagConfig with several "
+                 "feature_names), which dlrmc does not support")
+
+
 def from_torchrec(sd: dict) -> tuple[dict, dict] | None:
     """A TorchRec DLRM state_dict as ours and the Arch fields it fixes; None when ``sd`` is
     not TorchRec's."""
@@ -212,17 +216,29 @@ def from_torchrec(sd: dict) -> tuple[dict, dict] | None:
     if len(branches) == 1:
         raise CheckpointError(f"TorchRec checkpoint: a DLRM_Projection needs both "
                               f"{TORCHREC_BRANCH.format(1)} and {TORCHREC_BRANCH.format(2)}")
-    if cross or branches:
-        return out, {"output": "logit"}
     dense = _layers(out, "bot_l")[-1]
+    if cross or branches:
+        # both take the features concatenated: [(tables + 1) * dim] wide
+        key = "cross_l.V_kernels.0" if cross else "proj_l1.0.weight"
+        width = out[key].shape[-1] if key in out else 0     # (a missing one: infer_arch)
+        dim = sd[tables[0]].shape[-1]
+        if dim and width % dim == 0 and width // dim - 1 > len(tables):
+            raise CheckpointError(f"TorchRec checkpoint: {key} takes {width // dim} features of "
+                                  f"width {dim}, {width // dim - 1} beside the dense one, on "
+                                  f"{len(tables)} tables{SHARED_TABLES}")
+        return out, {"output": "logit"}
     first = out["top_l.0.weight"]
     features = len(tables) + 1
     if first.dim() != 2 or first.shape[1] != dense + num_pairs(features, False):
+        width = first.shape[1] if first.dim() == 2 else None
+        shared = next((f - 1 for f in range(features + 1, 4096)
+                       if width and dense + num_pairs(f, False) == width), None)
         raise CheckpointError(
             f"TorchRec checkpoint: over_arch.model.0._mlp.0._linear.weight takes "
-            f"{first.shape[1] if first.dim() == 2 else '?'} inputs; the interaction of "
-            f"{len(tables)} tables and a dense output of {dense} gives "
-            f"{dense + num_pairs(features, False)}")
+            f"{width or '?'} inputs; the interaction of {len(tables)} tables and a dense "
+            f"output of {dense} gives {dense + num_pairs(features, False)}" + (
+                f". It fits {shared} features on the {len(tables)} tables{SHARED_TABLES}"
+                if shared else ""))
     order = torchrec_pair_order(features)
     out["top_l.0.weight"] = torch.cat([first[:, :dense], first[:, dense:][:, order]], dim=1)
     return out, {"interaction_op": "dot", "interaction_itself": False, "output": "logit"}

@@ -178,6 +178,25 @@ def test_bad_torchrec_checkpoints_are_named(tmp_path):
         torch.save(state, tmp_path / f"{name}.pt")
         with pytest.raises(CheckpointError, match=message):
             load_model(tmp_path / f"{name}.pt")
+    for kind, extra, message in [   # tables shared by features: refused, and why
+            (TorchRecDLRM, {}, "takes 10 inputs; the interaction of 2 tables .* gives 7. It "
+                               "fits 3 features on the 2 tables: tables shared"),
+            (DLRM_DCN, dict(dcn_num_layers=2, dcn_low_rank_dim=3),
+             r"cross_l.V_kernels.0 takes 4 features of width 4, 3 beside the dense one, on 2 "
+             "tables: tables shared"),
+            (DLRM_Projection, dict(interaction_branch1_layer_sizes=[8],
+                                   interaction_branch2_layer_sizes=[4]),
+             "proj_l1.0.weight takes 4 features .* on 2 tables: tables shared")]:
+        shared = kind(embedding_bag_collection=EmbeddingBagCollection(tables=[
+            EmbeddingBagConfig(name="t0", embedding_dim=4, num_embeddings=10,
+                               feature_names=["a", "b"]),
+            EmbeddingBagConfig(name="t1", embedding_dim=4, num_embeddings=12,
+                               feature_names=["c"])]),
+            dense_in_features=3, dense_arch_layer_sizes=[4], over_arch_layer_sizes=[8, 1],
+            **extra)
+        torch.save(shared.state_dict(), tmp_path / "shared.pt")
+        with pytest.raises(CheckpointError, match=message):
+            load_model(tmp_path / "shared.pt")
     one_branch = {k: v for k, v in _torchrec_model(
         (10, 12), 4, 3, [4], [8, 1], seed=0, dcn=("projection", [8], [12])).state_dict().items()
         if "interaction_branch2" not in k}
