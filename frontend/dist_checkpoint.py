@@ -131,9 +131,16 @@ def _read_dcp(path: str) -> "OrderedDict[str, torch.Tensor]":
 
     order = [k for k in (md.planner_data or {}) if k in md.state_dict_metadata]
     order += [k for k in md.state_dict_metadata if k not in set(order)]
+    order = [k for k in order if isinstance(md.state_dict_metadata[k], TensorStorageMetadata)]
+    # A training checkpoint holds more than the model: {"model": ..., "optimizer": ...}
+    # (the model's keys under "model"), or the model's keys beside nested optimizer state.
+    paths = {k: tuple((md.planner_data or {}).get(k) or (k,)) for k in order}
+    if any(p[0] == "model" and len(p) > 1 for p in paths.values()):
+        order = [k for k in order if paths[k][0] == "model" and len(paths[k]) > 1]
+    elif any(len(p) > 1 for p in paths.values()) and any(len(p) == 1 for p in paths.values()):
+        order = [k for k in order if len(paths[k]) == 1]
     tensors = OrderedDict((k, torch.empty(tuple(m.size), dtype=m.properties.dtype))
-                          for k in order
-                          if isinstance(m := md.state_dict_metadata[k], TensorStorageMetadata))
+                          for k in order if (m := md.state_dict_metadata[k]))
     if not tensors:
         raise CheckpointError(f"torch.distributed.checkpoint {path!r} holds no tensors")
     try:

@@ -116,6 +116,27 @@ def test_dlrm_compile_takes_a_checkpoint_directory(kind, tmp_path):
         _torchrec_logits(reference, dense, values, lengths), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["nested", "flat"])
+def test_a_dcp_training_checkpoint_gives_its_model(layout, tmp_path):
+    """A training job saves more than the model: its optimizer's state and step beside it,
+    the model under "model" ({"model": ..., "optimizer": ...}) or at the top level."""
+    model = _torchrec_model(ROWS, 8, 5, [16, 8], [32, 16, 1], seed=0, dcn=(2, 4))
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.1)
+    dense, values, lengths = _kjt_batch(ROWS, 4, 5, seed=0)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=[f"f{k}" for k in range(len(ROWS))],
+                                              values=torch.from_numpy(values),
+                                              lengths=torch.from_numpy(lengths))
+    model(torch.from_numpy(dense), kjt).sum().backward()
+    opt.step()
+    sd = model.state_dict()
+    state = ({"model": sd, "optimizer": opt.state_dict(), "step": 1} if layout == "nested"
+             else {**sd, "optimizer": opt.state_dict(), "step": 1})
+    dcp.save(state, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
+    got = read_checkpoint(tmp_path / "ckpt")
+    assert list(got) == list(sd) and all(torch.equal(got[k], v) for k, v in sd.items())
+    assert load_model(tmp_path / "ckpt").arch.embedding_sizes == ROWS
+
+
 class _RunsCode:
     """What a malicious pickle builds: a call of os.system on load."""
 
