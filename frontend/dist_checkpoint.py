@@ -66,6 +66,39 @@ def _data_file(root: str, name, what: str, end: int = 0) -> str:
     return full
 
 
+def _sizes(values: list, what: str) -> list:
+    """``values``, which must be non-negative integers."""
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise CheckpointError(f"{what} {values!r} is not a list of sizes")
+    return values
+
+
+def _tiles(boxes: list, shape: list, what: str) -> None:
+    """Refuse pieces (offsets, sizes) of a tensor of ``shape`` that leave it, overlap, or
+    leave a hole."""
+    for off, size in boxes:
+        _sizes(off + size, f"{what}: a piece at")
+        if not (len(off) == len(size) == len(shape)
+                and all(o + s <= n for o, s, n in zip(off, size, shape))):
+            raise CheckpointError(f"{what}: a piece at {off} of size {size} is outside {shape}")
+    for i, (a, sa) in enumerate(boxes):
+        for b, sb in boxes[:i]:
+            if all(x < y + sy and y < x + sx for x, sx, y, sy in zip(a, sa, b, sb)):
+                raise CheckpointError(f"{what}: pieces at {b} and {a} overlap")
+    if sum(math.prod(s) for _, s in boxes) != math.prod(shape):
+        raise CheckpointError(f"{what}: its pieces do not cover {shape}")
+
+
+def _fits_on_disk(root: str, nbytes: int, what: str) -> None:
+    """Refuse metadata whose tensors would take more bytes than its files hold (before any
+    memory is allocated for them)."""
+    on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root)
+                  for f in files)
+    if nbytes > on_disk:
+        raise CheckpointError(f"{what}: its tensors would take {nbytes} bytes, more than the "
+                              f"{on_disk} bytes of the checkpoint's files")
+
+
 # ----------------------------------------------------------------------------------------
 # torch.distributed.checkpoint
 
@@ -102,7 +135,8 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def _dcp_metadata(path: str):
-    from torch.distributed.checkpoint.metadata import Metadata
+    """DCP's metadata, each tensor's chunks tiling it and every file it names in place."""
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
     what = os.path.join(path, DCP_METADATA)
     try:
         with open(what, "rb") as f:
@@ -114,9 +148,26 @@ def _dcp_metadata(path: str):
     if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict) or \
             not isinstance(md.storage_data, dict):
         raise CheckpointError(f"{what} is not torch.distributed.checkpoint metadata")
-    for index, info in md.storage_data.items():
-        _data_file(path, getattr(info, "relative_path", None), f"{what} ({index.fqn})",
-                   int(info.offset) + int(info.length))
+    nbytes, transformed = 0, False
+    try:
+        for key, m in md.state_dict_metadata.items():
+            if isinstance(m, TensorStorageMetadata):
+                shape = _sizes(list(m.size), f"{what} ({key}): size")
+                _tiles([(list(c.offsets), list(c.sizes)) for c in m.chunks], shape,
+                       f"{what} ({key})")
+                nbytes += math.prod(shape) * m.properties.dtype.itemsize
+        for index, info in md.storage_data.items():
+            _data_file(path, info.relative_path, f"{what} ({index.fqn})",
+                       _sizes([info.offset, info.length], f"{what} ({index.fqn}): offset")[0]
+                       + info.length)
+            transformed |= bool(getattr(info, "transform_descriptors", None))
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - fields of the wrong kinds
+        raise CheckpointError(f"{what} is not torch.distributed.checkpoint metadata: "
+                              f"{type(e).__name__} {e}") from None
+    if not transformed:      # (compressed tensors may be larger than their files)
+        _fits_on_disk(path, nbytes, what)
     return md
 
 
@@ -201,26 +252,17 @@ def _snapshot_tensor(root: str, entry: dict, what: str) -> torch.Tensor:
 
 def _assembled(root: str, pieces: list, shape, dtype, what: str) -> torch.Tensor:
     """A tensor from pieces ({"offsets", "sizes", "tensor"}) that must tile ``shape``."""
-    boxes = []
-    for p in pieces:
-        off, size = p.get("offsets"), p.get("sizes")
-        if not (isinstance(off, list) and isinstance(size, list) and len(off) == len(size)
-                == len(shape) and all(isinstance(v, int) and v >= 0 for v in off + size)
-                and all(o + s <= n for o, s, n in zip(off, size, shape))):
-            raise CheckpointError(f"{what}: a piece at {off} of size {size} is outside {shape}")
-        boxes.append((off, size))
-    for i, (a, sa) in enumerate(boxes):
-        for b, sb in boxes[:i]:
-            if all(x < y + sy and y < x + sx for x, sx, y, sy in zip(a, sa, b, sb)):
-                raise CheckpointError(f"{what}: pieces at {b} and {a} overlap")
-    if sum(math.prod(s) for _, s in boxes) != math.prod(shape):
-        raise CheckpointError(f"{what}: its pieces do not cover {shape}")
-    out = torch.empty(shape, dtype=dtype)
-    for p, (off, size) in zip(pieces, boxes):
-        part = _snapshot_tensor(root, p.get("tensor") or {}, what)
+    boxes = [(p.get("offsets"), p.get("sizes")) for p in pieces]
+    if not all(isinstance(o, list) and isinstance(z, list) for o, z in boxes):
+        raise CheckpointError(f"{what}: a piece's offsets or sizes are not lists")
+    _tiles(boxes, shape, what)
+    parts = [_snapshot_tensor(root, p.get("tensor") or {}, what) for p in pieces]  # (mapped)
+    for part, (off, size) in zip(parts, boxes):
         if list(part.shape) != size or part.dtype != dtype:
             raise CheckpointError(f"{what}: the piece at {off} is {part.dtype} "
                                   f"{list(part.shape)}, not {dtype} {size}")
+    out = torch.empty(shape, dtype=dtype)     # no larger than the pieces' bytes, read above
+    for part, (off, size) in zip(parts, boxes):
         out[tuple(slice(o, o + s) for o, s in zip(off, size))] = part
     return out
 
