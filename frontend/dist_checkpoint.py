@@ -218,11 +218,12 @@ def _snapshot_tensor(root: str, entry: dict, what: str) -> torch.Tensor:
     shape = entry.get("shape")
     if dtype is None:
         raise CheckpointError(f"{what}: dtype {entry.get('dtype')!r} is not supported")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise CheckpointError(f"{what}: shape {shape!r} is not a list of sizes")
+    if not isinstance(shape, list):
+        raise CheckpointError(f"{what}: shape {shape!r} is not a list")
+    _sizes(shape, f"{what}: shape")
     span = entry.get("byte_range")
-    if span is not None and (not isinstance(span, list) or len(span) != 2 or not all(
-            isinstance(s, int) for s in span) or not 0 <= span[0] <= span[1]):
+    if span is not None and (not isinstance(span, list) or len(span) != 2 or
+                             _sizes(span, f"{what}: byte_range")[0] > span[1]):
         raise CheckpointError(f"{what}: byte_range {span!r} is not [start, end]")
     file = _data_file(root, entry.get("location"), what, span[1] if span else 0)
     start, end = span if span else (0, os.path.getsize(file))
@@ -235,6 +236,8 @@ def _snapshot_tensor(root: str, entry: dict, what: str) -> torch.Tensor:
         if not need:
             return torch.empty(shape, dtype=dtype)
         raw = np.memmap(file, np.uint8, "c", offset=start, shape=(need,))
+        if start % 16:        # a view would not be aligned as numpy aligns arrays: a copy
+            raw = np.array(raw)
         return torch.from_numpy(raw).view(dtype).reshape(shape)
     if serializer == "torch_save":
         with open(file, "rb") as f:

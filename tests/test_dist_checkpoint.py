@@ -231,6 +231,18 @@ def test_a_tampered_snapshot_is_refused_by_name(tmp_path):
     def chunks(m):
         return m[table]["chunks"]
 
+    # A tensor at an offset no array would start at (a byte before it) reads as written.
+    entry = meta["manifest"][bias]
+    with open(good / entry["location"], "rb") as f:
+        f.seek(entry["byte_range"][0])
+        data = f.read(entry["byte_range"][1] - entry["byte_range"][0])
+    (good / "odd").write_bytes(b"\0" * 3 + data)
+
+    def odd(m):
+        m[bias].update(location="odd", byte_range=[3, 3 + len(data)])
+
+    np.testing.assert_array_equal(read_checkpoint(tampered("odd", odd))[bias.split("/")[-1]],
+                                  read_checkpoint(good)[bias.split("/")[-1]])
     cases = {
         "outside": (lambda m: m[bias].update(location="../../etc/hostname"),
                     "file '../../etc/hostname' is not a path inside"),
