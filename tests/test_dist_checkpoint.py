@@ -76,6 +76,12 @@ def test_a_two_rank_checkpoint_with_sharded_tables_runs_as_torchrec_does(
         with pytest.raises(CheckpointError, match="holds ShardedTensors, a "
                            "DistributedModelParallel state dict .* torch.distributed.checkpoint"):
             load_model(f"{path}-rank0.pt")
+        # DCP's own conversion to one file writes DCP's order: the tables interleaved
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        dcp_to_torch_save(str(path), str(tmp_path / "converted.pt"))
+        with pytest.raises(CheckpointError, match="t1.weight comes after over_arch keys, so .* "
+                           "pass the checkpoint directory itself"):
+            load_model(tmp_path / "converted.pt")
     compile_model(ours, ours.arch, None, str(tmp_path / "a"), log=lambda _: None, buckets=(8,))
     compiled = load(str(tmp_path / "a"))
     for batch in (3, 8):
