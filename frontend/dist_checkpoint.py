@@ -99,6 +99,24 @@ def _fits_on_disk(root: str, nbytes: int, what: str) -> None:
                               f"{on_disk} bytes of the checkpoint's files")
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says are available (MemAvailable), or None off Linux."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f
+                        if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def _check_memory(nbytes: int, what: str) -> None:
+    """Refuse to assemble more than the available memory (an error, not the OOM killer)."""
+    free = available_memory()
+    if free is not None and nbytes > free:
+        raise CheckpointError(f"{what}: assembling its tensors takes {nbytes / 1e9:.1f} GB of "
+                              f"memory; this machine has {free / 1e9:.1f} GB available")
+
+
 # ----------------------------------------------------------------------------------------
 # torch.distributed.checkpoint
 
@@ -190,10 +208,12 @@ def _read_dcp(path: str) -> "OrderedDict[str, torch.Tensor]":
         order = [k for k in order if paths[k][0] == "model" and len(paths[k]) > 1]
     elif any(len(p) > 1 for p in paths.values()) and any(len(p) == 1 for p in paths.values()):
         order = [k for k in order if len(paths[k]) == 1]
-    tensors = OrderedDict((k, torch.empty(tuple(m.size), dtype=m.properties.dtype))
-                          for k in order if (m := md.state_dict_metadata[k]))
-    if not tensors:
+    if not order:
         raise CheckpointError(f"torch.distributed.checkpoint {path!r} holds no tensors")
+    meta = [(k, md.state_dict_metadata[k]) for k in order]
+    _check_memory(sum(math.prod(m.size) * m.properties.dtype.itemsize for _, m in meta), path)
+    tensors = OrderedDict((k, torch.empty(tuple(m.size), dtype=m.properties.dtype))
+                          for k, m in meta)
     try:
         with warnings.catch_warnings():     # "assuming the intent is to load in a single process"
             warnings.simplefilter("ignore", UserWarning)
@@ -312,32 +332,36 @@ def _read_snapshot(path: str) -> "OrderedDict[str, torch.Tensor]":
     keys = [f"{app}/{k.replace('%', '%25').replace('/', '%2F')}"
             for k in (containers.get(app) or {}).get("keys", [])]
     keys += sorted(k for k in entries if k.startswith(app + "/") and k not in set(keys))
-    out = OrderedDict()
+    plan = []       # (name, what, entry, or the pieces with their shape and dtype)
     for logical in keys:
         entry = entries.get(logical)
         if entry is None or entry.get("type") not in tensor_kinds:
             continue           # a nested container, or an object: never unpickled
         name = ".".join(unquote(p) for p in logical.split("/")[1:])
         what = f"{path}: {name}"
-        if entry["type"] == "Tensor":
-            out[name] = _snapshot_tensor(path, entry, what)
-            continue
-        pieces = entry.get("shards") if entry["type"] == "ShardedTensor" else entry.get("chunks")
-        if not isinstance(pieces, list) or not pieces or not all(
-                isinstance(p, dict) for p in pieces):
-            raise CheckpointError(f"{what}: no shards or chunks listed")
-        if entry["type"] == "ShardedTensor":    # its size: where the shards end
-            first = (pieces[0].get("tensor") or {}).get("dtype")
-            try:
-                shape = [max(p["offsets"][d] + p["sizes"][d] for p in pieces)
-                         for d in range(len(pieces[0]["offsets"]))]
-            except (KeyError, IndexError, TypeError):
-                raise CheckpointError(f"{what}: its shards' offsets and sizes are not lists "
-                                      "of sizes") from None
-        else:
-            first, shape = entry.get("dtype"), entry.get("shape")
-        dtype = _SNAPSHOT_DTYPES.get(first)
-        if dtype is None or not isinstance(shape, list):
-            raise CheckpointError(f"{what}: dtype {first!r} or shape {shape!r} not supported")
-        out[name] = _assembled(path, pieces, shape, dtype, what)
-    return out
+        plan.append((name, what, entry if entry["type"] == "Tensor" else _pieces(entry, what)))
+    _check_memory(sum(math.prod(p[1]) * p[2].itemsize for _, _, p in plan
+                      if isinstance(p, tuple)), path)
+    return OrderedDict((name, _snapshot_tensor(path, p, what) if isinstance(p, dict) else
+                        _assembled(path, *p, what)) for name, what, p in plan)
+
+
+def _pieces(entry: dict, what: str) -> tuple[list, list, torch.dtype]:
+    """A sharded or chunked tensor's (pieces, shape, dtype)."""
+    pieces = entry.get("shards") if entry["type"] == "ShardedTensor" else entry.get("chunks")
+    if not isinstance(pieces, list) or not pieces or not all(isinstance(p, dict) for p in pieces):
+        raise CheckpointError(f"{what}: no shards or chunks listed")
+    if entry["type"] == "ShardedTensor":    # its size: where the shards end
+        first = (pieces[0].get("tensor") or {}).get("dtype")
+        try:
+            shape = [max(p["offsets"][d] + p["sizes"][d] for p in pieces)
+                     for d in range(len(pieces[0]["offsets"]))]
+        except (KeyError, IndexError, TypeError):
+            raise CheckpointError(f"{what}: its shards' offsets and sizes are not lists of "
+                                  "sizes") from None
+    else:
+        first, shape = entry.get("dtype"), entry.get("shape")
+    dtype = _SNAPSHOT_DTYPES.get(first)
+    if dtype is None or not isinstance(shape, list):
+        raise CheckpointError(f"{what}: dtype {first!r} or shape {shape!r} not supported")
+    return pieces, _sizes(shape, f"{what}: shape"), dtype

@@ -6,6 +6,7 @@ CheckpointError naming the problem, and its pickle never runs code."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -142,6 +143,26 @@ def test_a_dcp_training_checkpoint_gives_its_model(layout, tmp_path):
     got = read_checkpoint(tmp_path / "ckpt")
     assert list(got) == list(sd) and all(torch.equal(got[k], v) for k, v in sd.items())
     assert load_model(tmp_path / "ckpt").arch.embedding_sizes == ROWS
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_checkpoint_larger_than_memory_is_refused_before_it_is_assembled(kind, tmp_path,
+                                                                           monkeypatch):
+    from dlrmc.frontend import dist_checkpoint
+    _single_rank_checkpoint(kind, tmp_path / "ckpt", chunk_bytes=256)
+    if kind == "snapshot":       # what is assembled (its chunked tables), not mapped
+        assembled = sum(4 * math.prod(e["shape"]) for e in json.loads(
+            (tmp_path / "ckpt" / ".snapshot_metadata").read_text())["manifest"].values()
+            if e["type"] == "ChunkedTensor")
+    else:
+        assembled = sum(4 * math.prod(m.size) for m in dcp.FileSystemReader(
+            str(tmp_path / "ckpt")).read_metadata().state_dict_metadata.values())
+    monkeypatch.setattr(dist_checkpoint, "available_memory", lambda: assembled - 1)
+    with pytest.raises(CheckpointError, match="assembling its tensors takes 0.0 GB of memory; "
+                       "this machine has 0.0 GB available"):
+        read_checkpoint(tmp_path / "ckpt")
+    monkeypatch.setattr(dist_checkpoint, "available_memory", lambda: assembled)
+    assert read_checkpoint(tmp_path / "ckpt")
 
 
 class _RunsCode:
