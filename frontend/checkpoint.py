@@ -182,25 +182,21 @@ SHARED_TABLES = (": tables shared by several features (an EmbeddingBagConfig wit
                  "feature_names), which dlrmc does not support")
 
 
-_TORCHREC_ARCHS = ("sparse_arch", "dense_arch", "inter_arch", "over_arch")   # as DLRM registers
-
-
-def _check_module_order(sd: dict) -> None:
-    """The tables' order is the features' order, and a state_dict is its only record: refuse
-    one whose keys are not in the order a DLRM's ``state_dict()`` lists them (its four parts in
-    turn), as a file written from another listing is (``dcp_to_torch_save`` writes DCP's,
-    which interleaves the tables with the rest when several ranks saved them)."""
-    parts = [_TORCHREC_ARCHS.index(p) for p in (k.split(".")[0] for k in sd)
-             if p in _TORCHREC_ARCHS]
-    late = next((i for i in range(1, len(parts)) if parts[i] < parts[i - 1]), None)
-    if late is not None:
-        key = [k for k in sd if k.split(".")[0] in _TORCHREC_ARCHS][late]
+def _check_tables_together(sd: dict) -> None:
+    """The tables' order is the features' order, and a state_dict is its only record: a
+    model's ``state_dict()`` lists them together (first, or after the dense parts under
+    DistributedModelParallel). Refuse one that interleaves them with other keys, as a file
+    written from another listing does (``dcp_to_torch_save`` writes DCP's, which mixes them
+    with the rest when several ranks saved them): its tables' order cannot be trusted."""
+    keys = list(sd)
+    where = [i for i, k in enumerate(keys) if k.startswith(TORCHREC_TABLES)]
+    stray = next((keys[i] for i in range(where[0], where[-1]) if i not in set(where)), None)
+    if stray is not None:
         raise CheckpointError(
-            f"TorchRec checkpoint: {key} comes after {_TORCHREC_ARCHS[parts[late - 1]]} keys, "
-            "so the keys are not in a model's state_dict order and the tables' order (the "
-            "features' order) cannot be trusted; a file converted from a "
-            "torch.distributed.checkpoint (dcp_to_torch_save) is in DCP's order: pass the "
-            "checkpoint directory itself")
+            f"TorchRec checkpoint: {stray} comes between the tables, so its keys are not in a "
+            "model's state_dict order and the tables' order (the features' order) cannot be "
+            "trusted; a file converted from a torch.distributed.checkpoint (dcp_to_torch_save) "
+            "is in DCP's order: pass the checkpoint directory itself")
 
 
 def from_torchrec(sd: dict) -> tuple[dict, dict] | None:
@@ -208,7 +204,7 @@ def from_torchrec(sd: dict) -> tuple[dict, dict] | None:
     not TorchRec's."""
     if not any(k.startswith(TORCHREC_TABLES) for k in sd):
         return None
-    _check_module_order(sd)
+    _check_tables_together(sd)
     out: dict = {}
     tables = [k for k in sd if k.startswith(TORCHREC_TABLES)]
     for k, key in enumerate(tables):

@@ -1,6 +1,7 @@
 """Checkpoints written as directories by distributed training (torch.distributed.checkpoint
-and torchsnapshot), each written by the library itself, from two gloo ranks with sharded
-tables; TorchRec the oracle of what the model computes. A tampered directory is a
+and torchsnapshot), each written by the library itself from a TorchRec
+DistributedModelParallel model sharded over two gloo ranks; TorchRec the oracle of what the
+model computes. A tampered directory is a
 CheckpointError naming the problem, and its pickle never runs code."""
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from test_torchrec import _kjt_batch, _torchrec_model  # noqa: E402
 
 WRITER = os.path.join(os.path.dirname(__file__), "fixtures", "write_dist_checkpoint.py")
 ROWS = (40, 7, 90, 3)           # the writer's tables
+TABLE = "sparse_arch.embedding_bag_collection.embedding_bags.t{}.weight"
 KINDS = ["dcp", pytest.param("snapshot", marks=pytest.mark.skipif(
     not __import__("importlib").util.find_spec("torchsnapshot"),
     reason="torchsnapshot is not installed (.ci/run installs it)"))]
@@ -50,8 +52,10 @@ def two_rank_checkpoints(tmp_path_factory):
     return out
 
 
-def _torchrec_logits(sd, dense, values, lengths, dcn=(2, 4)):
-    model = _torchrec_model(ROWS, 8, 5, [16, 8], [32, 16, 1], seed=0, dcn=dcn)
+def _torchrec_logits(sd, dense, values, lengths):
+    """TorchRec's DLRM_DCN holding ``sd`` (the writer's, or ``_single_rank_checkpoint``'s)."""
+    dim = sd[TABLE.format(0)].shape[1]
+    model = _torchrec_model(ROWS, dim, 5, [16, dim], [32, 16, 1], seed=0, dcn=(2, 4))
     model.load_state_dict(sd)
     kjt = KeyedJaggedTensor.from_lengths_sync(keys=[f"f{k}" for k in range(len(ROWS))],
                                               values=torch.from_numpy(values),
@@ -64,11 +68,12 @@ def _torchrec_logits(sd, dense, values, lengths, dcn=(2, 4)):
 def test_a_two_rank_checkpoint_with_sharded_tables_runs_as_torchrec_does(
         two_rank_checkpoints, kind, tmp_path):
     path, reference = two_rank_checkpoints[kind]
+    sd = read_checkpoint(path)
+    assert set(sd) == set(reference)
+    assert [k for k in sd if "embedding_bags" in k] == [TABLE.format(t) for t in range(4)]
     if kind == "dcp":   # DCP lists the tensors in the order the ranks wrote them: not the model's
         assert list(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata) != \
-            list(reference)
-    sd = read_checkpoint(path)
-    assert list(sd) == list(reference)          # the tables in the collection's order
+            list(sd)
     for k, v in reference.items():
         assert torch.equal(sd[k], v), k
     ours = load_model(path)
@@ -77,11 +82,14 @@ def test_a_two_rank_checkpoint_with_sharded_tables_runs_as_torchrec_does(
         with pytest.raises(CheckpointError, match="holds ShardedTensors, a "
                            "DistributedModelParallel state dict .* torch.distributed.checkpoint"):
             load_model(f"{path}-rank0.pt")
+        # one file in DMP's own order (the dense parts, then the tables) is a model's
+        torch.save({k: reference[k] for k in sd}, tmp_path / "dmp_order.pt")
+        assert load_model(tmp_path / "dmp_order.pt").arch.embedding_sizes == ROWS
         # DCP's own conversion to one file writes DCP's order: the tables interleaved
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
         dcp_to_torch_save(str(path), str(tmp_path / "converted.pt"))
-        with pytest.raises(CheckpointError, match="t1.weight comes after over_arch keys, so .* "
-                           "pass the checkpoint directory itself"):
+        with pytest.raises(CheckpointError, match="comes between the tables, so .* pass the "
+                           "checkpoint directory itself"):
             load_model(tmp_path / "converted.pt")
     compile_model(ours, ours.arch, None, str(tmp_path / "a"), log=lambda _: None, buckets=(8,))
     compiled = load(str(tmp_path / "a"))
