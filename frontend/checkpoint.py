@@ -179,7 +179,8 @@ def _torchrec_mlp(sd: dict, prefix: str, out: dict, target: str) -> int:
 
 
 SHARED_TABLES = (": tables shared by several features (an EmbeddingBagConfig with several "
-                 "feature_names), which dlrmc does not support")
+                 "feature_names); say how many features each table has, in order, with "
+                 "--features-per-table (e.g. 2-1-1)")
 
 
 def _check_tables_together(sd: dict) -> None:
@@ -199,17 +200,28 @@ def _check_tables_together(sd: dict) -> None:
             "is in DCP's order: pass the checkpoint directory itself")
 
 
-def from_torchrec(sd: dict) -> tuple[dict, dict] | None:
+def from_torchrec(sd: dict, features_per_table: tuple[int, ...] | None = None
+                  ) -> tuple[dict, dict] | None:
     """A TorchRec DLRM state_dict as ours and the Arch fields it fixes; None when ``sd`` is
-    not TorchRec's."""
+    not TorchRec's. ``features_per_table``: how many features each table serves (an
+    EmbeddingBagConfig's feature_names, which a state_dict does not record); a table that
+    serves several becomes that many of ours, holding the same tensor (the features come
+    table by table, as TorchRec's EmbeddingBagCollection orders them)."""
     if not any(k.startswith(TORCHREC_TABLES) for k in sd):
         return None
     _check_tables_together(sd)
     out: dict = {}
     tables = [k for k in sd if k.startswith(TORCHREC_TABLES)]
-    for k, key in enumerate(tables):
+    counts = features_per_table or (1,) * len(tables)
+    if len(counts) != len(tables) or min(counts) < 1:
+        raise CheckpointError(f"--features-per-table {'-'.join(map(str, counts))} must give a "
+                              f"count of at least 1 for each of the checkpoint's {len(tables)} "
+                              "tables")
+    for key in tables:
         if not key.endswith(".weight"):
             raise CheckpointError(f"TorchRec checkpoint: unexpected table key {key}")
+    feature_tables = [key for key, n in zip(tables, counts) for _ in range(n)]
+    for k, key in enumerate(feature_tables):
         out[f"emb_l.{k}.weight"] = sd[key]
     _torchrec_mlp(sd, "dense_arch.model._mlp", out, "bot_l")
     hidden = _torchrec_mlp(sd, "over_arch.model.0._mlp", out, "top_l")
@@ -240,21 +252,21 @@ def from_torchrec(sd: dict) -> tuple[dict, dict] | None:
         key = "cross_l.V_kernels.0" if cross else "proj_l1.0.weight"
         width = out[key].shape[-1] if key in out else 0     # (a missing one: infer_arch)
         dim = sd[tables[0]].shape[-1]
-        if dim and width % dim == 0 and width // dim - 1 > len(tables):
+        if dim and width % dim == 0 and width // dim - 1 > len(feature_tables):
             raise CheckpointError(f"TorchRec checkpoint: {key} takes {width // dim} features of "
                                   f"width {dim}, {width // dim - 1} beside the dense one, on "
                                   f"{len(tables)} tables{SHARED_TABLES}")
         return out, {"output": "logit"}
     first = out["top_l.0.weight"]
-    features = len(tables) + 1
+    features = len(feature_tables) + 1
     if first.dim() != 2 or first.shape[1] != dense + num_pairs(features, False):
         width = first.shape[1] if first.dim() == 2 else None
         shared = next((f - 1 for f in range(features + 1, 4096)
                        if width and dense + num_pairs(f, False) == width), None)
         raise CheckpointError(
             f"TorchRec checkpoint: over_arch.model.0._mlp.0._linear.weight takes "
-            f"{width or '?'} inputs; the interaction of {len(tables)} tables and a dense "
-            f"output of {dense} gives {dense + num_pairs(features, False)}" + (
+            f"{width or '?'} inputs; the interaction of {len(feature_tables)} features and a "
+            f"dense output of {dense} gives {dense + num_pairs(features, False)}" + (
                 f". It fits {shared} features on the {len(tables)} tables{SHARED_TABLES}"
                 if shared else ""))
     order = torchrec_pair_order(features)
@@ -400,11 +412,15 @@ def check_state_dict(arch: Arch, sd: dict) -> None:
         raise CheckpointError("checkpoint does not fit the architecture: " + "; ".join(problems))
 
 
-def load_model(path: str | os.PathLike, given: dict | None = None) -> DLRM:
+def load_model(path: str | os.PathLike, given: dict | None = None,
+               features_per_table: tuple[int, ...] | None = None) -> DLRM:
     """A DLRM holding the checkpoint's weights (no copy beyond a float32 cast); a TorchRec
-    DLRM's too (``from_torchrec``)."""
+    DLRM's too (``from_torchrec``, ``features_per_table`` for its shared tables)."""
     sd = read_checkpoint(path)
-    torchrec = from_torchrec(sd)
+    torchrec = from_torchrec(sd, features_per_table)
+    if features_per_table and torchrec is None:
+        raise CheckpointError("--features-per-table is for TorchRec checkpoints, whose tables "
+                              f"may serve several features; {path} is not one")
     if torchrec is not None:
         sd, fixed = torchrec
         clash = {k: v for k, v in (given or {}).items() if k in fixed and fixed[k] != v}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .arch import PRESETS, Arch, add_arch_args, arch_from_fields, given_fields
+from .arch import PRESETS, Arch, add_arch_args, arch_from_fields, given_fields, parse_dashed
 from .checkpoint import load_model
 from .model import DLRM
 
@@ -21,6 +21,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint from facebookresearch/dlrm --save-model, a state_dict "
                              "(TorchRec's DLRM, DLRM_DCN, DLRM_Projection too), or a directory "
                              "that torch.distributed.checkpoint or torchsnapshot wrote")
+    parser.add_argument("--features-per-table", metavar="N1-N2-...",
+                        help="with a TorchRec --load-model whose tables serve several features "
+                             "each (an EmbeddingBagConfig's feature_names): how many, per table "
+                             "in order; the features then come table by table")
     parser.add_argument("--onnx", metavar="PATH",
                         help="an ONNX export of a DLRM (facebookresearch/dlrm --save-onnx, "
                              "torch.onnx.export with or without dynamo; external data beside it)")
@@ -51,10 +55,15 @@ def model_from_args(args: argparse.Namespace, log=print, lazy_tables: bool | str
                              "without --load-model, --preset or --arch-* flags")
         from .onnx_import import model_from_onnx
         return model_from_onnx(args.onnx, log)
+    shared = getattr(args, "features_per_table", None)
+    if shared and not args.load_model:
+        raise ValueError("--features-per-table describes a TorchRec checkpoint's tables: give "
+                         "it with --load-model")
     if args.load_model:
         if args.preset:
             given = {**PRESETS[args.preset].to_dict(), **given}
-        model = load_model(args.load_model, given)
+        model = load_model(args.load_model, given,
+                           parse_dashed(shared, "--features-per-table") if shared else None)
         log(f"loaded {args.load_model}: {model.arch.describe()}")
         return model, model.arch
     preset = args.preset

@@ -178,31 +178,69 @@ def test_bad_torchrec_checkpoints_are_named(tmp_path):
         torch.save(state, tmp_path / f"{name}.pt")
         with pytest.raises(CheckpointError, match=message):
             load_model(tmp_path / f"{name}.pt")
-    for kind, extra, message in [   # tables shared by features: refused, and why
-            (TorchRecDLRM, {}, "takes 10 inputs; the interaction of 2 tables .* gives 7. It "
-                               "fits 3 features on the 2 tables: tables shared"),
-            (DLRM_DCN, dict(dcn_num_layers=2, dcn_low_rank_dim=3),
-             r"cross_l.V_kernels.0 takes 4 features of width 4, 3 beside the dense one, on 2 "
-             "tables: tables shared"),
-            (DLRM_Projection, dict(interaction_branch1_layer_sizes=[8],
-                                   interaction_branch2_layer_sizes=[4]),
-             "proj_l1.0.weight takes 4 features .* on 2 tables: tables shared")]:
-        shared = kind(embedding_bag_collection=EmbeddingBagCollection(tables=[
-            EmbeddingBagConfig(name="t0", embedding_dim=4, num_embeddings=10,
-                               feature_names=["a", "b"]),
-            EmbeddingBagConfig(name="t1", embedding_dim=4, num_embeddings=12,
-                               feature_names=["c"])]),
-            dense_in_features=3, dense_arch_layer_sizes=[4], over_arch_layer_sizes=[8, 1],
-            **extra)
-        torch.save(shared.state_dict(), tmp_path / "shared.pt")
+    for kind, message in [   # tables shared by features, not said: refused, and why
+            ("dot", "takes 10 inputs; the interaction of 2 features .* gives 7. It fits 3 "
+                    "features on the 2 tables: tables shared .* --features-per-table"),
+            ("dcn", r"cross_l.V_kernels.0 takes 4 features of width 4, 3 beside the dense one, "
+                    "on 2 tables: tables shared .* --features-per-table"),
+            ("projection", "proj_l1.0.weight takes 4 features .* on 2 tables: tables shared")]:
+        torch.save(_shared_tables_model(kind).state_dict(), tmp_path / "shared.pt")
         with pytest.raises(CheckpointError, match=message):
             load_model(tmp_path / "shared.pt")
+    with pytest.raises(CheckpointError, match="--features-per-table 2-1-1 must give a count "
+                       "of at least 1 for each of the checkpoint's 2 tables"):
+        load_model(tmp_path / "shared.pt", features_per_table=(2, 1, 1))
     one_branch = {k: v for k, v in _torchrec_model(
         (10, 12), 4, 3, [4], [8, 1], seed=0, dcn=("projection", [8], [12])).state_dict().items()
         if "interaction_branch2" not in k}
     torch.save(one_branch, tmp_path / "one_branch.pt")
     with pytest.raises(CheckpointError, match="DLRM_Projection needs both"):
         load_model(tmp_path / "one_branch.pt")
+
+
+SHARED_ROWS = (10, 12)        # t0 serves features a and b, t1 feature c
+
+
+def _shared_tables_model(interaction: str):
+    torch.manual_seed(5)
+    ebc = EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name="t0", embedding_dim=4, num_embeddings=SHARED_ROWS[0],
+                           feature_names=["a", "b"]),
+        EmbeddingBagConfig(name="t1", embedding_dim=4, num_embeddings=SHARED_ROWS[1],
+                           feature_names=["c"])])
+    args = dict(embedding_bag_collection=ebc, dense_in_features=3, dense_arch_layer_sizes=[4],
+                over_arch_layer_sizes=[8, 1])
+    if interaction == "dcn":
+        return DLRM_DCN(**args, dcn_num_layers=2, dcn_low_rank_dim=3).eval()
+    if interaction == "projection":
+        return DLRM_Projection(**args, interaction_branch1_layer_sizes=[8],
+                               interaction_branch2_layer_sizes=[4]).eval()
+    return TorchRecDLRM(**args).eval()
+
+
+@pytest.mark.parametrize("interaction", ["dot", "dcn", "projection"])
+def test_tables_shared_by_features_run_as_torchrec_does(interaction, tmp_path):
+    """An EmbeddingBagConfig with several feature_names: --features-per-table says how many
+    (the state_dict cannot), and each feature reads its table as TorchRec's does."""
+    model = _shared_tables_model(interaction)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    run("dlrm-compile", "--load-model", tmp_path / "m.pt", "--features-per-table", "2-1",
+        "-o", tmp_path / "m.dlrmc", "--buckets", "4", "--no-progress")
+    compiled = load(str(tmp_path / "m.dlrmc"))
+    feature_rows = (SHARED_ROWS[0], SHARED_ROWS[0], SHARED_ROWS[1])
+    assert compiled.arch["embedding_sizes"] == list(feature_rows)
+    for batch in (3, 4, 9):
+        dense, values, lengths = _kjt_batch(feature_rows, batch, 3, seed=batch)
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=["a", "b", "c"],
+                                                  values=torch.from_numpy(values),
+                                                  lengths=torch.from_numpy(lengths))
+        with torch.no_grad():
+            want = model(torch.from_numpy(dense), kjt).numpy()
+        np.testing.assert_allclose(compiled.predict_kjt(dense, values, lengths, logits=True),
+                                   want, rtol=1e-5, atol=1e-5)
+    res = run("dlrm-compile", "--load-model", tmp_path / "m.pt", "--features-per-table", "2-x",
+              "-o", tmp_path / "x.dlrmc", check=False)
+    assert res.returncode == 2 and "--features-per-table must be dash-separated" in res.stderr
 
 
 @pytest.mark.parametrize("dcn", [None, (2, 3), ("projection", [16, 8], [8])],
