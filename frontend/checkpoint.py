@@ -220,6 +220,12 @@ def from_torchrec(sd: dict, features_per_table: tuple[int, ...] | None = None
     for key in tables:
         if not key.endswith(".weight"):
             raise CheckpointError(f"TorchRec checkpoint: unexpected table key {key}")
+        if not sd[key].is_floating_point():
+            raise CheckpointError(
+                f"TorchRec checkpoint: {key} is {sd[key].dtype}, a quantized table (TorchRec's "
+                "inference model, torchrec.inference quantize_embeddings); compile the float "
+                "model's checkpoint instead, and --emb-quant int8 or int4 quantizes its tables "
+                "row-wise as FBGEMM does")
     feature_tables = [key for key, n in zip(tables, counts) for _ in range(n)]
     for k, key in enumerate(feature_tables):
         out[f"emb_l.{k}.weight"] = sd[key]

@@ -190,6 +190,12 @@ def test_bad_torchrec_checkpoints_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="--features-per-table 2-1-1 must give a count "
                        "of at least 1 for each of the checkpoint's 2 tables"):
         load_model(tmp_path / "shared.pt", features_per_table=(2, 1, 1))
+    from torchrec.inference.modules import quantize_embeddings
+    torch.save(quantize_embeddings(model, dtype=torch.qint8, inplace=False).state_dict(),
+               tmp_path / "quantized.pt")
+    with pytest.raises(CheckpointError, match="t0.weight is torch.uint8, a quantized table .* "
+                       "--emb-quant int8 or int4"):
+        load_model(tmp_path / "quantized.pt")
     one_branch = {k: v for k, v in _torchrec_model(
         (10, 12), 4, 3, [4], [8, 1], seed=0, dcn=("projection", [8], [12])).state_dict().items()
         if "interaction_branch2" not in k}
