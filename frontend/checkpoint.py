@@ -191,7 +191,8 @@ def _check_tables_together(sd: dict) -> None:
     with the rest when several ranks saved them): its tables' order cannot be trusted."""
     keys = list(sd)
     where = [i for i, k in enumerate(keys) if k.startswith(TORCHREC_TABLES)]
-    stray = next((keys[i] for i in range(where[0], where[-1]) if i not in set(where)), None)
+    stray = next((k for k in keys[where[0]:where[-1]] if not k.startswith(TORCHREC_TABLES)),
+                 None)
     if stray is not None:
         raise CheckpointError(
             f"TorchRec checkpoint: {stray} comes between the tables, so its keys are not in a "

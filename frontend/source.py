@@ -49,13 +49,14 @@ def model_from_args(args: argparse.Namespace, log=print, lazy_tables: bool | str
     left undrawn (``DLRM(lazy_tables=True)``) with ``lazy_tables``, or with "too-big" only
     when they cannot be held in memory (``tables_too_big``)."""
     given = given_fields(args)
+    shared = getattr(args, "features_per_table", None)
     if getattr(args, "onnx", None):
-        if args.load_model or args.preset or given:
+        if args.load_model or args.preset or given or shared:
             raise ValueError("--onnx carries its own architecture and weights: give it alone, "
-                             "without --load-model, --preset or --arch-* flags")
+                             "without --load-model, --preset, --features-per-table or --arch-* "
+                             "flags")
         from .onnx_import import model_from_onnx
         return model_from_onnx(args.onnx, log)
-    shared = getattr(args, "features_per_table", None)
     if shared and not args.load_model:
         raise ValueError("--features-per-table describes a TorchRec checkpoint's tables: give "
                          "it with --load-model")

@@ -247,6 +247,15 @@ def test_tables_shared_by_features_run_as_torchrec_does(interaction, tmp_path):
     res = run("dlrm-compile", "--load-model", tmp_path / "m.pt", "--features-per-table", "2-x",
               "-o", tmp_path / "x.dlrmc", check=False)
     assert res.returncode == 2 and "--features-per-table must be dash-separated" in res.stderr
+    if interaction == "dot":     # the flag describes a TorchRec checkpoint, and only that
+        res = run("dlrm-compile", "--features-per-table", "2-1", "-o", tmp_path / "y.dlrmc",
+                  check=False)
+        assert res.returncode == 2 and "give it with --load-model" in res.stderr
+        ours = load_model(tmp_path / "m.pt", features_per_table=(2, 1))
+        torch.save(ours.state_dict(), tmp_path / "ours.pt")
+        with pytest.raises(CheckpointError, match="--features-per-table is for TorchRec "
+                           "checkpoints, .*ours.pt is not one"):
+            load_model(tmp_path / "ours.pt", features_per_table=(2, 1))
 
 
 @pytest.mark.parametrize("dcn", [None, (2, 3), ("projection", [16, 8], [8])],
