@@ -59,6 +59,8 @@ def _data_file(root: str, name, what: str, end: int = 0) -> str:
     full = os.path.join(root, name)
     if not os.path.isfile(full):
         raise CheckpointError(f"{what}: file {name!r} is missing from {root!r}")
+    if not os.path.realpath(full).startswith(os.path.join(os.path.realpath(root), "")):
+        raise CheckpointError(f"{what}: file {name!r} is a link out of {root!r}")
     size = os.path.getsize(full)
     if size < end:
         raise CheckpointError(f"{what}: {name!r} has {size} bytes, the metadata needs {end} "

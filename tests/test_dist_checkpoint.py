@@ -232,6 +232,8 @@ def test_a_tampered_dcp_directory_is_refused_by_name(tmp_path):
                       "has 100 bytes, the metadata needs"),
         "missing": (tampered("missing", lambda d: os.remove(d / "__0_0.distcp")),
                     "file '__0_0.distcp' is missing"),
+        "link out": (tampered("link", lambda d: (os.remove(d / "__0_0.distcp"), os.symlink(
+            good / "__0_0.distcp", d / "__0_0.distcp"))), "file '__0_0.distcp' is a link out of"),
         "plain directory": (tmp_path, "neither .metadata (torch.distributed.checkpoint) nor "
                                       ".snapshot_metadata (torchsnapshot)"),
     }
