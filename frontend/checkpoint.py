@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from collections import OrderedDict
 
 import numpy as np
@@ -60,6 +61,10 @@ def read_checkpoint(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]"
         return _unwrapped(read_directory(path))
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
+    other = _other_archive(path)
+    if other:
+        raise CheckpointError(f"{path!r} is {other}, not a checkpoint: save the model's "
+                              "state_dict() with torch.save and pass that")
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zipfile(path))
@@ -137,6 +142,22 @@ def _reference_embeddings(sd: "OrderedDict[str, torch.Tensor]"
 def _is_zipfile(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"PK\x03\x04"
+
+
+def _other_archive(path: str) -> str | None:
+    """What a zip archive that torch writes but is no checkpoint holds, or None."""
+    if not _is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = {n.split("/", 1)[-1] for n in z.namelist()}
+    except (zipfile.BadZipFile, OSError):
+        return None             # torch.load names the damage
+    if "constants.pkl" in names:
+        return "a TorchScript archive (torch.jit.save)"
+    if "archive_format" in names or "models/model.json" in names:
+        return "a torch.export archive (torch.export.save)"
+    return None
 
 
 def _layers(sd: dict, prefix: str) -> list[tuple[int, ...]]:

@@ -198,3 +198,12 @@ def test_unsafe_and_corrupt_files_are_refused(tmp_path):
     torch.save({"epoch": 1}, tmp_path / "nostate.pt")
     with pytest.raises(CheckpointError, match="state_dict"):
         read_checkpoint(tmp_path / "nostate.pt")
+    # what else torch writes as a .pt zip: said, not torch's advice to load it unsafely
+    layer = torch.nn.Linear(3, 2)
+    torch.jit.save(torch.jit.script(layer), tmp_path / "scripted.pt")
+    torch.export.save(torch.export.export(layer, (torch.ones(1, 3),)), tmp_path / "exported.pt2")
+    for name, what in (("scripted.pt", "a TorchScript archive"),
+                       ("exported.pt2", "a torch.export archive")):
+        with pytest.raises(CheckpointError, match=f"{name}' is {what} .* save the model's "
+                           r"state_dict\(\) with torch.save"):
+            read_checkpoint(tmp_path / name)
