@@ -6,6 +6,7 @@ CheckpointError naming the problem, and its pickle never runs code."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -33,9 +34,9 @@ from test_torchrec import _kjt_batch, _torchrec_model  # noqa: E402
 WRITER = os.path.join(os.path.dirname(__file__), "fixtures", "write_dist_checkpoint.py")
 ROWS = (40, 7, 90, 3)           # the writer's tables
 TABLE = "sparse_arch.embedding_bag_collection.embedding_bags.t{}.weight"
-KINDS = ["dcp", pytest.param("snapshot", marks=pytest.mark.skipif(
-    not __import__("importlib").util.find_spec("torchsnapshot"),
-    reason="torchsnapshot is not installed (.ci/run installs it)"))]
+NEEDS_SNAPSHOT = pytest.mark.skipif(importlib.util.find_spec("torchsnapshot") is None,
+                                    reason="torchsnapshot is not installed (.ci/run installs it)")
+KINDS = ["dcp", pytest.param("snapshot", marks=NEEDS_SNAPSHOT)]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def two_rank_checkpoints(tmp_path_factory):
     """kind -> (directory, reference state dict): the same DLRM_DCN saved by two ranks."""
     out = {}
     for kind in ("dcp", "snapshot"):
-        if kind == "snapshot" and not __import__("importlib").util.find_spec("torchsnapshot"):
+        if kind == "snapshot" and importlib.util.find_spec("torchsnapshot") is None:
             continue
         root = tmp_path_factory.mktemp(kind)
         run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
@@ -247,8 +248,7 @@ def test_a_tampered_dcp_directory_is_refused_by_name(tmp_path):
     assert not marker.exists() and not (tmp_path / "x.dlrmc").exists()
 
 
-@pytest.mark.skipif(not __import__("importlib").util.find_spec("torchsnapshot"),
-                    reason="torchsnapshot is not installed (.ci/run installs it)")
+@NEEDS_SNAPSHOT
 def test_a_tampered_snapshot_is_refused_by_name(tmp_path):
     good = tmp_path / "good"
     _single_rank_checkpoint("snapshot", good, chunk_bytes=256)
