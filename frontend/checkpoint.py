@@ -62,6 +62,9 @@ def read_checkpoint(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]"
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     other = _other_archive(path)
+    if other == "an ONNX model":
+        raise CheckpointError(f"{path!r} is an ONNX model, not a checkpoint: compile it with "
+                              "--onnx")
     if other:
         raise CheckpointError(f"{path!r} is {other}, not a checkpoint: save the model's "
                               "state_dict() with torch.save and pass that")
@@ -145,18 +148,29 @@ def _is_zipfile(path: str) -> bool:
 
 
 def _other_archive(path: str) -> str | None:
-    """What a zip archive that torch writes but is no checkpoint holds, or None."""
+    """What a file that is no torch.save checkpoint but is often mistaken for one holds
+    (TorchScript and torch.export archives, safetensors, ONNX, numpy's .npz), or None."""
+    if path.endswith(".onnx"):
+        return "an ONNX model"
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:] == b"{" and \
+            2 <= int.from_bytes(head[:8], "little") < os.path.getsize(path):
+        return "a safetensors file"
     if not _is_zipfile(path):
         return None
     try:
         with zipfile.ZipFile(path) as z:
             names = {n.split("/", 1)[-1] for n in z.namelist()}
+            members = z.namelist()
     except (zipfile.BadZipFile, OSError):
         return None             # torch.load names the damage
     if "constants.pkl" in names:
         return "a TorchScript archive (torch.jit.save)"
     if "archive_format" in names or "models/model.json" in names:
         return "a torch.export archive (torch.export.save)"
+    if members and all(m.endswith(".npy") for m in members):
+        return "a numpy .npz archive"
     return None
 
 

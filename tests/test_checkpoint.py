@@ -202,8 +202,18 @@ def test_unsafe_and_corrupt_files_are_refused(tmp_path):
     layer = torch.nn.Linear(3, 2)
     torch.jit.save(torch.jit.script(layer), tmp_path / "scripted.pt")
     torch.export.save(torch.export.export(layer, (torch.ones(1, 3),)), tmp_path / "exported.pt2")
+    header = b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    (tmp_path / "m.safetensors").write_bytes(len(header).to_bytes(8, "little") + header
+                                            + b"\0" * 4)     # safetensors' own layout
+    np.savez(tmp_path / "arrays.npz", w=np.zeros(2))
+    torch.onnx.export(layer, (torch.ones(1, 3),), tmp_path / "m.onnx", dynamo=False)
     for name, what in (("scripted.pt", "a TorchScript archive"),
-                       ("exported.pt2", "a torch.export archive")):
-        with pytest.raises(CheckpointError, match=f"{name}' is {what} .* save the model's "
+                       ("exported.pt2", "a torch.export archive"),
+                       ("m.safetensors", "a safetensors file"),
+                       ("arrays.npz", "a numpy .npz archive")):
+        with pytest.raises(CheckpointError, match=f"{name}' is {what}.* save the model's "
                            r"state_dict\(\) with torch.save"):
             read_checkpoint(tmp_path / name)
+    with pytest.raises(CheckpointError, match="m.onnx' is an ONNX model, not a checkpoint: "
+                       "compile it with --onnx"):
+        read_checkpoint(tmp_path / "m.onnx")
