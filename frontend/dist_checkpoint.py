@@ -11,7 +11,8 @@ without running the writers' code (``--load-model DIR``):
   ``DIR/.snapshot_metadata`` (JSON) lists every tensor's file, byte range, dtype and shape;
   raw tensors ("buffer_protocol") are mapped from their files, ``torch.save``d ones
   ("torch_save") loaded with ``weights_only``; sharded tables (``ShardedTensor``, from every
-  rank) and chunked tensors are assembled in memory. Objects are never unpickled.
+  rank) and chunked tensors are assembled (in memory, or past half of it in mapped temporary
+  files: ``_allocator``). Objects are never unpickled.
 
 Both keep the model's key order (its tables' order, which is the EmbeddingBagCollection's):
 DCP in the ``planner_data`` every rank contributes (its ``state_dict_metadata`` is in the order
@@ -27,6 +28,8 @@ import json
 import math
 import os
 import pickle
+import shutil
+import tempfile
 import warnings
 from collections import OrderedDict
 from urllib.parse import unquote
@@ -111,12 +114,38 @@ def available_memory() -> int | None:
         return None
 
 
-def _check_memory(nbytes: int, what: str) -> None:
-    """Refuse to assemble more than the available memory (an error, not the OOM killer)."""
+SMALL_TENSOR = 1 << 20     # bytes: held in memory however big the checkpoint
+
+
+def _allocator(nbytes: int, what: str):
+    """``empty(shape, dtype)`` for the ``nbytes`` of tensors a checkpoint's pieces are
+    assembled into: in memory when they take at most half the memory available, else (but
+    for small ones) in files of the temporary directory, mapped, so the page cache can write
+    them out instead of the OOM killer stepping in. Refused when the disk has no room either."""
     free = available_memory()
-    if free is not None and nbytes > free:
-        raise CheckpointError(f"{what}: assembling its tensors takes {nbytes / 1e9:.1f} GB of "
-                              f"memory; this machine has {free / 1e9:.1f} GB available")
+    if free is None or 2 * nbytes <= free:
+        return lambda shape, dtype: torch.empty(shape, dtype=dtype)
+    scratch = tempfile.gettempdir()
+    room = shutil.disk_usage(scratch).free
+    if nbytes > room:
+        raise CheckpointError(f"{what}: assembling its tensors takes {nbytes / 1e9:.1f} GB; "
+                              f"this machine has {free / 1e9:.1f} GB of memory available and "
+                              f"{room / 1e9:.1f} GB free in {scratch} (TMPDIR)")
+
+    def empty(shape, dtype):
+        size = math.prod(shape) * dtype.itemsize
+        if size < SMALL_TENSOR:
+            return torch.empty(shape, dtype=dtype)
+        with tempfile.TemporaryFile(dir=scratch) as f:   # gone from the disk once unmapped
+            try:
+                os.posix_fallocate(f.fileno(), 0, size)
+            except OSError as e:
+                raise CheckpointError(f"{what}: no room for {size / 1e9:.1f} GB more in "
+                                      f"{scratch} (TMPDIR): {e}") from None
+            raw = np.memmap(f, np.uint8, "r+", shape=(size,))
+        return torch.from_numpy(raw).view(dtype).reshape(shape)
+
+    return empty
 
 
 # ----------------------------------------------------------------------------------------
@@ -213,9 +242,9 @@ def _read_dcp(path: str) -> "OrderedDict[str, torch.Tensor]":
     if not order:
         raise CheckpointError(f"torch.distributed.checkpoint {path!r} holds no tensors")
     meta = [(k, md.state_dict_metadata[k]) for k in order]
-    _check_memory(sum(math.prod(m.size) * m.properties.dtype.itemsize for _, m in meta), path)
-    tensors = OrderedDict((k, torch.empty(tuple(m.size), dtype=m.properties.dtype))
-                          for k, m in meta)
+    empty = _allocator(sum(math.prod(m.size) * m.properties.dtype.itemsize for _, m in meta),
+                       path)
+    tensors = OrderedDict((k, empty(tuple(m.size), m.properties.dtype)) for k, m in meta)
     try:
         with warnings.catch_warnings():     # "assuming the intent is to load in a single process"
             warnings.simplefilter("ignore", UserWarning)
@@ -275,7 +304,7 @@ def _snapshot_tensor(root: str, entry: dict, what: str) -> torch.Tensor:
     raise CheckpointError(f"{what}: serializer {serializer!r} is not supported")
 
 
-def _assembled(root: str, pieces: list, shape, dtype, what: str) -> torch.Tensor:
+def _assembled(root: str, pieces: list, shape, dtype, what: str, empty) -> torch.Tensor:
     """A tensor from pieces ({"offsets", "sizes", "tensor"}) that must tile ``shape``."""
     boxes = [(p.get("offsets"), p.get("sizes")) for p in pieces]
     if not all(isinstance(o, list) and isinstance(z, list) for o, z in boxes):
@@ -286,7 +315,7 @@ def _assembled(root: str, pieces: list, shape, dtype, what: str) -> torch.Tensor
         if list(part.shape) != size or part.dtype != dtype:
             raise CheckpointError(f"{what}: the piece at {off} is {part.dtype} "
                                   f"{list(part.shape)}, not {dtype} {size}")
-    out = torch.empty(shape, dtype=dtype)     # no larger than the pieces' bytes, read above
+    out = empty(shape, dtype)     # no larger than the pieces' bytes, read above
     for part, (off, size) in zip(parts, boxes):
         out[tuple(slice(o, o + s) for o, s in zip(off, size))] = part
     return out
@@ -342,10 +371,10 @@ def _read_snapshot(path: str) -> "OrderedDict[str, torch.Tensor]":
         name = ".".join(unquote(p) for p in logical.split("/")[1:])
         what = f"{path}: {name}"
         plan.append((name, what, entry if entry["type"] == "Tensor" else _pieces(entry, what)))
-    _check_memory(sum(math.prod(p[1]) * p[2].itemsize for _, _, p in plan
-                      if isinstance(p, tuple)), path)
+    empty = _allocator(sum(math.prod(p[1]) * p[2].itemsize for _, _, p in plan
+                           if isinstance(p, tuple)), path)
     return OrderedDict((name, _snapshot_tensor(path, p, what) if isinstance(p, dict) else
-                        _assembled(path, *p, what)) for name, what, p in plan)
+                        _assembled(path, *p, what, empty)) for name, what, p in plan)
 
 
 def _pieces(entry: dict, what: str) -> tuple[list, list, torch.dtype]:

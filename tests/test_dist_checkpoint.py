@@ -14,6 +14,7 @@ import pickle
 import re
 import shutil
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -155,10 +156,12 @@ def test_a_dcp_training_checkpoint_gives_its_model(layout, tmp_path):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_checkpoint_larger_than_memory_is_refused_before_it_is_assembled(kind, tmp_path,
-                                                                           monkeypatch):
+def test_a_checkpoint_larger_than_memory_is_assembled_on_disk(kind, tmp_path, monkeypatch):
+    """What would take more than half the available memory is assembled in mapped files of
+    the temporary directory instead, and the model compiles from them; with no room there
+    either, the error names both."""
     from dlrmc.frontend import dist_checkpoint
-    _single_rank_checkpoint(kind, tmp_path / "ckpt", chunk_bytes=256)
+    reference = _single_rank_checkpoint(kind, tmp_path / "ckpt", chunk_bytes=256)
     if kind == "snapshot":       # what is assembled (its chunked tables), not mapped
         assembled = sum(4 * math.prod(e["shape"]) for e in json.loads(
             (tmp_path / "ckpt" / ".snapshot_metadata").read_text())["manifest"].values()
@@ -166,12 +169,38 @@ def test_a_checkpoint_larger_than_memory_is_refused_before_it_is_assembled(kind,
     else:
         assembled = sum(4 * math.prod(m.size) for m in dcp.FileSystemReader(
             str(tmp_path / "ckpt")).read_metadata().state_dict_metadata.values())
-    monkeypatch.setattr(dist_checkpoint, "available_memory", lambda: assembled - 1)
-    with pytest.raises(CheckpointError, match="assembling its tensors takes 0.0 GB of memory; "
-                       "this machine has 0.0 GB available"):
+    monkeypatch.setattr(dist_checkpoint, "SMALL_TENSOR", 0)
+    on_disk = []
+    fallocate = os.posix_fallocate
+    monkeypatch.setattr(os, "posix_fallocate", lambda fd, o, n: (on_disk.append(n),
+                                                                 fallocate(fd, o, n)))
+    monkeypatch.setattr(dist_checkpoint, "available_memory", lambda: 2 * assembled)
+    read_checkpoint(tmp_path / "ckpt")
+    assert on_disk == []                                 # half the memory: held in it
+    monkeypatch.setattr(dist_checkpoint, "available_memory", lambda: 2 * assembled - 1)
+    sd = read_checkpoint(tmp_path / "ckpt")
+    assert sum(on_disk) == assembled
+    assert all(torch.equal(sd[k], v) for k, v in reference.items())
+    ours = load_model(tmp_path / "ckpt")
+    compile_model(ours, ours.arch, None, str(tmp_path / "a"), log=lambda _: None, buckets=(4,))
+    dense, values, lengths = _kjt_batch(ROWS, 4, 5, seed=7)
+    np.testing.assert_allclose(
+        load(str(tmp_path / "a")).predict_kjt(dense, values, lengths, logits=True),
+        _torchrec_logits(reference, dense, values, lengths), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(dist_checkpoint.shutil, "disk_usage",
+                        lambda _: types.SimpleNamespace(free=assembled - 1))
+    with pytest.raises(CheckpointError, match=r"assembling its tensors takes 0.0 GB; this "
+                       r"machine has 0.0 GB of memory available and 0.0 GB free in .* \(TMPDIR\)"):
         read_checkpoint(tmp_path / "ckpt")
-    monkeypatch.setattr(dist_checkpoint, "available_memory", lambda: assembled)
-    assert read_checkpoint(tmp_path / "ckpt")
+    monkeypatch.setattr(dist_checkpoint.shutil, "disk_usage",
+                        lambda _: types.SimpleNamespace(free=assembled))
+
+    def full(fd, offset, size):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(CheckpointError, match=r"no room for 0.0 GB more in .* No space left"):
+        read_checkpoint(tmp_path / "ckpt")
 
 
 class _RunsCode:
