@@ -229,12 +229,15 @@ def _read_dcp(path: str) -> "OrderedDict[str, torch.Tensor]":
         def read_metadata(self, *args, **kwargs):
             return md
 
-    order = [k for k in (md.planner_data or {}) if k in md.state_dict_metadata]
-    order += [k for k in md.state_dict_metadata if k not in set(order)]
+    planned = md.planner_data if isinstance(md.planner_data, dict) else {}
+    order = [k for k in planned if k in md.state_dict_metadata]
+    seen = set(order)
+    order += [k for k in md.state_dict_metadata if k not in seen]
     order = [k for k in order if isinstance(md.state_dict_metadata[k], TensorStorageMetadata)]
     # A training checkpoint holds more than the model: {"model": ..., "optimizer": ...}
     # (the model's keys under "model"), or the model's keys beside nested optimizer state.
-    paths = {k: tuple((md.planner_data or {}).get(k) or (k,)) for k in order}
+    paths = {k: tuple(p) if isinstance(p := planned.get(k), (tuple, list)) and p else (k,)
+             for k in order}
     if any(p[0] == "model" and len(p) > 1 for p in paths.values()):
         order = [k for k in order if paths[k][0] == "model" and len(paths[k]) > 1]
     elif any(len(p) > 1 for p in paths.values()) and any(len(p) == 1 for p in paths.values()):

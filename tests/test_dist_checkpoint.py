@@ -251,6 +251,8 @@ def test_a_tampered_dcp_directory_is_refused_by_name(tmp_path):
                     "pieces at [0, 0] and [10, 0] overlap"),
         "code": (tampered("code", metadata=[md, _RunsCode(marker)]),
                  "refers to posix.system, which checkpoint metadata does not hold"),
+        "odd planner data": (tampered("planner", metadata=type(md)(
+            md.state_dict_metadata, [1, 2], md.storage_data)), None),
         "not metadata": (tampered("list", metadata=[1, 2]),
                          "is not torch.distributed.checkpoint metadata"),
         "garbage": (tampered("garbage", lambda d: (d / ".metadata").write_bytes(b"\x80\x05x")),
@@ -268,6 +270,9 @@ def test_a_tampered_dcp_directory_is_refused_by_name(tmp_path):
                                       ".snapshot_metadata (torchsnapshot)"),
     }
     for name, (path, message) in cases.items():
+        if message is None:         # ignored: the metadata's own listing gives the order
+            assert load_model(path).arch.embedding_sizes == ROWS
+            continue
         with pytest.raises(CheckpointError, match=re.escape(message)):
             load_model(path)
     assert not marker.exists()
