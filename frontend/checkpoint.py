@@ -61,16 +61,15 @@ def read_checkpoint(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]"
         return _unwrapped(read_directory(path))
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
-    other = _other_archive(path)
-    if other == "an ONNX model":
-        raise CheckpointError(f"{path!r} is an ONNX model, not a checkpoint: compile it with "
-                              "--onnx")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    zipped = head[:4] == b"PK\x03\x04"
+    other = _other_archive(path, head, zipped)
     if other:
-        raise CheckpointError(f"{path!r} is {other}, not a checkpoint: save the model's "
-                              "state_dict() with torch.save and pass that")
+        raise CheckpointError(f"{path!r} is {other}")
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zipfile(path))
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
         raise CheckpointError(f"cannot load checkpoint {path!r} safely: "
                               f"{_unpickling_refused(str(e))}") from None
@@ -142,35 +141,33 @@ def _reference_embeddings(sd: "OrderedDict[str, torch.Tensor]"
     return out
 
 
-def _is_zipfile(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+_PASS_STATE_DICT = ("not a checkpoint: save the model's state_dict() with torch.save and "
+                    "pass that")
 
 
-def _other_archive(path: str) -> str | None:
-    """What a file that is no torch.save checkpoint but is often mistaken for one holds
-    (TorchScript and torch.export archives, safetensors, ONNX, numpy's .npz), or None."""
+def _other_archive(path: str, head: bytes, zipped: bool) -> str | None:
+    """What a file that is no torch.save checkpoint but is often mistaken for one is, and
+    what to do instead (TorchScript and torch.export archives, safetensors, ONNX, numpy's
+    .npz), or None; ``head``: its first 9 bytes, ``zipped``: whether it is a zip."""
     if path.endswith(".onnx"):
-        return "an ONNX model"
-    with open(path, "rb") as f:
-        head = f.read(9)
+        return "an ONNX model, not a checkpoint: compile it with --onnx"
     if len(head) == 9 and head[8:] == b"{" and \
             2 <= int.from_bytes(head[:8], "little") < os.path.getsize(path):
-        return "a safetensors file"
-    if not _is_zipfile(path):
+        return f"a safetensors file, {_PASS_STATE_DICT}"
+    if not zipped:
         return None
     try:
         with zipfile.ZipFile(path) as z:
-            names = {n.split("/", 1)[-1] for n in z.namelist()}
             members = z.namelist()
     except (zipfile.BadZipFile, OSError):
         return None             # torch.load names the damage
+    names = {n.split("/", 1)[-1] for n in members}
     if "constants.pkl" in names:
-        return "a TorchScript archive (torch.jit.save)"
+        return f"a TorchScript archive (torch.jit.save), {_PASS_STATE_DICT}"
     if "archive_format" in names or "models/model.json" in names:
-        return "a torch.export archive (torch.export.save)"
+        return f"a torch.export archive (torch.export.save), {_PASS_STATE_DICT}"
     if members and all(m.endswith(".npy") for m in members):
-        return "a numpy .npz archive"
+        return f"a numpy .npz archive, {_PASS_STATE_DICT}"
     return None
 
 

@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import pathlib
 import pickle
 import shutil
 import tempfile
@@ -162,7 +163,7 @@ def _dcp_classes() -> dict:
     allowed[("torch", "Size")] = torch.Size
     allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
     allowed.update({("torch", n): v for n, v in vars(torch).items() if isinstance(v, torch.dtype)})
-    allowed.update({("pathlib", n): getattr(__import__("pathlib"), n) for n in (
+    allowed.update({("pathlib", n): getattr(pathlib, n) for n in (
         "Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")})
     allowed[("collections", "OrderedDict")] = OrderedDict
     return allowed
@@ -365,7 +366,8 @@ def _read_snapshot(path: str) -> "OrderedDict[str, torch.Tensor]":
     app = apps[0] if len(apps) == 1 else "model"
     keys = [f"{app}/{k.replace('%', '%25').replace('/', '%2F')}"
             for k in (containers.get(app) or {}).get("keys", [])]
-    keys += sorted(k for k in entries if k.startswith(app + "/") and k not in set(keys))
+    listed = set(keys)
+    keys += sorted(k for k in entries if k.startswith(app + "/") and k not in listed)
     plan = []       # (name, what, entry, or the pieces with their shape and dtype)
     for logical in keys:
         entry = entries.get(logical)
