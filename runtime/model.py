@@ -21,6 +21,11 @@ from .plan import pick, slice_batch
 from .validate import (InputError, check_batch, check_jagged, check_kjt, flat_jagged, flat_kjt,
                        flat_reference, joined)
 
+try:
+    from . import _fill as native_fill       # runtime/_fill.c, built by pip install (setup.py)
+except ImportError:                          # built without a C compiler: numpy fills instead
+    native_fill = None
+
 
 def to_tvm(arrays: list[np.ndarray]) -> list[tvm.runtime.Tensor]:
     """Hand arrays to TVM in one copy: into a single buffer with each array on a 64-byte
@@ -82,6 +87,21 @@ class BucketInputs:
             self._indices[:count] = indices
         else:
             np.concatenate(indices, out=self._indices[:count], casting="unsafe")
+        return self._tensors(count)
+
+    def fill_native(self, layout: str, dense, sparse, more) -> list | None:
+        """``fill`` from a batch as the caller gave it, in ``layout`` ("reference", "jagged"
+        or "kjt"), by ``runtime/_fill.c``: the cheap checks and the copy in one native call.
+        None where the batch is not the plain case (the Python checks then run)."""
+        fill = getattr(native_fill, layout)
+        count = fill(dense, sparse, more, self._dense, self._indices, self._offsets)
+        if count > len(self._indices):
+            self._grow(max(count, 2 * len(self._indices)))
+            count = fill(dense, sparse, more, self._dense, self._indices, self._offsets)
+        return self._tensors(count) if count >= 0 else None
+
+    def _tensors(self, count: int) -> list:
+        """The entry's inputs, the indices a view of the buffer's first ``count``."""
         view = self._views.get(count)
         if view is None:
             if len(self._views) >= self.MAX_VIEWS:
@@ -297,7 +317,8 @@ class CompiledDLRM:
         """Validate the batch (reference layout: ``lS_o`` [T, B] bag starts, ``lS_i`` T index
         arrays) and run it; returns float32 [B, 1] click probabilities, or with ``logits`` the
         model's logits (a model that ends in logits, as TorchRec's DLRM does)."""
-        return self._predict(lambda: flat_reference(self.arch, dense_x, lS_o, lS_i),
+        return self._predict("reference", (dense_x, lS_o, lS_i),
+                             lambda: flat_reference(self.arch, dense_x, lS_o, lS_i),
                              lambda: check_batch(self.arch, dense_x, lS_o, lS_i), logits)
 
     def bind_jagged(self, dense_x, indices, offsets) -> Callable[[], object]:
@@ -308,20 +329,22 @@ class CompiledDLRM:
         """``predict`` for FBGEMM's table-batched layout, the artifact's own: ``indices`` [N]
         (every table's, table-major), ``offsets`` [T*B+1]
         (``dlrmc.runtime.validate.check_jagged``)."""
-        return self._predict(lambda: flat_jagged(self.arch, dense_x, indices, offsets),
+        return self._predict("jagged", (dense_x, indices, offsets),
+                             lambda: flat_jagged(self.arch, dense_x, indices, offsets),
                              lambda: check_jagged(self.arch, dense_x, indices, offsets), logits)
 
     def predict_kjt(self, dense_x, values, lengths, logits: bool = False) -> np.ndarray:
         """``predict`` for TorchRec's KeyedJaggedTensor layout: ``values`` [N] key-major,
         ``lengths`` [T*B] bag sizes (``dlrmc.runtime.validate.check_kjt``)."""
-        return self._predict(lambda: flat_kjt(self.arch, dense_x, values, lengths),
+        return self._predict("kjt", (dense_x, values, lengths),
+                             lambda: flat_kjt(self.arch, dense_x, values, lengths),
                              lambda: check_kjt(self.arch, dense_x, values, lengths), logits)
 
     def predict_batch(self, batch, logits: bool = False) -> np.ndarray:
         """``predict`` for a batch ``dlrmc.runtime.validate`` already checked, in the flat
         layout its checks return (what ``dlrm-serve`` runs, its requests merged by
         ``plan.merge_batches``)."""
-        return self._predict(lambda: batch, lambda: batch, logits)
+        return self._predict("jagged", batch, lambda: batch, lambda: batch, logits)
 
     def _plan(self, batch: int) -> list[tuple[int, int]]:
         """``plan.pick`` for this artifact's buckets, remembered per batch size."""
@@ -332,47 +355,76 @@ class CompiledDLRM:
                 self._plans[batch] = plan
         return plan
 
-    def _predict(self, cheap: Callable[[], tuple | None], full: Callable[[], tuple],
-                 logits: bool) -> np.ndarray:
-        """Run a batch given by its checks (``dlrmc.runtime.validate``): ``full`` checks it
-        and returns it in the flat layout; ``cheap`` checks only what the compiled code
-        does not (or returns None where it cannot tell cheaply). With an artifact that
-        checks its inputs and a batch one entry runs, ``cheap`` is enough and the batch
-        goes into this thread's ``BucketInputs``; if the compiled code refuses it, ``full``
+    def _predict(self, layout: str, args: tuple, cheap: Callable[[], tuple | None],
+                 full: Callable[[], tuple], logits: bool) -> np.ndarray:
+        """Run a batch given by ``args`` in ``layout`` and by its checks
+        (``dlrmc.runtime.validate``): ``full`` checks it and returns it in the flat layout;
+        ``cheap`` checks only what the compiled code does not (or returns None where it
+        cannot tell cheaply). With an artifact that checks its inputs and a batch one entry
+        runs, the batch goes into this thread's ``BucketInputs``, by ``runtime/_fill.c`` where
+        it is the plain case, else after ``cheap``; if the compiled code refuses it, ``full``
         says why."""
         self.check_logits(logits)
-        batch = None
-        if self._checked:
+        call = self._fill_native(layout, args) if self._checked else None
+        if call is None and self._checked:
             try:
-                batch = cheap()
+                call = self._fill(cheap())
             except InputError:
                 raise
             except Exception:   # noqa: BLE001 - an odd input: the full checks name it
-                batch = None
-        plan = self._plan(batch[0].shape[0]) if batch is not None else []
-        if len(plan) != 1:
+                call = None
+        if call is None:
             return self._run(self._bind(*full()), logits)
-        dense, indices, offsets = batch
-        size = plan[0][1]
-        entry = self._entry(size)
-        if size:
-            inputs = self._local.inputs.get(size)
-            if inputs is None:
-                inputs = self._local.inputs[size] = BucketInputs(
-                    size, dense.shape[1], self.num_tables)
-            args = inputs.fill(dense, indices, offsets)
-        else:
-            args = to_tvm([dense, joined(indices).astype(np.int64, copy=False),
-                           offsets.astype(np.int64, copy=False)])
+        entry, tensors, rows = call
         try:
-            out = entry(*args, *self._weights)
+            out = entry(*tensors, *self._weights)
         except ValueError as e:
             if BAD_FLAT_INPUT not in str(e):
                 raise
             full()      # raises the InputError that names the table and position
             raise InputError(f"the compiled model refused the batch ({BAD_FLAT_INPUT}), "
                              "though the runtime's checks pass it") from None
-        return self.as_requested(np.from_dlpack(out)[:dense.shape[0]], logits)
+        return self.as_requested(np.from_dlpack(out)[:rows], logits)
+
+    def _inputs(self, size: int) -> BucketInputs:
+        """This thread's input tensors for bucket ``size``."""
+        inputs = self._local.inputs.get(size)
+        if inputs is None:
+            inputs = self._local.inputs[size] = BucketInputs(size, self.arch["mlp_bot"][0],
+                                                             self.num_tables)
+        return inputs
+
+    def _fill_native(self, layout: str, args: tuple):
+        """(entry, its inputs, rows) for a batch one bucket runs, filled by
+        ``runtime/_fill.c``; None where it declines the batch, or is not built."""
+        dense = args[0]
+        if native_fill is None or not isinstance(dense, np.ndarray) or dense.ndim != 2:
+            return None
+        rows = dense.shape[0]
+        plan = self._plan(rows) if rows else ()
+        if len(plan) != 1 or not plan[0][1]:
+            return None
+        size = plan[0][1]
+        entry = self._entry(size)       # (first: it makes this thread's state)
+        tensors = self._inputs(size).fill_native(layout, *args)
+        return None if tensors is None else (entry, tensors, rows)
+
+    def _fill(self, batch: tuple | None):
+        """``_fill_native``'s result for a flat batch ``cheap`` passed, filled in numpy
+        (``BucketInputs.fill``), or for a batch larger than every bucket (``main``) handed
+        over in one copy; None for a batch split over several entries."""
+        plan = self._plan(batch[0].shape[0]) if batch is not None else []
+        if len(plan) != 1:
+            return None
+        dense, indices, offsets = batch
+        size = plan[0][1]
+        entry = self._entry(size)
+        if size:
+            tensors = self._inputs(size).fill(dense, indices, offsets)
+        else:
+            tensors = to_tvm([dense, joined(indices).astype(np.int64, copy=False),
+                              offsets.astype(np.int64, copy=False)])
+        return entry, tensors, dense.shape[0]
 
     def check_logits(self, logits: bool) -> None:
         """Refuse ``logits=True`` for a model that ends in a sigmoid."""

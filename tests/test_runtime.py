@@ -18,6 +18,19 @@ from dlrmc.runtime import InputError, load
 from conftest import TINY, make_batch, rewrite_manifest, run, torch_predict
 
 
+@pytest.fixture(params=["native", "numpy"])
+def fill(request, monkeypatch):
+    """A test of batches run both ways ``predict`` fills its buffers: by runtime/_fill.c,
+    and in numpy (an install built without a C compiler)."""
+    import dlrmc.runtime.model as model
+
+    if request.param == "native":
+        assert model.native_fill is not None, "runtime/_fill.c was not built (pip install)"
+    else:
+        monkeypatch.setattr(model, "native_fill", None)
+    return request.param
+
+
 def test_runs_without_torch_and_without_the_compiler(compiled, tmp_path):
     c = compiled(TINY)
     dense, offsets, indices = make_batch(TINY, 33, np.random.default_rng(7), max_bag=5)
@@ -74,6 +87,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.usefixtures("fill")
 @pytest.mark.parametrize("name,mutate,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_is_a_clear_error(compiled, name, mutate, message):
     c = compiled(TINY)
@@ -86,6 +100,7 @@ def test_bad_input_is_a_clear_error(compiled, name, mutate, message):
 INT_DTYPES = (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)
 
 
+@pytest.mark.usefixtures("fill")
 @pytest.mark.parametrize("dtype", INT_DTYPES, ids=lambda t: np.dtype(t).name)
 def test_every_integer_dtype_for_offsets_and_indices(compiled, dtype):
     """Any integer dtype is read as the same values; each type's edge values, as an offset or
@@ -113,6 +128,7 @@ def test_every_integer_dtype_for_offsets_and_indices(compiled, dtype):
             c.runtime.predict(dense, typed_o, idx)
 
 
+@pytest.mark.usefixtures("fill")
 def test_tables_of_different_dtypes_and_index_counts_that_outgrow_the_buffer(compiled):
     """``predict`` concatenates the tables' index arrays straight into its bucket's buffer,
     which grows with the batch's index count: tables of different integer dtypes and batches
@@ -141,6 +157,7 @@ def test_unsigned_offsets_past_int64_through_dlrm_run(compiled, tmp_path):
     assert "lS_o[0, 4] = 9223372036854775813 is beyond int64's range" in res.stderr
 
 
+@pytest.mark.usefixtures("fill")
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=str)
 def test_non_finite_dense_features_are_refused_on_every_bucket_path(compiled, value):
     """PyTorch gives NaN for such a row, the compiled ReLU would not: refused instead."""
@@ -153,6 +170,7 @@ def test_non_finite_dense_features_are_refused_on_every_bucket_path(compiled, va
             c.runtime.predict(dense, offsets, indices)
 
 
+@pytest.mark.usefixtures("fill")
 def test_concurrent_predict_on_one_model_equals_serial(compiled):
     """8 threads x 200 calls on one loaded model, batch sizes across every bucket path; each
     output equals the single-threaded one."""
@@ -326,6 +344,7 @@ def _flat(offsets, indices):
     return values, np.array(flat + [start]), np.array(lengths)
 
 
+@pytest.mark.usefixtures("fill")
 @pytest.mark.parametrize("dtype", [np.int32, np.int64])
 def test_flat_and_kjt_layouts_agree_with_pytorch(compiled, dtype):
     """predict_jagged and predict_kjt on variable bags with empty ones, across bucket paths."""
@@ -341,6 +360,7 @@ def test_flat_and_kjt_layouts_agree_with_pytorch(compiled, dtype):
             dense, values.astype(dtype), lengths.astype(dtype)), want, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.usefixtures("fill")
 def test_bad_flat_and_kjt_input_names_the_table_and_position(compiled):
     c = compiled(TINY)
     dense, offsets, indices = make_batch(TINY, 4, np.random.default_rng(0), max_bag=2,
@@ -404,6 +424,7 @@ def test_the_compiled_code_checks_its_flat_inputs(compiled, tmp_path):
             model.predict_jagged(dense, bad, flat)
 
 
+@pytest.mark.usefixtures("fill")
 def test_bucket_inputs_are_rewritten_for_every_call(compiled):
     """Calls at one bucket reuse one thread's input tensors: a batch with many more indices
     than the last (the index buffer grows), a padded one after a full one, and the same
