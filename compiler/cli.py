@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # fail before building a large model: the output, the target, what its backend refuses
         check_replaceable(args.output)
-        backend_for(parse_target(args.target)).check_options(
-            emb_quant=args.emb_quant, precision=args.precision != "fp32",
-            mlp_quant=args.mlp_quant, tuning_log=args.tuning_log)
+        backend = backend_for(parse_target(args.target))
+        backend.check_options(emb_quant=args.emb_quant, precision=args.precision != "fp32",
+                              mlp_quant=args.mlp_quant, tuning_log=args.tuning_log)
         buckets = None if args.buckets is None else parse_buckets(args.buckets)
         if args.tuning_log:
             read_log_manifest(args.tuning_log)
@@ -129,13 +129,20 @@ def main(argv: list[str] | None = None) -> int:
             if not args.onnx:
                 raise
             return _compile_generic(args, e)
+        emb_quant = args.emb_quant or model.stored_quant
+        if emb_quant and not args.emb_quant:
+            kept = "emb_quant" not in backend.refuses
+            print(f"[dlrmc] the checkpoint's tables are row-wise {emb_quant} (a quantized "
+                  "TorchRec model): " + (f"kept as they are (--emb-quant {emb_quant})" if kept
+                                         else "decoded to float32 for this target"), flush=True)
+            emb_quant = emb_quant if kept else None
         calibration = None
         if args.mlp_quant:
             from ..frontend.dataset import ProcessedData
             data = ProcessedData.load(args.calibration_data, args.max_ind_range)
             calibration = data.sample(args.calibration_rows, arch)
         compile_model(model, arch, args.target, args.output, buckets=buckets,
-                      tuning_log=args.tuning_log, emb_quant=args.emb_quant,
+                      tuning_log=args.tuning_log, emb_quant=emb_quant,
                       precision=args.precision, mlp_quant=args.mlp_quant,
                       calibration=calibration, progress=not args.no_progress)
         print(f"wrote {args.output}", flush=True)
@@ -152,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"running a batch of {args.check} through it and PyTorch eager", flush=True)
             diff = check_artifact(model, args.output, args.check, args.seed)
             # reduced-precision builds are compared with the fp32 model: their error shows
-            exact = args.emb_quant is None and args.precision == "fp32" and not args.mlp_quant
+            # (tables kept as the checkpoint stores them are the model's own values)
+            exact = emb_quant in (None, model.stored_quant) and args.precision == "fp32" and \
+                not args.mlp_quant
             tolerance = 1e-4 if exact else 5e-2
             if diff > tolerance:
                 print("dlrm-compile: error: the artifact disagrees with PyTorch", file=sys.stderr)

@@ -45,7 +45,7 @@ from tvm.relax.frontend.torch.exported_program_translator import ExportedProgram
 from ..frontend.ops import Pooling
 from ..schedules.dense import narrow, pack_kernel
 from ..schedules.dense_lowp import pack_lowp_kernel, quantize_pack_kernel, words
-from ..schedules.embedding_bag import PREFETCH, QUANTS, fused_width, quantize_rows
+from ..schedules.embedding_bag import PREFETCH, QUANTS, fused_rows, fused_width, quantize_rows
 from ..schedules.interaction import output_width
 from ..schedules.kernels import make
 from ..targets import backend_for
@@ -460,9 +460,10 @@ STREAM_BYTES = 1 << 25   # float32 bytes of a table drawn (and quantised) at a t
 @dataclass(frozen=True)
 class StreamedTable:
     """A table that is drawn as it is written (an ``artifact.format.StreamedArray``):
-    ``source``'s rows (``frontend.model.RandomTable``), row-wise quantised with ``quant``
-    (None: float32), in pieces of ``STREAM_BYTES`` drawn on every core, in order, a few
-    pieces ahead of the writer."""
+    ``source``'s rows (``frontend.model.RandomTable``, or ``frontend.checkpoint.StoredRows``:
+    a quantised checkpoint's, whose codes are kept as they are when ``quant`` is theirs),
+    row-wise quantised with ``quant`` (None: float32), in pieces of ``STREAM_BYTES`` drawn on
+    every core, in order, a few pieces ahead of the writer."""
 
     source: object
     quant: str | None = None
@@ -481,6 +482,8 @@ class StreamedTable:
         return self.shape[0] * self.shape[1] * self.dtype.itemsize
 
     def _piece(self, lo: int, hi: int) -> np.ndarray:
+        if self.quant is not None and getattr(self.source, "quant", None) == self.quant:
+            return fused_rows(*self.source.codes(lo, hi))   # stored so: its codes as they are
         rows = self.source.draw(lo, hi)
         return rows if self.quant is None else quantize_rows(rows, self.quant)
 

@@ -17,14 +17,22 @@ the strict upper triangle of the Gram matrix in row-major order, ours the strict
 match. ``DLRM_DCN``'s cross layers (``inter_arch.crossnet``) become our ``dcn`` interaction
 and ``DLRM_Projection``'s two branches (``inter_arch.interaction_branch{1,2}``) our
 ``projection`` one, each in TorchRec's own feature order.
+
+TorchRec's quantized inference model (``torchrec.inference.modules.quantize_inference_model``)
+holds its tables as FBGEMM's table-batched rows (``StoredRows``); its state_dict names each
+table's type in ``tbes.N.weights_tys``. They are read as they are: int8 and int4 tables
+keep their codes in the artifact, and the others (fp16, bf16, fp32, int2) are widened to the
+float32 values TorchRec computes with.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import zipfile
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -68,7 +76,7 @@ def read_checkpoint(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]"
     if other:
         raise CheckpointError(f"{path!r} is {other}")
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
+        with torch.serialization.safe_globals(_numpy_safe_globals() + _PACKED):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
         raise CheckpointError(f"cannot load checkpoint {path!r} safely: "
@@ -78,7 +86,31 @@ def read_checkpoint(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]"
         raise CheckpointError(
             f"checkpoint {path!r} holds neither a state_dict nor a dict with a 'state_dict' of "
             "tensors")
-    return _unwrapped(sd)
+    return _unwrapped({k: _unpacked(k, v) for k, v in sd.items()})
+
+
+class _PackedUInt(torch.Tensor):
+    """What ``read_checkpoint`` builds where a file pickles TorchRec's UInt4Tensor or
+    UInt2Tensor (its int4 and int2 tables' type): none of TorchRec's code runs, and the plain
+    uint8 tensor it wraps (``elem``) takes its place (``_unpacked``)."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise TypeError("a stand-in for TorchRec's packed table; its data is .elem")
+
+
+_PACKED = [(_PackedUInt, f"torchrec.tensor_types.UInt{bits}Tensor") for bits in (4, 2)]
+
+
+def _unpacked(key: str, value: torch.Tensor) -> torch.Tensor:
+    if not isinstance(value, _PackedUInt):
+        return value
+    elem = value.__dict__.get("elem")
+    if type(elem) is not torch.Tensor or elem.dtype != torch.uint8 or elem.dim() != 2:
+        raise CheckpointError(f"{key}: a TorchRec packed table without a 2-D uint8 tensor in it")
+    return elem
 
 
 def _unpickling_refused(message: str) -> str:
@@ -189,8 +221,125 @@ def _layers(sd: dict, prefix: str) -> list[tuple[int, ...]]:
 
 
 TORCHREC_TABLES = "sparse_arch.embedding_bag_collection.embedding_bags."
+TORCHREC_TBES = "sparse_arch.embedding_bag_collection.tbes."     # a quantized model's
 TORCHREC_CROSSNET = "inter_arch.crossnet."
 TORCHREC_BRANCH = "inter_arch.interaction_branch{}.model._mlp"   # DLRM_Projection
+# FBGEMM's SparseType numbers, as a quantized TorchRec model's weights_tys holds them
+SPARSE_TYPES = {0: "fp32", 1: "fp16", 2: "int8", 3: "int4", 4: "int2", 5: "bf16"}
+_CODE_BITS = {"int8": 8, "int4": 4, "int2": 2}
+
+
+@dataclass(frozen=True, eq=False)
+class StoredRows:
+    """A table as FBGEMM's table-batched inference rows hold it (TorchRec's quantized model):
+    ``data`` uint8 [V, row bytes], each row ``dim`` values of ``kind`` (``SPARSE_TYPES``):
+    float ones in the row's first bytes; int8, int4 and int2 ones as a float16 scale and
+    bias, then the codes, several a byte from the low bits up. Decoded when asked, a table
+    source as ``model.RandomTable`` is (``draw``, ``take``); ``codes`` gives an int8 or int4
+    table's rows as stored."""
+
+    data: np.ndarray
+    kind: str
+    dim: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.data), self.dim
+
+    @property
+    def quant(self) -> str | None:
+        """"int8" or "int4", the row-wise quantisation these rows are in, or None."""
+        return self.kind if self.kind in ("int8", "int4") else None
+
+    @staticmethod
+    def row_bytes(kind: str, dim: int) -> int:
+        if kind in _CODE_BITS:
+            return 4 + math.ceil(dim * _CODE_BITS[kind] / 8)
+        return dim * (4 if kind == "fp32" else 2)
+
+    def draw(self, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo`` to ``hi`` as float32, the values TorchRec computes with."""
+        return self._decode(self.data[lo:hi])
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return self._decode(self.data[rows])
+
+    def codes(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """An int8 or int4 table's rows ``lo`` to ``hi`` as stored: the codes, uint8 [n,
+        code bytes], and each row's scale and bias as float32."""
+        return self._split(self.data[lo:hi])
+
+    def _split(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        qparams = np.ascontiguousarray(rows[:, :4]).view("<f2").astype(np.float32)
+        return rows[:, 4:self.row_bytes(self.kind, self.dim)], qparams[:, 0], qparams[:, 1]
+
+    def _decode(self, rows: np.ndarray) -> np.ndarray:
+        d = self.dim
+        if self.kind == "fp32":
+            return np.ascontiguousarray(rows[:, :4 * d]).view("<f4")
+        if self.kind == "fp16":
+            return np.ascontiguousarray(rows[:, :2 * d]).view("<f2").astype(np.float32)
+        if self.kind == "bf16":
+            return (np.ascontiguousarray(rows[:, :2 * d]).view("<u2").astype(np.uint32)
+                    << 16).view(np.float32)
+        codes, scale, bias = self._split(rows)
+        bits = _CODE_BITS[self.kind]
+        values = np.stack([(codes >> s) & (2 ** bits - 1) for s in range(0, 8, bits)], axis=2)
+        values = values.reshape(len(rows), -1)[:, :d].astype(np.float32)
+        return values * scale[:, None] + bias[:, None]
+
+
+def _stored_tables(sd: dict, tables: list[str]) -> list[StoredRows]:
+    """The tables of TorchRec's quantized inference model, each typed and sized by its TBE's
+    ``weights_tys`` and ``D_offsets`` (the TBEs list the tables in the collection's order)."""
+    tbes = sorted(int(m.group(1)) for k in sd
+                  if (m := re.fullmatch(rf"{re.escape(TORCHREC_TBES)}(\d+)\.weights_tys", k)))
+    if not tbes:
+        raise CheckpointError(
+            f"TorchRec checkpoint: {tables[0]} is {sd[tables[0]].dtype}, a quantized table, and "
+            "the file does not say the tables' types (FBGEMM's tbes.N.weights_tys); save the "
+            "state_dict of the model torchrec.inference's quantize_inference_model returns, "
+            "which has them")
+    if tbes != list(range(len(tbes))):
+        raise CheckpointError(f"TorchRec checkpoint: its TBEs are {TORCHREC_TBES}{tbes}, "
+                              "expected 0, 1, 2, ...")
+    kinds, dims, rows = [], [], []
+    for n in tbes:
+        pre = f"{TORCHREC_TBES}{n}."
+        tys, offsets = sd[pre + "weights_tys"], sd.get(pre + "D_offsets")
+        if offsets is None or tys.dim() != 1 or offsets.dim() != 1 or \
+                len(offsets) != len(tys) + 1:
+            raise CheckpointError(f"TorchRec checkpoint: {pre}weights_tys and {pre}D_offsets "
+                                  "do not describe the same tables")
+        for remap in ("index_remappings_array", "index_remapping_hash_table"):
+            if sd.get(pre + remap) is not None and sd[pre + remap].numel():
+                raise CheckpointError(f"TorchRec checkpoint: {pre}{remap} is not empty: pruned "
+                                      "tables (ids remapped to rows) are not supported")
+        for ty in tys.tolist():
+            if ty not in SPARSE_TYPES:
+                raise CheckpointError(f"TorchRec checkpoint: {pre}weights_tys holds FBGEMM "
+                                      f"table type {ty}; supported: {SPARSE_TYPES}")
+            kinds.append(SPARSE_TYPES[ty])
+        dims += np.diff(offsets.numpy().astype(np.int64)).tolist()
+        per = sd.get(pre + "rows_per_table")
+        rows += per.tolist() if per is not None and len(per) == len(tys) else [None] * len(tys)
+    if len(kinds) != len(tables):
+        raise CheckpointError(f"TorchRec checkpoint: its TBEs' weights_tys type {len(kinds)} "
+                              f"tables; it has {len(tables)}")
+    out = []
+    for key, kind, dim, n in zip(tables, kinds, dims, rows):
+        w = sd[key]
+        if w.dtype != torch.uint8 or w.dim() != 2:
+            raise CheckpointError(f"TorchRec checkpoint: {key} is {w.dtype} {list(w.shape)}, not "
+                                  "the uint8 rows of a quantized model's table")
+        need = StoredRows.row_bytes(kind, dim) if dim > 0 else 0
+        if not need or w.shape[1] < need or n not in (None, w.shape[0]):
+            raise CheckpointError(
+                f"TorchRec checkpoint: {key} has {w.shape[0]} rows of {w.shape[1]} bytes; its "
+                f"TBE says {n if n is not None else 'its'} rows of {dim} {kind} values "
+                f"({need} bytes each)")
+        out.append(StoredRows(w.numpy(), kind, dim))
+    return out
 
 
 def _torchrec_mlp(sd: dict, prefix: str, out: dict, target: str) -> int:
@@ -234,12 +383,14 @@ def _check_tables_together(sd: dict) -> None:
 
 
 def from_torchrec(sd: dict, features_per_table: tuple[int, ...] | None = None
-                  ) -> tuple[dict, dict] | None:
-    """A TorchRec DLRM state_dict as ours and the Arch fields it fixes; None when ``sd`` is
-    not TorchRec's. ``features_per_table``: how many features each table serves (an
-    EmbeddingBagConfig's feature_names, which a state_dict does not record); a table that
-    serves several becomes that many of ours, holding the same tensor (the features come
-    table by table, as TorchRec's EmbeddingBagCollection orders them)."""
+                  ) -> tuple[dict, dict, dict] | None:
+    """A TorchRec DLRM state_dict as ours, the Arch fields it fixes, and the tables a
+    quantized model stores (our state_dict name -> ``StoredRows``; in ours they are float32
+    tensors on the meta device); None when ``sd`` is not TorchRec's.
+    ``features_per_table``: how many features each table serves (an EmbeddingBagConfig's
+    feature_names, which a state_dict does not record); a table that serves several becomes
+    that many of ours, holding the same tensor (the features come table by table, as
+    TorchRec's EmbeddingBagCollection orders them)."""
     if not any(k.startswith(TORCHREC_TABLES) for k in sd):
         return None
     _check_tables_together(sd)
@@ -253,15 +404,16 @@ def from_torchrec(sd: dict, features_per_table: tuple[int, ...] | None = None
     for key in tables:
         if not key.endswith(".weight"):
             raise CheckpointError(f"TorchRec checkpoint: unexpected table key {key}")
-        if not sd[key].is_floating_point():
-            raise CheckpointError(
-                f"TorchRec checkpoint: {key} is {sd[key].dtype}, a quantized table (TorchRec's "
-                "inference model, torchrec.inference quantize_embeddings); compile the float "
-                "model's checkpoint instead, and --emb-quant int8 or int4 quantizes its tables "
-                "row-wise as FBGEMM does")
+    values = {key: sd[key] for key in tables}
+    stored = {}
+    if not all(v.is_floating_point() for v in values.values()):
+        stored = dict(zip(tables, _stored_tables(sd, tables)))
+        values = {key: torch.empty(rows.shape, device="meta") for key, rows in stored.items()}
     feature_tables = [key for key, n in zip(tables, counts) for _ in range(n)]
     for k, key in enumerate(feature_tables):
-        out[f"emb_l.{k}.weight"] = sd[key]
+        out[f"emb_l.{k}.weight"] = values[key]
+    stored = {f"emb_l.{k}.weight": stored[key] for k, key in enumerate(feature_tables)
+              if key in stored}
     _torchrec_mlp(sd, "dense_arch.model._mlp", out, "bot_l")
     hidden = _torchrec_mlp(sd, "over_arch.model.0._mlp", out, "top_l")
     for part in ("weight", "bias"):
@@ -276,7 +428,8 @@ def from_torchrec(sd: dict, features_per_table: tuple[int, ...] | None = None
     out.update((f"cross_l.{k[len(TORCHREC_CROSSNET):]}", v) for k, v in cross.items())
     known = set(tables) | set(cross) | {k for k in sd if k.startswith((
         "dense_arch.model._mlp.", "over_arch.model.", TORCHREC_BRANCH.format(1),
-        TORCHREC_BRANCH.format(2)))}
+        TORCHREC_BRANCH.format(2)))} | ({k for k in sd if k.startswith(TORCHREC_TBES)}
+                                         if stored else set())
     unexpected = sorted(set(sd) - known)
     if unexpected:
         raise CheckpointError(f"TorchRec checkpoint: unexpected keys {', '.join(unexpected[:6])}")
@@ -290,12 +443,12 @@ def from_torchrec(sd: dict, features_per_table: tuple[int, ...] | None = None
         # both take the features concatenated: [(tables + 1) * dim] wide
         key = "cross_l.V_kernels.0" if cross else "proj_l1.0.weight"
         width = out[key].shape[-1] if key in out else 0     # (a missing one: infer_arch)
-        dim = sd[tables[0]].shape[-1]
+        dim = values[tables[0]].shape[-1]
         if dim and width % dim == 0 and width // dim - 1 > len(feature_tables):
             raise CheckpointError(f"TorchRec checkpoint: {key} takes {width // dim} features of "
                                   f"width {dim}, {width // dim - 1} beside the dense one, on "
                                   f"{len(tables)} tables{SHARED_TABLES}")
-        return out, {"output": "logit"}
+        return out, {"output": "logit"}, stored
     first = out["top_l.0.weight"]
     features = len(feature_tables) + 1
     if first.dim() != 2 or first.shape[1] != dense + num_pairs(features, False):
@@ -310,7 +463,7 @@ def from_torchrec(sd: dict, features_per_table: tuple[int, ...] | None = None
                 if shared else ""))
     order = torchrec_pair_order(features)
     out["top_l.0.weight"] = torch.cat([first[:, :dense], first[:, dense:][:, order]], dim=1)
-    return out, {"interaction_op": "dot", "interaction_itself": False, "output": "logit"}
+    return out, {"interaction_op": "dot", "interaction_itself": False, "output": "logit"}, stored
 
 
 def torchrec_pair_order(features: int) -> list[int]:
@@ -452,16 +605,21 @@ def check_state_dict(arch: Arch, sd: dict) -> None:
 
 
 def load_model(path: str | os.PathLike, given: dict | None = None,
-               features_per_table: tuple[int, ...] | None = None) -> DLRM:
+               features_per_table: tuple[int, ...] | None = None,
+               lazy_tables: bool = False) -> DLRM:
     """A DLRM holding the checkpoint's weights (no copy beyond a float32 cast); a TorchRec
-    DLRM's too (``from_torchrec``, ``features_per_table`` for its shared tables)."""
+    DLRM's too (``from_torchrec``, ``features_per_table`` for its shared tables). The tables
+    of TorchRec's quantized model are decoded to float32, or with ``lazy_tables`` left on the
+    meta device with their ``StoredRows`` as the model's ``table_sources`` (a compile writes
+    them piece by piece, an int8 or int4 table's codes as they are)."""
     sd = read_checkpoint(path)
     torchrec = from_torchrec(sd, features_per_table)
+    stored: dict = {}
     if features_per_table and torchrec is None:
         raise CheckpointError("--features-per-table is for TorchRec checkpoints, whose tables "
                               f"may serve several features; {path} is not one")
     if torchrec is not None:
-        sd, fixed = torchrec
+        sd, fixed, stored = torchrec
         clash = {k: v for k, v in (given or {}).items() if k in fixed and fixed[k] != v}
         if clash:
             raise CheckpointError(f"a TorchRec DLRM checkpoint fixes "
@@ -469,5 +627,9 @@ def load_model(path: str | os.PathLike, given: dict | None = None,
         given = {**(given or {}), **fixed}
     arch = infer_arch(sd, given)
     model = DLRM(arch, init=False)
+    if stored and not lazy_tables:
+        sd.update((k, torch.from_numpy(rows.draw(0, rows.shape[0]))) for k, rows in stored.items())
+        stored = {}
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
+    model.table_sources.update(stored)
     return model.eval()

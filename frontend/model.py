@@ -153,7 +153,7 @@ class DLRM(nn.Module):
         self.arch = arch
         rng = np.random.default_rng(seed) if init else None
         m = arch.sparse_feature_size
-        self.table_sources: dict[str, RandomTable] = {}
+        self.table_sources: dict = {}    # state_dict name -> RandomTable (or StoredRows)
         if lazy_tables and init:
             start = 0
             for k, n in enumerate(arch.embedding_sizes):
@@ -176,6 +176,14 @@ class DLRM(nn.Module):
             self.proj_l2 = _mlp(arch.proj_widths(2), "relu", rng)
         self.bot_l = _mlp(arch.mlp_bot, "relu", rng)
         self.top_l = _mlp(arch.ln_top, "sigmoid" if arch.output == "probability" else "none", rng)
+
+    @property
+    def stored_quant(self) -> str | None:
+        """"int8" or "int4" where every table's source already holds its rows so (a quantized
+        TorchRec checkpoint's ``StoredRows``), else None."""
+        kinds = {getattr(s, "quant", None) for s in self.table_sources.values()}
+        return kinds.pop() if len(kinds) == 1 and len(self.table_sources) == len(self.emb_l) \
+            else None
 
     def _pool_weights(self, k: int):
         if self.arch.weighted_pooling == "learned":

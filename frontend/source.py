@@ -47,7 +47,8 @@ def model_from_args(args: argparse.Namespace, log=print, lazy_tables: bool | str
                     ) -> tuple[DLRM, Arch]:
     """The eval-mode model and its architecture that ``args`` describe. Random tables are
     left undrawn (``DLRM(lazy_tables=True)``) with ``lazy_tables``, or with "too-big" only
-    when they cannot be held in memory (``tables_too_big``)."""
+    when they cannot be held in memory (``tables_too_big``); a quantized TorchRec
+    checkpoint's tables are left as stored with ``lazy_tables`` (``load_model``)."""
     given = given_fields(args)
     shared = getattr(args, "features_per_table", None)
     if getattr(args, "onnx", None):
@@ -64,7 +65,8 @@ def model_from_args(args: argparse.Namespace, log=print, lazy_tables: bool | str
         if args.preset:
             given = {**PRESETS[args.preset].to_dict(), **given}
         model = load_model(args.load_model, given,
-                           parse_dashed(shared, "--features-per-table") if shared else None)
+                           parse_dashed(shared, "--features-per-table") if shared else None,
+                           lazy_tables=lazy_tables is True)
         log(f"loaded {args.load_model}: {model.arch.describe()}")
         return model, model.arch
     preset = args.preset

@@ -337,10 +337,22 @@ def quantize_rows(weight: np.ndarray, quant: str = "int8", chunk: int = 1 << 20)
             if dim % 2:
                 codes = np.concatenate([codes, np.zeros((len(codes), 1), np.uint8)], axis=1)
             codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
-        part = out[start:start + chunk]
-        part[:, :c] = codes
-        part[:, c:c + 4] = scale.astype("<f4").view(np.uint8).reshape(-1, 4)
-        part[:, c + 4:] = lo.astype("<f4").view(np.uint8).reshape(-1, 4)
+        fused_rows(codes, scale, lo, out[start:start + chunk])
+    return out
+
+
+def fused_rows(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """Rows already quantised, as the fused layout (``quantize_rows``): ``codes`` uint8 [V,
+    ``code_bytes``] (int4 two a byte, the even value in the low nibble) and each row's scale
+    and bias (float32 [V]) -> uint8 [V, code bytes + ``FUSED_EXTRA``], written into ``out``
+    if given."""
+    c = codes.shape[1]
+    if out is None:
+        out = np.empty((len(codes), c + FUSED_EXTRA), np.uint8)
+    out[:, :c] = codes
+    out[:, c:c + 4] = np.ascontiguousarray(scale, "<f4").view(np.uint8).reshape(-1, 4)
+    out[:, c + 4:] = np.ascontiguousarray(bias, "<f4").view(np.uint8).reshape(-1, 4)
     return out
 
 

@@ -3,6 +3,8 @@ itself the oracle (installed by .ci/run; these tests skip where it is not)."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -193,8 +195,8 @@ def test_bad_torchrec_checkpoints_are_named(tmp_path):
     from torchrec.inference.modules import quantize_embeddings
     torch.save(quantize_embeddings(model, dtype=torch.qint8, inplace=False).state_dict(),
                tmp_path / "quantized.pt")
-    with pytest.raises(CheckpointError, match="t0.weight is torch.uint8, a quantized table .* "
-                       "--emb-quant int8 or int4"):
+    with pytest.raises(CheckpointError, match="t0.weight is torch.uint8, a quantized table, "
+                       "and the file does not say the tables' types .* quantize_inference_model"):
         load_model(tmp_path / "quantized.pt")
     one_branch = {k: v for k, v in _torchrec_model(
         (10, 12), 4, 3, [4], [8, 1], seed=0, dcn=("projection", [8], [12])).state_dict().items()
@@ -304,3 +306,124 @@ def test_the_compiled_torchrec_peers_compute_what_torchrec_eager_does(peer_name,
                            [torch.from_numpy(i) for i in lS_i])
         with torch.no_grad():
             torch.testing.assert_close(peer(*args), eager(*args), rtol=1e-5, atol=1e-6)
+
+
+QUANTIZED = {   # TorchRec's per_table_weight_dtype for tables t0..t3 -> the artifact's tables
+    "int8": ({}, "int8"),
+    "int4": ({f"t{k}": torch.quint4x2 for k in range(4)}, "int4"),
+    "mixed": ({"t0": torch.qint8, "t1": torch.quint4x2, "t2": torch.half, "t3": torch.quint2x4},
+              None),
+    "float": ({"t0": torch.float, "t1": torch.half, "t2": torch.half, "t3": torch.float},
+              None),
+}   # (bf16: FBGEMM's CPU quantize dies of SIGFPE making one; test_bf16_rows builds them)
+
+
+def _quantized(model, spec: dict):
+    from torchrec.inference.modules import quantize_inference_model
+
+    return quantize_inference_model(copy.deepcopy(model), per_table_weight_dtype=spec or None,
+                                    output_dtype=torch.float).eval()
+
+
+@pytest.mark.parametrize("dcn", [None, (2, 4)], ids=["dot", "dcn"])
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_a_quantized_torchrec_model_runs_as_torchrec_runs_it(name, dcn, tmp_path):
+    """TorchRec's quantized inference model (quantize_inference_model: FBGEMM's table-batched
+    rows, int8, int4, int2, fp16, bf16 and fp32 tables) compiled from its state_dict gives
+    the logits TorchRec's own quantized model gives: int8 and int4 tables keep their codes
+    in the artifact, the rest are widened to float32."""
+    rows = (40, 7, 90, 3)
+    spec, kept = QUANTIZED[name]
+    model = _quantized(_torchrec_model(rows, 8, 5, [16, 8], [32, 16, 1], seed=9, dcn=dcn), spec)
+    torch.save(model.state_dict(), tmp_path / "q.pt")
+    ours = load_model(tmp_path / "q.pt", lazy_tables=True)
+    assert ours.stored_quant == kept
+    compile_model(ours, ours.arch, None, str(tmp_path / "a"), log=lambda _: None,
+                  buckets=(4, 16), emb_quant=kept)
+    compiled = load(str(tmp_path / "a"))
+    assert compiled.manifest.emb_quant == kept
+    keys = [f"f{k}" for k in range(len(rows))]
+    for batch in (1, 4, 9, 37):
+        dense, values, lengths = _kjt_batch(rows, batch, 5, seed=batch)
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.from_numpy(values),
+                                                  lengths=torch.from_numpy(lengths))
+        with torch.no_grad():
+            want = model(torch.from_numpy(dense), kjt).numpy()
+        np.testing.assert_allclose(compiled.predict_kjt(dense, values, lengths, logits=True),
+                                   want, rtol=1e-5, atol=1e-5)
+    decoded = load_model(tmp_path / "q.pt")      # tables decoded into memory
+    assert not decoded.table_sources
+    dense, values, lengths = _kjt_batch(rows, 6, 5, seed=2)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    lS_o, lS_i = reference_layout(values, offsets, len(rows))
+    with torch.no_grad():
+        eager = decoded(torch.from_numpy(dense), torch.from_numpy(lS_o),
+                        [torch.from_numpy(i) for i in lS_i]).numpy()
+    np.testing.assert_allclose(eager, compiled.predict(dense, lS_o, lS_i, logits=True),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_dlrm_compile_keeps_a_quantized_torchrec_models_codes(tmp_path):
+    model = _quantized(_torchrec_model((50, 20, 7), 8, 4, [8], [16, 1], seed=3), {})
+    state = model.state_dict()
+    key = "sparse_arch.embedding_bag_collection.embedding_bags.t1.weight"
+    state[key][:, 4:12] = state[key][:, 4:12] // 2 + 20     # codes that span 20..147 only
+    torch.save(state, tmp_path / "q.pt")
+    res = run("dlrm-compile", "--load-model", str(tmp_path / "q.pt"), "-o",
+              str(tmp_path / "q.dlrmc"), "--check", "9", "--buckets", "8", "--no-progress")
+    assert "tables are row-wise int8 (a quantized TorchRec model): kept as they are" in \
+        res.stdout
+    diff = float(res.stdout.split("max |dlrmc - PyTorch| over batch 9:")[1].split()[0])
+    assert diff < 1e-6, res.stdout
+    assert load(str(tmp_path / "q.dlrmc")).manifest.emb_quant == "int8"
+    # the artifact holds TorchRec's rows: 8 codes, then its float16 scale and bias as float32
+    from dlrmc.artifact import read_manifest, read_weights
+    m = read_manifest(str(tmp_path / "q.dlrmc"))
+    tables = [w for w in read_weights(str(tmp_path / "q.dlrmc"), m) if w.dtype == np.uint8]
+    stored = state[key].numpy()
+    np.testing.assert_array_equal(tables[1][:, :8], stored[:, 4:12])
+    np.testing.assert_array_equal(tables[1][:, 8:].copy().view("<f4"),
+                                  stored[:, :4].copy().view("<f2").astype(np.float32))
+
+
+def test_bad_quantized_torchrec_checkpoints_are_named(tmp_path):
+    sd = _quantized(_torchrec_model((10, 12), 8, 3, [8], [8, 1], seed=0), {}).state_dict()
+    tbe = "sparse_arch.embedding_bag_collection.tbes.0."
+    table = "sparse_arch.embedding_bag_collection.embedding_bags.t1.weight"
+    cases = {
+        "untyped": ({k: v for k, v in sd.items() if not k.endswith("weights_tys")},
+                    "does not say the tables' types"),
+        "pruned": (dict(sd, **{tbe + "index_remappings_array": torch.arange(3, dtype=torch.int32)}),
+                   "index_remappings_array is not empty: pruned tables"),
+        "type": (dict(sd, **{tbe + "weights_tys": torch.tensor([2, 9], dtype=torch.uint8)}),
+                 "FBGEMM table type 9"),
+        "count": (dict(sd, **{tbe + "weights_tys": torch.tensor([2], dtype=torch.uint8)}),
+                  "weights_tys and .*D_offsets do not describe the same tables"),
+        "narrow": (dict(sd, **{table: sd[table][:, :8].clone()}),
+                   r"t1.weight has 12 rows of 8 bytes; its TBE says 12 rows of 8 int8 values "
+                   r"\(12 bytes each\)"),
+        "rows": (dict(sd, **{table: sd[table][:5].clone()}), "has 5 rows of 16 bytes; its TBE "
+                 "says 12 rows"),
+        "float among": (dict(sd, **{table: torch.ones(12, 8)}), "t1.weight is torch.float32"),
+    }
+    for name, (state, message) in cases.items():
+        torch.save(state, tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError, match=message):
+            load_model(tmp_path / f"{name}.pt")
+
+
+def test_bf16_rows_are_read_as_torch_widens_them(tmp_path):
+    """A quantized model's bf16 table (FBGEMM's type 5), its rows made here from an fp32
+    table's with torch's own bfloat16 rounding: read as torch widens bf16 to float32."""
+    spec = {f"t{k}": torch.float for k in range(2)}
+    sd = _quantized(_torchrec_model((10, 12), 8, 3, [8], [8, 1], seed=1), spec).state_dict()
+    table = "sparse_arch.embedding_bag_collection.embedding_bags.t1.weight"
+    values = sd[table][:, :32].contiguous().view(torch.float32)          # [12, 8]
+    bf16 = values.to(torch.bfloat16)
+    sd[table] = torch.cat([bf16.view(torch.uint8), torch.zeros(12, 16, dtype=torch.uint8)], 1)
+    sd["sparse_arch.embedding_bag_collection.tbes.0.weights_tys"] = torch.tensor(
+        [0, 5], dtype=torch.uint8)
+    torch.save(sd, tmp_path / "bf16.pt")
+    ours = load_model(tmp_path / "bf16.pt")
+    np.testing.assert_array_equal(ours.emb_l[1].weight.detach().numpy(), bf16.float().numpy())
+    assert not np.array_equal(bf16.float().numpy(), values.numpy())      # rounding happened
