@@ -155,59 +155,68 @@ static PyObject *reference(PyObject *self, PyObject *const *args, Py_ssize_t n) 
     return PyLong_FromLongLong(first);
 }
 
+/* What the flat layouts share: the buffers (args 3-5), the dense features (arg 0) copied,
+ * the indices (arg 1) and a second array (arg 2) of T*B + ``extra`` entries, both 1-D int32
+ * or int64 arrays. */
+typedef struct {
+    Buffers b;
+    PyArrayObject *idx, *aux;
+    int iw, aw;
+    npy_intp rows;
+} Flat;
+
+static int flat(PyObject *const *args, npy_intp extra, Flat *f) {
+    f->idx = plain(args[1], 1);
+    f->aux = plain(args[2], 1);
+    if (buffers(args[3], args[4], args[5], &f->b) || !f->idx || !f->aux ||
+        !(f->iw = int_width(f->idx)) || !(f->aw = int_width(f->aux)) ||
+        (f->rows = fill_dense(args[0], &f->b)) < 0 ||
+        PyArray_DIM(f->aux, 0) != f->b.tables * f->rows + extra)
+        return -1;
+    return 0;
+}
+
+/* Copy a flat layout's indices; their count. */
+static PyObject *flat_indices(const Flat *f) {
+    npy_intp count = PyArray_DIM(f->idx, 0);
+    if (count <= f->b.capacity) copy_ints(f->b.indices, PyArray_DATA(f->idx), f->iw, count);
+    return PyLong_FromSsize_t(count);
+}
+
 /* jagged(dense_x, indices, offsets, *buffers): FBGEMM's flat layout, indices [N] and
  * offsets [T*B+1]. */
 static PyObject *jagged(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     if (n != 6) return PyErr_Format(PyExc_TypeError, "jagged takes 6 arguments");
-    PyObject *dense = args[0], *idx_o = args[1], *off_o = args[2];
-    PyObject *bd = args[3], *bi = args[4], *bo = args[5];
-    Buffers b;
-    PyArrayObject *idx = plain(idx_o, 1), *off = plain(off_o, 1);
-    npy_intp rows;
-    int iw, ow;
-    if (buffers(bd, bi, bo, &b) || !idx || !off || !(iw = int_width(idx)) ||
-        !(ow = int_width(off)) || (rows = fill_dense(dense, &b)) < 0 ||
-        PyArray_DIM(off, 0) != b.tables * rows + 1)
-        return PyLong_FromLong(-1);
-    const void *o = PyArray_DATA(off);
-    for (npy_intp t = 0; t < b.tables; t++) {
-        for (npy_intp r = 0; r < rows; r++) b.offsets[t * b.size + r] = at(o, ow, t * rows + r);
-        pad_bags(&b, t, rows, at(o, ow, (t + 1) * rows));
+    Flat f;
+    if (flat(args, 1, &f)) return PyLong_FromLong(-1);
+    const void *o = PyArray_DATA(f.aux);
+    for (npy_intp t = 0; t < f.b.tables; t++) {
+        for (npy_intp r = 0; r < f.rows; r++)
+            f.b.offsets[t * f.b.size + r] = at(o, f.aw, t * f.rows + r);
+        pad_bags(&f.b, t, f.rows, at(o, f.aw, (t + 1) * f.rows));
     }
-    b.offsets[b.tables * b.size] = at(o, ow, b.tables * rows);
-    npy_intp count = PyArray_DIM(idx, 0);
-    if (count <= b.capacity) copy_ints(b.indices, PyArray_DATA(idx), iw, count);
-    return PyLong_FromSsize_t(count);
+    f.b.offsets[f.b.tables * f.b.size] = at(o, f.aw, f.b.tables * f.rows);
+    return flat_indices(&f);
 }
 
 /* kjt(dense_x, values, lengths, *buffers): TorchRec's KeyedJaggedTensor layout, values [N]
  * key-major and lengths [T*B]. */
 static PyObject *kjt(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     if (n != 6) return PyErr_Format(PyExc_TypeError, "kjt takes 6 arguments");
-    PyObject *dense = args[0], *val_o = args[1], *len_o = args[2];
-    PyObject *bd = args[3], *bi = args[4], *bo = args[5];
-    Buffers b;
-    PyArrayObject *val = plain(val_o, 1), *lens = plain(len_o, 1);
-    npy_intp rows;
-    int vw, lw;
-    if (buffers(bd, bi, bo, &b) || !val || !lens || !(vw = int_width(val)) ||
-        !(lw = int_width(lens)) || (rows = fill_dense(dense, &b)) < 0 ||
-        PyArray_DIM(lens, 0) != b.tables * rows)
-        return PyLong_FromLong(-1);
-    const void *l = PyArray_DATA(lens);
+    Flat f;
+    if (flat(args, 0, &f)) return PyLong_FromLong(-1);
+    const void *l = PyArray_DATA(f.aux);
     int64_t sum = 0;
-    for (npy_intp t = 0; t < b.tables; t++) {
-        for (npy_intp r = 0; r < rows; r++) {
-            b.offsets[t * b.size + r] = sum;
-            if (__builtin_add_overflow(sum, at(l, lw, t * rows + r), &sum))
+    for (npy_intp t = 0; t < f.b.tables; t++) {
+        for (npy_intp r = 0; r < f.rows; r++) {
+            f.b.offsets[t * f.b.size + r] = sum;
+            if (__builtin_add_overflow(sum, at(l, f.aw, t * f.rows + r), &sum))
                 return PyLong_FromLong(-1);
         }
-        pad_bags(&b, t, rows, sum);
+        pad_bags(&f.b, t, f.rows, sum);
     }
-    b.offsets[b.tables * b.size] = sum;
-    npy_intp count = PyArray_DIM(val, 0);
-    if (count <= b.capacity) copy_ints(b.indices, PyArray_DATA(val), vw, count);
-    return PyLong_FromSsize_t(count);
+    f.b.offsets[f.b.tables * f.b.size] = sum;
+    return flat_indices(&f);
 }
 
 static PyMethodDef methods[] = {
