@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="hash the calibration data's categories modulo N, as the model was "
                         "trained")
     p.add_argument("--no-progress", action="store_true",
-                   help="no progress lines on stderr while the stages run")
+                   help="no progress lines on stderr while the stages run (they show only "
+                        "where stderr is a terminal; each stage's time prints either way)")
     add_model_args(p)
     args = p.parse_args(argv)
     if args.check < 0:
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         compile_model(model, arch, args.target, args.output, buckets=buckets,
                       tuning_log=args.tuning_log, emb_quant=emb_quant,
                       precision=args.precision, mlp_quant=args.mlp_quant,
-                      calibration=calibration, progress=not args.no_progress)
+                      calibration=calibration, progress=not args.no_progress and sys.stderr.isatty())
         print(f"wrote {args.output}", flush=True)
         if args.check:
             from ..artifact import read_manifest
