@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import re
+import struct
+import subprocess
+import termios
+import threading
 
 import numpy as np
 import pytest
@@ -18,18 +24,49 @@ from dlrmc.frontend.model import DLRM
 from conftest import BARE_MANIFEST, foreign_target, make_batch, run, torch_predict, widest_runnable_target
 
 
+def run_on_terminal(*cmd) -> tuple[subprocess.CompletedProcess, str]:
+    """Run a command with its stderr on a pseudo-terminal, as in a shell: the result (stdout
+    captured) and what the terminal showed."""
+    master, slave = pty.openpty()
+    # a terminal 80 columns wide (a new pty is 0 wide, and tqdm fits its bars to that)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    shown = []
+
+    def drain():
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:         # EIO: the command closed the terminal's last end
+                return
+            if not chunk:
+                return
+            shown.append(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        res = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=slave,
+                             text=True, timeout=600)
+    finally:
+        os.close(slave)
+        reader.join(timeout=60)
+        os.close(master)
+    assert res.returncode == 0, b"".join(shown).decode(errors="replace")
+    return res, b"".join(shown).decode(errors="replace")
+
+
 def test_compile_checkpoint_then_run(tmp_path):
     arch = Arch(6, (30, 20, 10), (5, 12, 6), (8, 1), interaction_itself=True)
     model = DLRM(arch, seed=3).eval()
     torch.save({"state_dict": model.state_dict(), "train_acc": np.float64(0.5)}, tmp_path / "m.pt")
     out = tmp_path / "art"
     target = widest_runnable_target()
-    res = run("dlrm-compile", "--target", target, "--load-model",
-              str(tmp_path / "m.pt"), "-o", str(out), "--check", "7")
+    res, terminal = run_on_terminal("dlrm-compile", "--target", target, "--load-model",
+                                    str(tmp_path / "m.pt"), "-o", str(out), "--check", "7")
     for stage in ("export", "lower", "build", "write"):
         assert f"[dlrmc] {stage}" in res.stdout
-        assert f"[dlrmc] {stage}" in res.stderr         # progress while it runs
-    assert re.search(r"\[dlrmc\] write: +\d+%\|.*/2\.62k \[", res.stderr)   # weights' bytes
+        assert f"[dlrmc] {stage}" in terminal           # progress while it runs
+    assert re.search(r"\[dlrmc\] write: +\d+%\|.*/2\.62k \[", terminal)   # weights' bytes
     assert "[dlrmc] check: loading" in res.stdout
     assert "max |dlrmc - PyTorch| over batch 7" in res.stdout
     manifest = json.loads((out / "manifest.json").read_text())
@@ -170,6 +207,7 @@ def test_compile_for_a_cpu_we_are_not_on_builds_and_says_the_check_is_skipped(tm
     res = run("dlrm-compile", "--target", target, "--preset", "tiny", "-o", str(out),
               "--check", "3", check=False)
     assert res.returncode == 0, res.stderr
+    assert "[dlrmc] " not in res.stderr     # stderr a pipe: no progress lines
     assert "--check skipped on this machine" in res.stderr
     assert "needs CPU features this CPU lacks" in res.stderr
     assert (out / "model.so").is_file()
