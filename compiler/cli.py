@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         compile_model(model, arch, args.target, args.output, buckets=buckets,
                       tuning_log=args.tuning_log, emb_quant=emb_quant,
                       precision=args.precision, mlp_quant=args.mlp_quant,
-                      calibration=calibration, progress=not args.no_progress and sys.stderr.isatty())
+                      calibration=calibration,
+                      progress=not args.no_progress and sys.stderr.isatty())
         print(f"wrote {args.output}", flush=True)
         if args.check:
             from ..artifact import read_manifest

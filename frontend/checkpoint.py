@@ -306,11 +306,17 @@ def _stored_tables(sd: dict, tables: list[str]) -> list[StoredRows]:
     kinds, dims, rows = [], [], []
     for n in tbes:
         pre = f"{TORCHREC_TBES}{n}."
-        tys, offsets = sd[pre + "weights_tys"], sd.get(pre + "D_offsets")
+        tys, offsets, per = (sd.get(pre + name) for name in ("weights_tys", "D_offsets",
+                                                              "rows_per_table"))
         if offsets is None or tys.dim() != 1 or offsets.dim() != 1 or \
-                len(offsets) != len(tys) + 1:
+                len(offsets) != len(tys) + 1 or tys.is_floating_point() or \
+                offsets.is_floating_point():
             raise CheckpointError(f"TorchRec checkpoint: {pre}weights_tys and {pre}D_offsets "
                                   "do not describe the same tables")
+        if per is not None and (per.shape != tys.shape or per.is_floating_point()):
+            raise CheckpointError(f"TorchRec checkpoint: {pre}rows_per_table is "
+                                  f"{per.dtype} {list(per.shape)}; {pre}weights_tys types "
+                                  f"{len(tys)} tables")
         for remap in ("index_remappings_array", "index_remapping_hash_table"):
             if sd.get(pre + remap) is not None and sd[pre + remap].numel():
                 raise CheckpointError(f"TorchRec checkpoint: {pre}{remap} is not empty: pruned "
@@ -321,8 +327,7 @@ def _stored_tables(sd: dict, tables: list[str]) -> list[StoredRows]:
                                       f"table type {ty}; supported: {SPARSE_TYPES}")
             kinds.append(SPARSE_TYPES[ty])
         dims += np.diff(offsets.numpy().astype(np.int64)).tolist()
-        per = sd.get(pre + "rows_per_table")
-        rows += per.tolist() if per is not None and len(per) == len(tys) else [None] * len(tys)
+        rows += per.tolist() if per is not None else [None] * len(tys)
     if len(kinds) != len(tables):
         raise CheckpointError(f"TorchRec checkpoint: its TBEs' weights_tys type {len(kinds)} "
                               f"tables; it has {len(tables)}")
