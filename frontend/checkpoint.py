@@ -289,9 +289,10 @@ class StoredRows:
         return values * scale[:, None] + bias[:, None]
 
 
-def _stored_tables(sd: dict, tables: list[str]) -> list[StoredRows]:
-    """The tables of TorchRec's quantized inference model, each typed and sized by its TBE's
-    ``weights_tys`` and ``D_offsets`` (the TBEs list the tables in the collection's order)."""
+def _stored_tables(sd: dict, tables: list[str], counts: tuple[int, ...]) -> list[StoredRows]:
+    """The tables of TorchRec's quantized inference model, each typed and sized by its TBEs'
+    ``weights_tys`` and ``D_offsets``, which list the features in the collection's order
+    (table by table: ``counts`` features each, a shared table's entries repeated)."""
     tbes = sorted(int(m.group(1)) for k in sd
                   if (m := re.fullmatch(rf"{re.escape(TORCHREC_TBES)}(\d+)\.weights_tys", k)))
     if not tbes:
@@ -328,11 +329,18 @@ def _stored_tables(sd: dict, tables: list[str]) -> list[StoredRows]:
             kinds.append(SPARSE_TYPES[ty])
         dims += np.diff(offsets.numpy().astype(np.int64)).tolist()
         rows += per.tolist() if per is not None else [None] * len(tys)
-    if len(kinds) != len(tables):
-        raise CheckpointError(f"TorchRec checkpoint: its TBEs' weights_tys type {len(kinds)} "
-                              f"tables; it has {len(tables)}")
+    if len(kinds) != sum(counts):
+        raise CheckpointError(
+            f"TorchRec checkpoint: its TBEs' weights_tys type {len(kinds)} features; its "
+            f"{len(tables)} tables serve {sum(counts)}" +
+            (SHARED_TABLES if len(kinds) > len(tables) else ""))
     out = []
-    for key, kind, dim, n in zip(tables, kinds, dims, rows):
+    for key, f, count in zip(tables, np.cumsum([0, *counts[:-1]]).tolist(), counts):
+        kind, dim, n = kinds[f], dims[f], rows[f]
+        if {(k, d, r) for k, d, r in zip(*(x[f:f + count] for x in (kinds, dims, rows)))} != \
+                {(kind, dim, n)}:
+            raise CheckpointError(f"TorchRec checkpoint: {key} serves {count} features, and "
+                                  "their TBE entries differ in type, width or rows")
         w = sd[key]
         if w.dtype != torch.uint8 or w.dim() != 2:
             raise CheckpointError(f"TorchRec checkpoint: {key} is {w.dtype} {list(w.shape)}, not "
@@ -412,7 +420,7 @@ def from_torchrec(sd: dict, features_per_table: tuple[int, ...] | None = None
     values = {key: sd[key] for key in tables}
     stored = {}
     if not all(v.is_floating_point() for v in values.values()):
-        stored = dict(zip(tables, _stored_tables(sd, tables)))
+        stored = dict(zip(tables, _stored_tables(sd, tables, counts)))
         values = {key: torch.empty(rows.shape, device="meta") for key, rows in stored.items()}
     feature_tables = [key for key, n in zip(tables, counts) for _ in range(n)]
     for k, key in enumerate(feature_tables):
@@ -632,8 +640,10 @@ def load_model(path: str | os.PathLike, given: dict | None = None,
         given = {**(given or {}), **fixed}
     arch = infer_arch(sd, given)
     model = DLRM(arch, init=False)
-    if stored and not lazy_tables:
-        sd.update((k, torch.from_numpy(rows.draw(0, rows.shape[0]))) for k, rows in stored.items())
+    if stored and not lazy_tables:     # each table decoded once, however many features it serves
+        decoded = {rows: torch.from_numpy(rows.draw(0, rows.shape[0]))
+                   for rows in set(stored.values())}
+        sd.update((k, decoded[rows]) for k, rows in stored.items())
         stored = {}
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
     model.table_sources.update(stored)

@@ -260,6 +260,44 @@ def test_tables_shared_by_features_run_as_torchrec_does(interaction, tmp_path):
             load_model(tmp_path / "ours.pt", features_per_table=(2, 1))
 
 
+def test_a_quantized_table_shared_by_features_is_read_once(tmp_path):
+    """A quantized model's table that serves two features: decoded, both features hold one
+    tensor; kept as stored, both read the same rows; either way TorchRec's logits."""
+    model = _quantized(_shared_tables_model("dot"), {})
+    torch.save(model.state_dict(), tmp_path / "q.pt")
+    decoded = load_model(tmp_path / "q.pt", features_per_table=(2, 1))
+    assert decoded.emb_l[0].weight.data_ptr() == decoded.emb_l[1].weight.data_ptr()
+    assert decoded.emb_l[0].weight.data_ptr() != decoded.emb_l[2].weight.data_ptr()
+    lazy = load_model(tmp_path / "q.pt", features_per_table=(2, 1), lazy_tables=True)
+    assert lazy.table_sources["emb_l.0.weight"] is lazy.table_sources["emb_l.1.weight"]
+    with pytest.raises(CheckpointError, match="weights_tys type 3 features; its 2 tables serve "
+                       "2: tables shared by several features.*--features-per-table"):
+        load_model(tmp_path / "q.pt")
+    sd = model.state_dict()
+    sd["sparse_arch.embedding_bag_collection.tbes.0.rows_per_table"] = torch.tensor([10, 9, 12])
+    torch.save(sd, tmp_path / "differ.pt")
+    with pytest.raises(CheckpointError, match="t0.weight serves 2 features, and their TBE "
+                       "entries differ"):
+        load_model(tmp_path / "differ.pt", features_per_table=(2, 1))
+    feature_rows = (SHARED_ROWS[0], SHARED_ROWS[0], SHARED_ROWS[1])
+    dense, values, lengths = _kjt_batch(feature_rows, 7, 3, seed=1)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["a", "b", "c"],
+                                              values=torch.from_numpy(values),
+                                              lengths=torch.from_numpy(lengths))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    lS_o, lS_i = reference_layout(values, offsets, 3)
+    with torch.no_grad():
+        want = model(torch.from_numpy(dense), kjt).numpy()
+        got = decoded(torch.from_numpy(dense), torch.from_numpy(lS_o),
+                      [torch.from_numpy(i) for i in lS_i]).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    compile_model(lazy, lazy.arch, None, str(tmp_path / "a"), log=lambda _: None, buckets=(8,),
+                  emb_quant=lazy.stored_quant)
+    np.testing.assert_allclose(load(str(tmp_path / "a")).predict_kjt(dense, values, lengths,
+                                                                     logits=True),
+                               want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dcn", [None, (2, 3), ("projection", [16, 8], [8])],
                          ids=["dlrm", "dcn", "projection"])
 def test_the_torchrec_peer_holds_our_weights(dcn, tmp_path):
