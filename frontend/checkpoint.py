@@ -75,6 +75,9 @@ def read_checkpoint(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]"
     other = _other_archive(path, head, zipped)
     if other:
         raise CheckpointError(f"{path!r} is {other}")
+    if not zipped and head[:1] != b"\x80":     # torch.save writes a zip, or (legacy) a pickle
+        raise CheckpointError(f"cannot load checkpoint {path!r}: it is neither a zip archive "
+                              "nor a pickle, the two formats torch.save writes")
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals() + _PACKED):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)

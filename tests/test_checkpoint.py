@@ -190,9 +190,14 @@ def test_unsafe_and_corrupt_files_are_refused(tmp_path):
     with pytest.raises(CheckpointError):
         read_checkpoint(raw)
     junk = tmp_path / "junk.pt"
-    junk.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="cannot load"):
-        read_checkpoint(junk)
+    for content in (b"not a checkpoint at all", b"x", b""):   # (torch said "KeyError: '101'")
+        junk.write_bytes(content)
+        with pytest.raises(CheckpointError, match="cannot load checkpoint .*junk.pt': it is "
+                           "neither a zip archive nor a pickle"):
+            read_checkpoint(junk)
+    legacy = tmp_path / "legacy.pt"      # torch.save's pre-1.6 format: a pickle, still read
+    torch.save({"emb_l.0.weight": torch.ones(2, 2)}, legacy, _use_new_zipfile_serialization=False)
+    assert read_checkpoint(legacy)["emb_l.0.weight"].sum() == 4
     with pytest.raises(CheckpointError, match="does not exist"):
         read_checkpoint(tmp_path / "missing.pt")
     torch.save({"epoch": 1}, tmp_path / "nostate.pt")
